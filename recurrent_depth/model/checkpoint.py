@@ -1,0 +1,247 @@
+"""Checkpoint I/O in Huginn's layout: `config.json` (model_type `huginn_raven`), safetensors with `transformer.*`
+names, single file or sharded with `model.safetensors.index.json`, with or without a stored `lm_head.weight`
+(ignored when tied), any stored `freqs_cis` ignored. Nothing is fetched from a hub: the path is a local folder.
+
+Writes are atomic: a checkpoint is written under a temporary name beside its target and renamed into place, so an
+interrupted save never leaves a half-written folder where a checkpoint was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from recurrent_depth.config import RecurrentDepthConfig
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_IGNORED_KEYS = re.compile(r"(^|\.)freqs_cis$")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file or tensor."""
+
+
+def read_config(path: str | os.PathLike, **overrides: Any) -> RecurrentDepthConfig:
+    """Parse `path/config.json` into a validated config (field overrides applied)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"no config.json in checkpoint folder {str(path)!r}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from err
+    if data.get("model_type", "huginn_raven") != "huginn_raven":
+        raise CheckpointError(f"{file}: model_type {data.get('model_type')!r} is not 'huginn_raven'")
+    for key in ("model_type", "transformers_version", "_name_or_path"):
+        data.pop(key, None)
+    data.update(overrides)
+    return RecurrentDepthConfig(**data)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (path / name).is_file():
+                raise CheckpointError(f"shard {name!r} listed in {INDEX_NAME} is missing from {str(path)!r}")
+        return [path / name for name in files]
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in checkpoint folder {str(path)!r}")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, `freqs_cis` dropped."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(Path(path)):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if not _IGNORED_KEYS.search(name):
+                    tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def resolve_dtype(dtype: Any, state: dict[str, torch.Tensor]) -> torch.dtype:
+    """None -> float32; "auto" -> the stored dtype; a name or torch.dtype as given."""
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        return next(iter(state.values())).dtype if state else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)} or 'auto'")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Match stored tensors to the model's parameters; raise CheckpointError naming missing, unexpected or
+    mis-shaped tensors. A stored `lm_head.weight` is dropped when the head is tied to the embedding."""
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    tied = getattr(model.config, "tie_embeddings", False)
+    state = dict(state)
+    if tied:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing[:8])}"
+                              + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""))
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected tensors: {', '.join(unexpected[:8])}"
+                              + (f" (and {len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(state[name].shape)} in the checkpoint, "
+                                  f"the config expects {tuple(shape)}")
+    return state
+
+
+def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any = None, device: Any = None,
+         device_map: Any = None, config: RecurrentDepthConfig | None = None, **kwargs: Any) -> Any:
+    """Build `cls` from a checkpoint folder. Config overrides may be passed as keywords (e.g. mean_recurrence=16).
+
+    Keywords transformers passes (`trust_remote_code`, `local_files_only`, ...) are accepted and ignored: nothing is
+    downloaded and no remote code runs.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist (nothing is downloaded: give a path)")
+    for hf_only in ("trust_remote_code", "local_files_only", "revision", "cache_dir", "low_cpu_mem_usage",
+                    "use_safetensors", "attn_implementation", "_from_auto", "_commit_hash", "code_revision",
+                    "adapter_kwargs", "token", "force_download", "subfolder", "_from_pipeline"):
+        kwargs.pop(hf_only, None)
+    if isinstance(config, RecurrentDepthConfig):
+        cfg = config
+    else:
+        cfg = read_config(path, **kwargs)
+    state = read_state_dict(path)
+    target = resolve_dtype(dtype if dtype is not None else torch_dtype, state)
+    with torch.device("meta"):
+        model = cls(cfg)
+    state = check_state_dict(model, state)
+    model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=False, assign=True)
+    model.tie_weights()
+    model.transformer.reset_rope()
+    device = device if device is not None else (device_map if isinstance(device_map, str | torch.device) else None)
+    if device is not None:
+        model.to(device)
+    model.config.name_or_path = str(path)
+    return model.eval()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size {size!r} is not a size like 5GB or 500MB")
+    unit = (match.group(2) or "B").upper().replace("I", "")
+    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
+
+
+def _checkpoint_tensors(model: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        t = tensor.detach()
+        state[name] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
+    t = model.transformer
+    state["freqs_cis"] = t.rope.detach().float().contiguous().cpu()  # written for the reference loader; ignored here
+    return state
+
+
+def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str | None) -> None:
+    if max_shard_size is None:
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        if shards[-1] and size + tensor.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.nbytes for t in state.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2, sort_keys=True))
+
+
+def write_config(cfg: RecurrentDepthConfig, folder: Path, dtype: torch.dtype) -> None:
+    data = cfg.to_dict()
+    data["model_type"] = "huginn_raven"
+    data["torch_dtype"] = str(dtype).removeprefix("torch.")
+    data.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    gen = {k: getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    gen = {k: v for k, v in gen.items() if v is not None}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def atomic_folder(target: Path) -> _AtomicFolder:
+    """Context manager yielding a temporary folder that replaces `target` only if the block succeeds."""
+    return _AtomicFolder(target)
+
+
+class _AtomicFolder:
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for file in self.tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save(model: Any, path: str | os.PathLike, *args: Any, max_shard_size: int | str | None = None,
+         dtype: torch.dtype | None = None, safe_serialization: bool = True, **kwargs: Any) -> None:
+    """Write `model` as a Huginn-layout checkpoint folder at `path`, atomically.
+
+    max_shard_size: None for one `model.safetensors`; a size ("2GB", bytes) for shards plus an index.
+    dtype: cast tensors (e.g. torch.bfloat16, as the hub checkpoint) or keep the model's.
+    """
+    if not safe_serialization:
+        raise ValueError("only safetensors checkpoints are written (safe_serialization=False is not supported)")
+    state = _checkpoint_tensors(model, dtype)
+    stored = dtype or next(iter(state.values())).dtype
+    with atomic_folder(Path(path)) as tmp:
+        _write_weights(state, tmp, max_shard_size)
+        write_config(model.config, tmp, stored)

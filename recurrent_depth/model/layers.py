@@ -1,0 +1,145 @@
+"""Building blocks of the network: RMSNorm, interleaved-pair RoPE, attention with `qk_bias`, gated MLP, and the
+sandwich block. Shapes: B batch, T query tokens, S key tokens, H heads, D head dim, d model width.
+
+Attention reads its keys and values through an optional `KVStore` (see `recurrent_depth.inference.cache`): the
+network does not know how caches share or compress slots, it only names the layer invocation it is computing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerKey(NamedTuple):
+    """One attention-layer invocation: `part` in {"prelude", "core", "coda"}, physical `layer` index within the part,
+    and recurrence `step` (0-based; always 0 outside the core)."""
+
+    part: str
+    layer: int
+    step: int = 0
+
+
+class KVStore(Protocol):
+    """What attention needs from a KV cache."""
+
+    def update(self, key: LayerKey, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store k, v (B, H, T, D) for the current positions; return all keys and values (B, H, S, D) visible at this
+        invocation and a bool validity mask (B, 1, 1, S) of stored positions (None: all valid)."""
+        ...
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward attention inputs shared by every layer.
+
+    rope: (B or 1, T, 1, D/2, 2) cos/sin rows for the query positions.
+    mask: (B, 1, T, S) bool (True = attend) or None, meaning plain causal attention over the T tokens themselves.
+    cache: where keys and values are read and written, or None.
+    """
+
+    rope: Tensor
+    mask: Tensor | None = None
+    cache: KVStore | None = None
+
+
+def rope_table(head_dim: int, length: int, base: float) -> Tensor:
+    """cos/sin table (1, length, 1, head_dim/2, 2) for interleaved-pair rotary embeddings (Huginn's `freqs_cis`)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, D/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)[None, :, None]  # (1, length, 1, D/2, 2)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the angles in rope (., T, 1, D/2, 2); fp32 inside."""
+    xp = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    cos, sin = rope[..., 0], rope[..., 1]
+    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps), in fp32 and cast back before the weight multiply (as the reference)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention with a fused `Wqkv`, a learned bias on q and k added before RoPE."""
+
+    def __init__(self, n_embd: int, n_heads: int, qk_bias: bool = True) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, n_embd // n_heads
+        self.Wqkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.qk_bias = nn.Parameter(torch.zeros(2, 1, n_heads, self.head_dim)) if qk_bias else None
+
+    def forward(self, x: Tensor, key: LayerKey, ctx: AttentionContext) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.Wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)  # each (B, T, H, D)
+        if self.qk_bias is not None:
+            q, k = q + self.qk_bias[0], k + self.qk_bias[1]
+        q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        mask = ctx.mask
+        if ctx.cache is not None:
+            k, v, valid = ctx.cache.update(key, k, v)  # (B, H, S, D)
+            if valid is not None:
+                if mask is None and T > 1:
+                    mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+                mask = valid if mask is None else mask & valid
+                mask = _keep_diagonal(mask, T)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 and k.shape[2] == T)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+
+
+def _keep_diagonal(mask: Tensor, T: int) -> Tensor:
+    """Let each query see its own key (the last T keys), so that no row is fully masked (NaN in softmax)."""
+    S = mask.shape[-1]
+    eye = torch.zeros(T, S, dtype=torch.bool, device=mask.device)
+    eye[:, S - T:] = torch.eye(T, dtype=torch.bool, device=mask.device)
+    return mask | eye
+
+
+class GatedMLP(nn.Module):
+    """proj(SiLU(gate) * up) with a fused `fc` producing [gate | up]."""
+
+    def __init__(self, n_embd: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_embd, 2 * intermediate_size, bias=False)
+        self.proj = nn.Linear(intermediate_size, n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class SandwichBlock(nn.Module):
+    """x = norm_2(attn(norm_1(x)) + x); x = norm_4(mlp(norm_3(x)) + x): the residual stream is re-normalised."""
+
+    def __init__(self, n_embd: int, n_heads: int, intermediate_size: int, eps: float, qk_bias: bool) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(n_embd, eps)
+        self.attn = Attention(n_embd, n_heads, qk_bias)
+        self.norm_2 = RMSNorm(n_embd, eps)
+        self.norm_3 = RMSNorm(n_embd, eps)
+        self.mlp = GatedMLP(n_embd, intermediate_size)
+        self.norm_4 = RMSNorm(n_embd, eps)
+
+    def forward(self, x: Tensor, key: LayerKey, ctx: AttentionContext) -> Tensor:
+        x = self.norm_2(self.attn(self.norm_1(x), key, ctx) + x)
+        return self.norm_4(self.mlp(self.norm_3(x)) + x)

@@ -1,0 +1,148 @@
+"""The recurrent-depth network (Huginn / Raven layout), as the paper writes it:
+
+    e  = Prelude(wte(ids) * sqrt(d))
+    s0 = TruncNormal(0, sqrt(2/(5d)); ±3σ) * sqrt(d) * init_scale        (or a given state)
+    s_i = Core(Adapter(concat[s_{i-1}, e]))                               for i = 1..r
+    z  = ln_f(s_r);  logits = lm_head(ln_f(Coda(z))).float()
+
+`RecurrentDepthModel` (the `transformer.*` parameters) exposes the four stages as methods (`embed`,
+`initial_state`, `core_step`, `decode`) so that inference code can run them with its own exit and cache policies;
+the network itself knows nothing of sampling, exit criteria or parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from recurrent_depth.config import RecurrentDepthConfig
+from recurrent_depth.model.layers import AttentionContext, KVStore, LayerKey, RMSNorm, SandwichBlock, rope_table
+
+
+def _block(cfg: RecurrentDepthConfig) -> SandwichBlock:
+    return SandwichBlock(cfg.n_embd, cfg.n_heads, cfg.intermediate_size, cfg.norm_eps, cfg.qk_bias)
+
+
+class RecurrentDepthModel(nn.Module):
+    """Embedding, prelude, adapter, core block, coda and final norm (Huginn's `transformer.*`)."""
+
+    def __init__(self, cfg: RecurrentDepthConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.prelude = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers_in_prelude))
+        self.adapter = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.core_block = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers_in_recurrent_block))
+        self.coda = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers_in_coda))
+        self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.emb_scale = math.sqrt(cfg.n_embd)
+        self.register_buffer("rope", rope_table(cfg.head_dim, cfg.block_size, cfg.rope_base), persistent=False)
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE table (after building on the meta device and materialising with `to_empty`)."""
+        self.rope = rope_table(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_base).to(self.wte.weight.device)
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def embed(self, input_ids: Tensor, ctx: AttentionContext) -> Tensor:
+        """Token ids (B, T) -> prelude output e (B, T, d), the input re-injected at every recurrence."""
+        x = self.wte(input_ids) * self.emb_scale
+        for j, block in enumerate(self.prelude):
+            x = block(x, LayerKey("prelude", j), ctx)
+        return x
+
+    def initial_state(self, e: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """s0 like e: truncated normal (std sqrt(2/(5d)) * init_scale, cut at ±3σ) times sqrt(d); zeros if scale 0."""
+        std = self.cfg.init_values["std"] * init_scale
+        if std <= 0:
+            return torch.zeros_like(e)
+        x = torch.empty_like(e)
+        nn.init.trunc_normal_(x, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+        return x * self.emb_scale
+
+    def core_step(self, state: Tensor, e: Tensor, step: int, ctx: AttentionContext) -> Tensor:
+        """One recurrence: s_{i+1} = Core(Adapter(concat[s_i, e])); `step` is i (0-based), naming cache slots."""
+        x = self.adapter(torch.cat([state, e], dim=-1))
+        for j, block in enumerate(self.core_block):
+            x = block(x, LayerKey("core", j, step), ctx)
+        return x
+
+    def decode(self, state: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
+        """Final state s_r -> (hidden y = ln_f(Coda(ln_f(s_r))), latents z = ln_f(s_r))."""
+        z = self.ln_f(state)
+        y = z
+        for j, block in enumerate(self.coda):
+            y = block(y, LayerKey("coda", j), ctx)
+        return self.ln_f(y), z
+
+    def recur(self, state: Tensor, e: Tensor, n_no_grad: int, n_grad: int, ctx: AttentionContext,
+              first_step: int = 0) -> Tensor:
+        """n_no_grad recurrences without autograd, then n_grad with it (truncated backprop through depth)."""
+        with torch.no_grad():
+            for i in range(first_step, first_step + n_no_grad):
+                state = self.core_step(state, e, i, ctx)
+        for i in range(first_step + n_no_grad, first_step + n_no_grad + n_grad):
+            state = self.core_step(state, e, i, ctx)
+        return state
+
+    # ------------------------------------------------------------------------------------------ attention
+    def attention_context(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                          position_ids: Tensor | None = None, cache: KVStore | None = None,
+                          past_length: int = 0) -> AttentionContext:
+        """RoPE rows and mask for T new tokens after `past_length` cached ones.
+
+        attention_mask: (B, past_length + T) with 1 for real tokens, 0 for padding (left padding expected).
+        Positions count real tokens only, so a left-padded row sees the positions it would see alone.
+        """
+        B, T = input_ids.shape
+        S = past_length + T
+        device = input_ids.device
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if position_ids is None:
+            if padded:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past_length, S, device=device)[None]
+        if int(position_ids.max()) >= self.cfg.block_size:
+            raise ValueError(f"position {int(position_ids.max())} exceeds block_size {self.cfg.block_size}")
+        rope = self.rope[0, position_ids]  # (B or 1, T, 1, D/2, 2)
+        mask = None
+        if padded or (T > 1 and past_length > 0):
+            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past_length)  # (T, S)
+            mask = causal[None, None].expand(B, 1, T, S)
+            if padded:
+                if attention_mask.shape != (B, S):
+                    raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
+                mask = mask & attention_mask.bool()[:, None, None, :]
+                eye = torch.zeros(T, S, dtype=torch.bool, device=device)
+                eye[:, past_length:] = torch.eye(T, dtype=torch.bool, device=device)
+                mask = mask | eye  # padded queries see themselves: no fully-masked row
+        return AttentionContext(rope=rope, mask=mask, cache=cache)
+
+
+def parse_num_steps(num_steps: int | Sequence[int] | Tensor | None, default: int) -> tuple[int, int]:
+    """Map the reference's `num_steps` forms onto (no-grad steps, grad steps).
+
+    None -> (0, default); int r -> (0, r): r recurrences under the caller's grad mode; (n, k) -> n without
+    autograd then k with it (truncated backprop). Negative or non-integer depths raise ValueError.
+    """
+    if num_steps is None:
+        return 0, default
+    if isinstance(num_steps, Tensor):
+        num_steps = num_steps.reshape(-1).tolist()
+    if isinstance(num_steps, Sequence) and not isinstance(num_steps, str):
+        values = list(num_steps)
+        if len(values) == 1:
+            values = [0, values[0]]
+        if len(values) != 2:
+            raise ValueError(f"num_steps must be an int or a pair (n_no_grad, n_grad), got {num_steps!r}")
+    else:
+        values = [0, num_steps]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v:
+            raise ValueError(f"num_steps must hold integers, got {num_steps!r}")
+        if v < 0:
+            raise ValueError(f"num_steps must be non-negative (recurrence depth), got {num_steps!r}")
+    return int(values[0]), int(values[1])

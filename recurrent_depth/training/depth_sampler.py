@@ -1,0 +1,82 @@
+"""Training depth samplers: how many recurrences a training step runs, and how many of them get gradients.
+
+A sampler returns (n_no_grad, n_grad): the model runs n_no_grad iterations without autograd, then n_grad with it
+(truncated backprop through depth). Draws are seeded by the training step, so every rank of a distributed run
+draws the same depth (FSDP deadlocks when ranks run different depths) and a resumed run redraws the same depths.
+
+    sampler = PoissonLogNormalFilling(mean_recurrence=32, backprop_depth=8)
+    n, k = sampler.sample(step=1000)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+SEED_N = 514229  # Huginn's per-step seed offset for the depth draw
+
+
+class DepthSampler(Protocol):
+    def sample(self, step: int | None = None, generator: torch.Generator | None = None) -> tuple[int, int]:
+        """(n_no_grad, n_grad) for a training step; `step` seeds the draw, else `generator` or the global RNG."""
+        ...
+
+
+def _generator(step: int | None, generator: torch.Generator | None, seed: int) -> torch.Generator | None:
+    if step is not None:
+        return torch.Generator().manual_seed(seed + step)
+    return generator
+
+
+@dataclass(frozen=True)
+class PoissonLogNormalFilling:
+    """Huginn's `poisson-lognormal-filling`: total steps p = Poisson(tau) + 1, tau ~ LogNormal(ln(mean) - s^2/2, s),
+    the last min(p, backprop_depth) with gradients. E[p] = mean_recurrence + 1."""
+
+    mean_recurrence: int = 32
+    backprop_depth: int = 8
+    sigma: float = 0.5
+    seed: int = SEED_N
+
+    def __post_init__(self) -> None:
+        if self.mean_recurrence < 1:
+            raise ValueError(f"mean_recurrence must be >= 1, got {self.mean_recurrence}")
+        if self.backprop_depth < 1:
+            raise ValueError(f"backprop_depth must be >= 1, got {self.backprop_depth}")
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+
+    def sample(self, step: int | None = None, generator: torch.Generator | None = None) -> tuple[int, int]:
+        g = _generator(step, generator, self.seed)
+        mu = math.log(self.mean_recurrence) - self.sigma**2 / 2
+        tau = torch.exp(mu + self.sigma * torch.randn(1, generator=g))
+        p = int(torch.poisson(tau, generator=g).item()) + 1
+        k = min(self.backprop_depth, p)
+        return p - k, k
+
+
+@dataclass(frozen=True)
+class FixedDepth:
+    """Always `depth` recurrences, the last min(depth, backprop_depth) with gradients (an ablation)."""
+
+    depth: int = 32
+    backprop_depth: int = 8
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.backprop_depth < 1:
+            raise ValueError(f"depth and backprop_depth must be >= 1, got {self.depth}, {self.backprop_depth}")
+
+    def sample(self, step: int | None = None, generator: torch.Generator | None = None) -> tuple[int, int]:
+        k = min(self.depth, self.backprop_depth)
+        return self.depth - k, k
+
+
+@dataclass(frozen=True)
+class NonRecurrent:
+    """The core runs once, with gradients: a plain (non-recurrent) transformer baseline."""
+
+    def sample(self, step: int | None = None, generator: torch.Generator | None = None) -> tuple[int, int]:
+        return 0, 1
