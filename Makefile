@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rdepth demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check recurrent_depth tests benchmarks
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
