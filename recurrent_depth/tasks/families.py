@@ -1,0 +1,182 @@
+"""Four procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
+its difficulty level (so more recurrence can help on harder instances):
+
+- `addition`: "4821+379=" -> "5200". Most significant digit first, so the first answer digit depends on the whole
+  carry chain. Level: operand digits. CoT: the sum written least significant digit first, then the answer.
+- `variable_binding`: "c=b,a=3,d=7,b=a;c?" -> "3". Assignments in shuffled order form a forest; the query sits k
+  hops above its root, so resolving it takes k lookups. Level: k. CoT: the variables visited, then the value.
+- `tree_path`: "ab,cb,bd,de;a>e?" -> "bde". A random tree as shuffled undirected edges; the answer is the unique path
+  from the start (excluded) to the target. Level: path length. CoT: the breadth-first layers from the start.
+- `modular_chain`: "3+4*2-7=" -> "8". Operations applied left to right, modulo 10. Level: number of operations.
+  CoT: the running value after each operation.
+
+All prompts stay under 64 characters at the default knobs (including the `ood` split).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from typing import ClassVar
+
+from recurrent_depth.tasks.base import Instance, Task
+
+LETTERS = string.ascii_lowercase
+DIGITS = string.digits
+
+
+def _number(rng: random.Random, n_digits: int) -> int:
+    """A uniformly drawn integer with exactly `n_digits` digits (0-9 for one digit)."""
+    if n_digits == 1:
+        return rng.randint(0, 9)
+    return rng.randint(10 ** (n_digits - 1), 10**n_digits - 1)
+
+
+@dataclass(frozen=True)
+class Addition(Task):
+    """Multi-digit addition; `digits` bounds each operand's digit count ((min, max), inclusive)."""
+
+    name: ClassVar[str] = "addition"
+    symbols: ClassVar[str] = DIGITS + "+="
+    step_sep: ClassVar[str] = ""
+
+    digits: tuple[int, int] = (1, 4)
+    ood_digits: tuple[int, int] = (5, 6)
+
+    def _validate(self) -> None:
+        self._set_range("digits", 1, 20)
+        self._set_range("ood_digits", 1, 20)
+
+    def _sample(self, rng: random.Random, ood: bool) -> Instance:
+        lo, hi = self.ood_digits if ood else self.digits
+        na, nb = rng.randint(lo, hi), rng.randint(lo, hi)
+        a, b = _number(rng, na), _number(rng, nb)
+        total = str(a + b)
+        return Instance(f"{a}+{b}=", total, tuple(reversed(total)), max(na, nb))
+
+
+@dataclass(frozen=True)
+class VariableBinding(Task):
+    """Multi-hop variable binding (pointer chasing): `hops` is the query's distance from its root value; `n_vars`
+    the number of assignments; `roots` the number of distinct root values (distractor trees)."""
+
+    name: ClassVar[str] = "variable_binding"
+    symbols: ClassVar[str] = LETTERS + DIGITS + "=,;?"
+
+    hops: tuple[int, int] = (1, 4)
+    ood_hops: tuple[int, int] = (5, 8)
+    n_vars: tuple[int, int] = (8, 8)
+    ood_n_vars: tuple[int, int] = (12, 12)
+    roots: int = 4
+
+    def _validate(self) -> None:
+        if not isinstance(self.roots, int) or not 1 <= self.roots <= 10:
+            raise ValueError(f"difficulty knob `roots` must be an integer in [1, 10], got {self.roots!r}")
+        for hops, n_vars in (("hops", "n_vars"), ("ood_hops", "ood_n_vars")):
+            h = self._set_range(hops, 1, 25)
+            v = self._set_range(n_vars, 2, 26)
+            if v[0] < h[1] + self.roots:
+                raise ValueError(f"difficulty knob `{n_vars}` min ({v[0]}) must be at least `{hops}` max + `roots` "
+                                 f"({h[1]} + {self.roots}) so the query chain and the distractor roots fit")
+
+    def _sample(self, rng: random.Random, ood: bool) -> Instance:
+        h_lo, h_hi = self.ood_hops if ood else self.hops
+        hops = rng.randint(h_lo, h_hi)
+        names = rng.sample(LETTERS, rng.randint(*(self.ood_n_vars if ood else self.n_vars)))
+        values = rng.sample(DIGITS, self.roots)
+        parent: dict[str, str] = {names[0]: values[0]}
+        depth = {names[0]: 0}
+        for i in range(1, hops + 1):  # the query chain
+            parent[names[i]], depth[names[i]] = names[i - 1], i
+        extra = names[hops + 1:]
+        for name, value in zip(extra, values[1:]):  # distractor roots
+            parent[name], depth[name] = value, 0
+        for name in extra[self.roots - 1:]:  # the rest hang anywhere that keeps depth within the split's range
+            target = rng.choice([v for v in parent if depth[v] < h_hi])
+            parent[name], depth[name] = target, depth[target] + 1
+        query = names[hops]
+        assignments = [f"{v}={p}" for v, p in parent.items()]
+        rng.shuffle(assignments)
+        steps, node = [], query
+        while node in parent:
+            node = parent[node]
+            steps.append(node)
+        return Instance(",".join(assignments) + f";{query}?", values[0], tuple(steps), hops)
+
+
+@dataclass(frozen=True)
+class TreePath(Task):
+    """Path finding in a random tree: `nodes` bounds the tree size, `path` the start-to-target distance (edges)."""
+
+    name: ClassVar[str] = "tree_path"
+    symbols: ClassVar[str] = LETTERS + ",;>?"
+
+    nodes: tuple[int, int] = (5, 8)
+    path: tuple[int, int] = (1, 4)
+    ood_nodes: tuple[int, int] = (10, 14)
+    ood_path: tuple[int, int] = (5, 8)
+
+    def _validate(self) -> None:
+        for nodes, path in (("nodes", "path"), ("ood_nodes", "ood_path")):
+            n = self._set_range(nodes, 2, 26)
+            p = self._set_range(path, 1, 25)
+            if n[1] < p[1] + 1:
+                raise ValueError(f"difficulty knob `{nodes}` max ({n[1]}) must exceed `{path}` max ({p[1]}): a path "
+                                 f"of {p[1]} edges needs {p[1] + 1} nodes")
+
+    def _sample(self, rng: random.Random, ood: bool) -> Instance:
+        n_lo, n_hi = self.ood_nodes if ood else self.nodes
+        length = rng.randint(*(self.ood_path if ood else self.path))
+        names = rng.sample(LETTERS, rng.randint(max(n_lo, length + 1), n_hi))
+        edges = [(names[i], names[i + 1]) for i in range(length)]  # the start-to-target path first
+        for i in range(length + 1, len(names)):  # then the rest of the tree, attached anywhere
+            edges.append((rng.choice(names[:i]), names[i]))
+        printed = [a + b if rng.random() < 0.5 else b + a for a, b in edges]
+        rng.shuffle(printed)
+        start, target = names[0], names[length]
+        return Instance(",".join(printed) + f";{start}>{target}?", "".join(names[1:length + 1]),
+                        tuple(_bfs_layers(edges, start, target)), length)
+
+
+def _bfs_layers(edges: list[tuple[str, str]], start: str, target: str) -> list[str]:
+    """Breadth-first layers from `start` (each a sorted string of nodes) up to the one holding `target`."""
+    adj: dict[str, set[str]] = {}
+    for a, b in edges:
+        adj.setdefault(a, set()).add(b)
+        adj.setdefault(b, set()).add(a)
+    seen, frontier, layers = {start}, {start}, []
+    while target not in frontier:
+        frontier = {m for n in frontier for m in adj[n]} - seen
+        seen |= frontier
+        layers.append("".join(sorted(frontier)))
+    return layers
+
+
+_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+
+
+@dataclass(frozen=True)
+class ModularChain(Task):
+    """Left-to-right arithmetic modulo 10 on one-digit operands; `ops` bounds the number of operations."""
+
+    name: ClassVar[str] = "modular_chain"
+    symbols: ClassVar[str] = DIGITS + "+-*="
+
+    ops: tuple[int, int] = (2, 5)
+    ood_ops: tuple[int, int] = (6, 10)
+
+    def _validate(self) -> None:
+        self._set_range("ops", 1, 30)
+        self._set_range("ood_ops", 1, 30)
+
+    def _sample(self, rng: random.Random, ood: bool) -> Instance:
+        n_ops = rng.randint(*(self.ood_ops if ood else self.ops))
+        value = rng.randint(0, 9)
+        prompt, steps = [str(value)], []
+        for _ in range(n_ops):
+            op, operand = rng.choice("+-*"), rng.randint(0, 9)
+            value = _OPS[op](value, operand) % 10
+            prompt.append(f"{op}{operand}")
+            steps.append(str(value))
+        return Instance("".join(prompt) + "=", str(value), tuple(steps), n_ops)

@@ -1,0 +1,155 @@
+"""Procedural tasks: the interface the data loader relies on, correct answers, split separation, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from recurrent_depth.tasks import SPLITS, TASKS, combined_alphabet, get_task
+
+NAMES = sorted(TASKS)
+
+
+def _resolve_binding(prompt: str) -> tuple[str, int]:
+    body, query = prompt.split(";")
+    table = dict(a.split("=") for a in body.split(","))
+    node, hops = table[query.rstrip("?")], 0
+    while not node.isdigit():  # var -> var links; the root's digit is read at the end
+        node, hops = table[node], hops + 1
+    return node, hops
+
+
+def _check_tree_path(prompt: str, answer: str) -> int:
+    body, query = prompt.split(";")
+    edges = {frozenset(e) for e in body.split(",")}
+    start, target = query.rstrip("?").split(">")
+    nodes = {c for e in edges for c in e}
+    assert len(edges) == len(nodes) - 1  # a tree: n - 1 edges over n nodes (connected is checked by the path)
+    walk = start + answer
+    assert walk[-1] == target and len(set(walk)) == len(walk)
+    assert all(frozenset(walk[i:i + 2]) in edges for i in range(len(walk) - 1))
+    return len(answer)
+
+
+def _mod_chain(prompt: str) -> tuple[str, int]:
+    expr = prompt.rstrip("=")
+    value = int(expr[0])
+    for i in range(1, len(expr), 2):
+        op, x = expr[i], int(expr[i + 1])
+        value = {"+": value + x, "-": value - x, "*": value * x}[op] % 10
+    return str(value), (len(expr) - 1) // 2
+
+
+def _check_row(name: str, row: dict) -> None:
+    prompt, answer, level = row["prompt"], row["answer"], row["level"]
+    if name == "addition":
+        a, b = prompt.rstrip("=").split("+")
+        assert answer == str(int(a) + int(b)) and level == max(len(a), len(b))
+    elif name == "variable_binding":
+        assert _resolve_binding(prompt) == (answer, level)
+    elif name == "tree_path":
+        assert _check_tree_path(prompt, answer) == level
+    elif name == "modular_chain":
+        assert _mod_chain(prompt) == (answer, level)
+    else:  # a new family must add its independent checker here
+        raise AssertionError(f"no answer checker for task {name}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("split", SPLITS)
+def test_answers_are_correct_and_prompts_short(name: str, split: str) -> None:
+    task = get_task(name)
+    rows = task.generate(300, split=split, seed=3)
+    assert len(rows) == 300
+    for row in rows:
+        assert isinstance(row["prompt"], str) and isinstance(row["answer"], str) and row["answer"]
+        _check_row(name, row)
+        assert len(row["prompt"]) < 64
+        assert set(row["prompt"] + row["answer"]) <= set(task.alphabet)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cot_answers_hold_steps_then_the_same_final_answer(name: str) -> None:
+    task = get_task(name)
+    plain = task.generate(100, split="test", seed=5)
+    cot = task.generate(100, split="test", seed=5, cot=True)
+    assert [r["prompt"] for r in plain] == [r["prompt"] for r in cot]
+    for p, c in zip(plain, cot):
+        assert "#" in c["answer"] and len(c["answer"]) > len(p["answer"])
+        assert task.extract_answer(c["answer"]) == p["answer"]
+        assert task.score(c["answer"], p["answer"]) and task.score(p["answer"], c["answer"])
+        assert set(c["answer"]) <= set(task.alphabet)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seeded_and_deterministic(name: str) -> None:
+    task = get_task(name)
+    assert task.generate(50, "train", seed=1) == task.generate(50, "train", seed=1)
+    assert task.generate(50, "train", seed=1) != task.generate(50, "train", seed=2)
+    assert task.generate(10, "train", seed=1) == task.generate(50, "train", seed=1)[:10]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_test_and_ood_never_share_a_prompt_with_train(name: str) -> None:
+    task = get_task(name)
+    train = {r["prompt"] for seed in range(3) for r in task.generate(2000, "train", seed=seed)}
+    for split in ("test", "ood"):
+        held = {r["prompt"] for r in task.generate(1000, split, seed=0)}
+        assert not train & held
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ood_is_harder(name: str) -> None:
+    task = get_task(name)
+    test_levels = [r["level"] for r in task.generate(500, "test", seed=0)]
+    ood_levels = [r["level"] for r in task.generate(500, "ood", seed=0)]
+    assert min(ood_levels) > max(test_levels)
+    assert sum(len(r["prompt"]) for r in task.generate(200, "ood")) > sum(len(r["prompt"]) for r in
+                                                                          task.generate(200, "test"))
+
+
+def test_difficulty_knobs_change_levels() -> None:
+    rows = get_task("variable_binding", hops=6, n_vars=10, roots=2).generate(50, "test")
+    assert {r["level"] for r in rows} == {6}
+    rows = get_task("addition", digits=[3, 3]).generate(50, "train")
+    assert all(len(r["prompt"]) == 8 for r in rows)
+    assert get_task("addition", digits=[3, 3]).difficulty["digits"] == (3, 3)
+    rows = get_task("tree_path", path=(3, 3), nodes=(6, 6)).generate(50, "test")
+    assert {r["level"] for r in rows} == {3} and all(r["prompt"].count(",") == 4 for r in rows)
+
+
+def test_score_is_exact() -> None:
+    task = get_task("addition")
+    assert task.score("123", "123") and task.score(" 123\n", "123")
+    assert not task.score("1234", "123") and not task.score("12", "123") and not task.score("", "123")
+    assert task.score("321#123", "123") and not task.score("123#321", "123")
+
+
+def test_alphabet_union() -> None:
+    union = combined_alphabet()
+    for name in NAMES:
+        assert set(get_task(name).alphabet) <= set(union)
+    assert len(union) == len(set(union))
+
+
+@pytest.mark.parametrize(("name", "knobs", "match"), [
+    ("addition", {"digits": (0, 3)}, "digits"),
+    ("addition", {"digits": (4, 2)}, "digits"),
+    ("addition", {"digits": "3"}, "digits"),
+    ("variable_binding", {"hops": (1, 9)}, "n_vars"),
+    ("variable_binding", {"roots": 0}, "roots"),
+    ("tree_path", {"path": (1, 9)}, "nodes"),
+    ("modular_chain", {"ops": (0, 2)}, "ops"),
+    ("addition", {"hops": 3}, "knob"),
+    ("nope", {}, "unknown task"),
+])
+def test_bad_knobs_raise_clear_errors(name: str, knobs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        get_task(name, **knobs)
+
+
+def test_bad_generate_arguments() -> None:
+    task = get_task("addition")
+    with pytest.raises(ValueError, match="split"):
+        task.generate(3, split="val")
+    with pytest.raises(ValueError, match="n must"):
+        task.generate(-1)
