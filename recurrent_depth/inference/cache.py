@@ -1,11 +1,28 @@
-"""KV cache across recurrence steps: one slot per (recurrence step, layer) invocation, as Huginn lays it out.
+"""KV cache across recurrence steps, with the sharing policy as an object.
 
-A token at recurrence i, core layer j attends to the keys and values that earlier tokens wrote at the same slot.
-Tokens that exited early leave holes in deeper slots; the validity mask returned by `update` says which stored
-positions exist. Sharing policies (which slot a layer invocation reads and writes) live in `SlotPolicy` objects.
+Every attention-layer invocation (prelude layer j, core layer j at recurrence i, coda layer j; see `LayerKey`) reads
+and writes a *slot*. Which slot is the policy's choice:
+
+    FullSharing()      one slot per (recurrence step, core layer): Huginn's default `full` lookup. A token that
+                       exited early leaves holes in deeper slots; later tokens at those steps do not see it.
+    LatestSharing()    same slots, but a token that exited after n steps is read, at deeper steps, from its latest
+                       computed step (the reference's `latest-m4`): the engine calls `fill_latest` at the exit.
+    CyclicSharing(k)   k recurrence slots per core layer, reused cyclically (step i -> slot i mod k); k = 1 is one
+                       cache per physical layer (the reference's `latest-m4-compress-s{4k}` for a 4-layer core).
+
+    make_kv_policy("full" | "latest" | k)  -> the policy object; anything else is a ValueError naming the choices.
+
+Storage is preallocated per slot, (B, H, capacity, D) for keys and values plus a (B, capacity) validity mask;
+`capacity` is `max_length` when given (the engine passes prompt + new tokens), else it doubles on demand. Writes go to
+positions [seq_len, seq_len + T); `commit(T)` advances. `rows` (an index tensor, or None for all rows) restricts reads
+and writes to a subset of the batch: the engine uses it for rows that are still iterating (adaptive exit) and rows
+that have not finished. Positions a row never wrote at a slot are invalid and masked out of attention.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -13,46 +30,133 @@ from torch import Tensor
 from recurrent_depth.model.layers import LayerKey
 
 
+class SharingPolicy(Protocol):
+    """Maps a layer invocation to the cache slot it reads and writes."""
+
+    name: str
+    fills_exited: bool  # whether the engine must copy an exited token's latest step into deeper slots
+
+    def slot(self, key: LayerKey) -> LayerKey:
+        ...
+
+
+@dataclass(frozen=True)
+class FullSharing:
+    """One slot per layer invocation (no sharing)."""
+
+    name: str = "full"
+    fills_exited: bool = False
+
+    def slot(self, key: LayerKey) -> LayerKey:
+        return key
+
+
+@dataclass(frozen=True)
+class LatestSharing:
+    """One slot per layer invocation; exited tokens are read from their latest computed recurrence."""
+
+    name: str = "latest"
+    fills_exited: bool = True
+
+    def slot(self, key: LayerKey) -> LayerKey:
+        return key
+
+
+@dataclass(frozen=True)
+class CyclicSharing:
+    """k recurrence slots per core layer, step i -> slot i mod k (k = 1: one cache per physical layer)."""
+
+    k: int
+    name: str = "cyclic"
+    fills_exited: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"cyclic KV sharing needs an integer k >= 1 (recurrence slots per core layer), "
+                             f"got {self.k!r}")
+
+    def slot(self, key: LayerKey) -> LayerKey:
+        if key.part != "core":
+            return key
+        return LayerKey("core", key.layer, key.step % self.k)
+
+
+POLICY_NAMES = ("full", "latest", "<int k>")
+
+
+def make_kv_policy(spec: str | int | SharingPolicy | None) -> SharingPolicy:
+    """'full' (default), 'latest', an integer k >= 1 (or its decimal string), or a policy object."""
+    if spec is None or spec == "full":
+        return FullSharing()
+    if spec == "latest":
+        return LatestSharing()
+    if isinstance(spec, str) and spec.isdigit():
+        spec = int(spec)
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return CyclicSharing(spec)
+    if hasattr(spec, "slot") and hasattr(spec, "fills_exited"):
+        return spec  # type: ignore[return-value]
+    raise ValueError(f"unknown KV sharing policy {spec!r}; valid: {', '.join(POLICY_NAMES)}")
+
+
+class _Slot:
+    __slots__ = ("k", "v", "valid", "written", "holes")
+
+    def __init__(self, k: Tensor, v: Tensor, valid: Tensor) -> None:
+        self.k, self.v, self.valid = k, v, valid  # (B, H, C, D), (B, H, C, D), (B, C)
+        self.written = 0  # positions [0, written) have been written for some row
+        self.holes = False  # some row may lack a position below `written`
+
+
 class KVCache:
-    """Dynamic KV cache with one slot per layer invocation (Huginn's `full` lookup).
+    """Preallocated KV cache with one slot per layer invocation under a sharing policy (default: Huginn's `full`).
 
     The model writes the T positions [seq_len, seq_len + T) of every slot it computes during a forward, then calls
-    `commit(T)`. A slot that skipped positions (rows or tokens that exited early) holds them as invalid.
+    `commit(T)`. `KVCache()` with no arguments is the dynamic cache transformers' generate and `model.forward` use.
     """
 
     is_compileable = False  # transformers' generate inspects this
 
-    def __init__(self) -> None:
+    def __init__(self, policy: str | int | SharingPolicy | None = "full", max_length: int | None = None,
+                 batch_size: int | None = None) -> None:
+        self.policy = make_kv_policy(policy)
+        self.max_length = max_length
+        self.batch_size = batch_size
         self.seq_len = 0
-        self.slots: dict[LayerKey, list[Tensor]] = {}  # key -> [k (B,H,S,D), v (B,H,S,D), valid (B,S)]
+        self.rows: Tensor | None = None  # restrict reads/writes to these batch rows (None: all)
+        self.slots: dict[LayerKey, _Slot] = {}
+        self.peak_bytes = 0
 
+    # -------------------------------------------------------------------------------------------- protocol
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seq_len
 
     def slot_for(self, key: LayerKey) -> LayerKey:
-        """The slot a layer invocation reads and writes (identity for the full cache)."""
-        return key
+        """The slot a layer invocation reads and writes."""
+        return self.policy.slot(key)
 
     def update(self, key: LayerKey, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        B, H, T, D = k.shape
-        slot = self.slot_for(key)
-        if slot not in self.slots:
-            self.slots[slot] = [k.new_zeros(B, H, 0, D), v.new_zeros(B, H, 0, D),
-                                torch.zeros(B, 0, dtype=torch.bool, device=k.device)]
-        ks, vs, valid = self.slots[slot]
-        gap = self.seq_len - ks.shape[2]
-        if gap < 0:  # rewriting positions (a reused slot within one forward) -> overwrite from seq_len
-            ks, vs, valid = ks[:, :, : self.seq_len], vs[:, :, : self.seq_len], valid[:, : self.seq_len]
-            gap = 0
-        if gap:
-            ks = torch.cat([ks, k.new_zeros(B, H, gap, D)], dim=2)
-            vs = torch.cat([vs, v.new_zeros(B, H, gap, D)], dim=2)
-            valid = torch.cat([valid, torch.zeros(B, gap, dtype=torch.bool, device=k.device)], dim=1)
-        ks, vs = torch.cat([ks, k], dim=2), torch.cat([vs, v], dim=2)
-        valid = torch.cat([valid, torch.ones(B, T, dtype=torch.bool, device=k.device)], dim=1)
-        self.slots[slot] = [ks, vs, valid]
-        all_valid = gap == 0 and bool(valid.all()) if valid.numel() else True
-        return ks, vs, None if all_valid else valid[:, None, None, :]
+        """Write k, v (R, H, T, D) at [seq_len, seq_len + T) for the selected rows; return keys and values
+        (R, H, S, D) with S = seq_len + T and a validity mask (R, 1, 1, S), or None when every position is valid."""
+        T = k.shape[2]
+        start, end = self.seq_len, self.seq_len + T
+        slot = self._slot(self.policy.slot(key), k, v, end)
+        rows = self.rows
+        if start > slot.written:
+            slot.holes = True  # positions [written, start) were never written at this slot
+        if rows is None:
+            slot.k[:, :, start:end] = k
+            slot.v[:, :, start:end] = v
+            slot.valid[:, start:end] = True
+            ks, vs, valid = slot.k[:, :, :end], slot.v[:, :, :end], slot.valid[:, :end]
+        else:
+            slot.holes = True
+            slot.k[rows, :, start:end] = k
+            slot.v[rows, :, start:end] = v
+            slot.valid[rows, start:end] = True
+            ks, vs, valid = slot.k[rows, :, :end], slot.v[rows, :, :end], slot.valid[rows, :end]
+        slot.written = max(slot.written, end)
+        return ks, vs, (valid[:, None, None, :] if slot.holes else None)
 
     def commit(self, n_tokens: int) -> None:
         """Advance past the T positions the last forward wrote."""
@@ -61,8 +165,63 @@ class KVCache:
     def crop(self, length: int) -> None:
         """Drop every position at or after `length` (speculative decoding rejects drafted tokens)."""
         self.seq_len = min(self.seq_len, length)
-        for slot, (ks, vs, valid) in self.slots.items():
-            self.slots[slot] = [ks[:, :, :length], vs[:, :, :length], valid[:, :length]]
+        for slot in self.slots.values():
+            if slot.written > length:
+                slot.valid[:, length:] = False
+                slot.written = length
+
+    # -------------------------------------------------------------------------------------------- engine
+    def fill_latest(self, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int, n_tokens: int) -> None:
+        """Copy rows' keys/values at recurrence `last_step` (their final one) into steps last_step+1 .. num_steps-1
+        for the current positions [seq_len, seq_len + n_tokens) (the `latest` policy's lookup, done once)."""
+        start, end = self.seq_len, self.seq_len + n_tokens
+        for j in range(n_core_layers):
+            src = self.slots.get(self.policy.slot(LayerKey("core", j, last_step)))
+            if src is None:
+                continue
+            k_src, v_src = src.k[rows, :, start:end], src.v[rows, :, start:end]
+            for i in range(last_step + 1, num_steps):
+                dst = self._slot(self.policy.slot(LayerKey("core", j, i)), src.k, src.v, end)
+                dst.holes = True  # only some rows were filled
+                dst.k[rows, :, start:end] = k_src
+                dst.v[rows, :, start:end] = v_src
+                dst.valid[rows, start:end] = True
+                dst.written = max(dst.written, end)
 
     def nbytes(self) -> int:
-        return sum(ks.nbytes + vs.nbytes for ks, vs, _ in self.slots.values())
+        """Bytes currently allocated for keys and values (validity masks excluded)."""
+        return sum(s.k.nbytes + s.v.nbytes for s in self.slots.values())
+
+    def core_nbytes(self) -> int:
+        """Bytes allocated for the core's slots only."""
+        return sum(s.k.nbytes + s.v.nbytes for key, s in self.slots.items() if key.part == "core")
+
+    # -------------------------------------------------------------------------------------------- storage
+    def _slot(self, key: LayerKey, k: Tensor, v: Tensor, end: int) -> _Slot:
+        slot = self.slots.get(key)
+        if slot is None:
+            _, H, _, D = k.shape
+            B = self._batch_size(k)
+            cap = max(self.max_length or 0, end, 16)
+            slot = _Slot(k.new_zeros(B, H, cap, D), v.new_zeros(B, H, cap, D),
+                         torch.zeros(B, cap, dtype=torch.bool, device=k.device))
+            self.slots[key] = slot
+            self.peak_bytes = max(self.peak_bytes, self.nbytes())
+        elif end > slot.k.shape[2]:
+            if self.max_length is not None:
+                raise ValueError(f"KV cache holds {self.max_length} positions, a write reaches {end}")
+            cap = max(2 * slot.k.shape[2], end)
+            grow = cap - slot.k.shape[2]
+            B, H, _, D = slot.k.shape
+            slot.k = torch.cat([slot.k, slot.k.new_zeros(B, H, grow, D)], dim=2)
+            slot.v = torch.cat([slot.v, slot.v.new_zeros(B, H, grow, D)], dim=2)
+            slot.valid = torch.cat([slot.valid, slot.valid.new_zeros(B, grow)], dim=1)
+            self.peak_bytes = max(self.peak_bytes, self.nbytes())
+        return slot
+
+    def _batch_size(self, k: Tensor) -> int:
+        if self.rows is None:
+            return k.shape[0]
+        if self.batch_size is None:
+            raise ValueError("KVCache.rows is set but the cache was not told its batch size (set batch_size)")
+        return self.batch_size
