@@ -1,0 +1,327 @@
+"""Continuous batching at the granularity of one recurrence step.
+
+A `Sequence` is one generated continuation (one `choices[i]` of a request). Each advances through a small cycle per
+token: *embed* (prelude on the new token, or on the whole prompt at first, and its initial state s0), *iterate* (core
+steps, its own exit criterion checked after each), *finish* (coda + head, sample, emit). `BatchEngine.step()` moves
+every live sequence by one phase-step:
+
+    1. sequences with a token to embed run the prelude (rows batched) and draw s0 (or take the warm state);
+    2. every sequence still iterating runs ONE core step (rows batched, each at its own recurrence step and cache
+       slot), then its exit criterion decides;
+    3. sequences whose recurrence ended (depth reached or exited) run coda + head, sample a token and emit it.
+
+So one engine step costs one core step for the rows still iterating, and a sequence at r = 4 produces a token
+every 4 engine steps whatever the others ask for; rows that finished their recurrence cost nothing until their next
+token. Sequences join (`add`) and leave (`remove`, or when done) between steps. Prompts are prefilled through the
+same cycle, each prompt in its own call (its own length); single-token rows are batched together.
+
+Every row reads and writes only its own cache row, its own RoPE positions and its own random generator, so a
+sequence produces what it would produce alone (bit-for-bit apart from floating-point reduction order; greedy
+tokens are tested equal).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from recurrent_depth.inference.exit import ExitCriterion, make_exit_criterion
+from recurrent_depth.model.layers import AttentionContext
+from recurrent_depth.serving.kvstore import KVSharing, RowKVStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DepthParams:
+    """Test-time compute of one request. num_steps: recurrence count r (core applications) per token, the cap when an
+    exit criterion is set; exit_criterion/exit_threshold: see `recurrent_depth.inference.exit` (threshold None: the
+    criterion's default); warm_start: start each token's recurrence from the previous token's final state (the
+    reference's continuous compute); kv_sharing: see `KVSharing`; init_scale: std scale of the random s0 (0: zeros)."""
+
+    num_steps: int
+    exit_criterion: str = "none"
+    exit_threshold: float | None = None
+    warm_start: bool = False
+    kv_sharing: str = "full"
+    init_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """max_tokens >= 1; temperature 0 = greedy; top_p nucleus mass; seed for s0 draws and sampling (None: random);
+    stop: strings that end the text (not included); stop_token_ids: tokens that end it (EOS)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class TokenEvent:
+    """What a sequence emits after each token: the new text (held back while it may begin a stop string), the token
+    id and the recurrence steps it took; `finish_reason` ("stop", "length", "abort", "error") on the last event."""
+
+    text: str
+    token_id: int | None
+    steps: int | None
+    finish_reason: str | None = None
+
+
+EMBED, ITERATE, DONE = "embed", "iterate", "done"
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One continuation being generated; the engine fills the private fields."""
+
+    prompt: list[int]
+    depth: DepthParams
+    sampling: SamplingParams
+    on_event: Callable[[TokenEvent], None] = lambda event: None
+    tokens: list[int] = field(default_factory=list)
+    token_steps: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    # engine state
+    id: int = field(default_factory=lambda: next(_ids))
+    row: int = -1
+    phase: str = EMBED
+    length: int = 0  # positions committed to the cache
+    pending: list[int] = field(default_factory=list)  # token ids to feed next
+    e: Tensor | None = None
+    state: Tensor | None = None
+    warm: Tensor | None = None
+    memory: Tensor | None = None
+    logits: Tensor | None = None  # last position's logits of the current state, if already computed
+    step_count: int = 0
+    exited: bool = False
+    emitted: int = 0  # characters of text already sent
+    criterion: ExitCriterion | None = None
+    sharing: KVSharing | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.token_steps)
+
+
+class BatchEngine:
+    """Owns the model, the per-row KV store and the live sequences; `step()` advances them (see module docstring).
+
+    Not thread-safe: one thread calls `add`, `remove` and `step` (the `Scheduler` does).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_rows: int = 8) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
+        self.t = model.transformer
+        self.cfg = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.store = RowKVStore(self.cfg.n_heads, self.cfg.n_embd // self.cfg.n_heads, max_rows,
+                                self.cfg.block_size, self.dtype, self.device)
+        self.live: list[Sequence] = []
+        self._free = list(range(max_rows))[::-1]
+        n_tok = len(tokenizer) if tokenizer is not None else self.cfg.vocab_size
+        self._banned = None  # padded vocabulary rows beyond the tokenizer are never sampled
+        if n_tok < self.cfg.vocab_size:
+            self._banned = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            self._banned[n_tok:] = True
+
+    # --------------------------------------------------------------------------------------- membership
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    def add(self, seq: Sequence) -> None:
+        """Admit a sequence (raises if no row is free or its prompt does not fit the context)."""
+        if not self._free:
+            raise RuntimeError("no free row in the batch")
+        if not seq.prompt:
+            raise ValueError("empty prompt")
+        if len(seq.prompt) + seq.sampling.max_tokens > self.cfg.block_size:
+            raise ValueError(f"prompt ({len(seq.prompt)}) + max_tokens ({seq.sampling.max_tokens}) exceeds the "
+                             f"context length {self.cfg.block_size}")
+        seq.criterion = make_exit_criterion(seq.depth.exit_criterion, seq.depth.exit_threshold)
+        seq.sharing = KVSharing.parse(seq.depth.kv_sharing)
+        seq.generator = torch.Generator(device=self.device)
+        if seq.sampling.seed is None:
+            seq.generator.seed()
+        else:
+            seq.generator.manual_seed(seq.sampling.seed % 2**64)
+        seq.row = self._free.pop()
+        seq.phase, seq.length, seq.pending = EMBED, 0, list(seq.prompt)
+        self.live.append(seq)
+
+    def remove(self, seq: Sequence, reason: str = "abort") -> None:
+        """Drop a sequence now (client gone); frees its row."""
+        if seq in self.live:
+            self._release(seq, reason, emit=False)
+
+    def _release(self, seq: Sequence, reason: str, emit: bool = True, text: str = "", token: int | None = None,
+                 steps: int | None = None) -> None:
+        seq.finish_reason, seq.phase = reason, DONE
+        self.live.remove(seq)
+        self.store.release(seq.row)
+        self._free.append(seq.row)
+        seq.e = seq.state = seq.warm = seq.memory = seq.logits = None
+        if emit:
+            seq.on_event(TokenEvent(text, token, steps, reason))
+
+    # ------------------------------------------------------------------------------------------- stepping
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Advance every live sequence by one phase-step (embed / one core step / finish)."""
+        for group in self._groups([s for s in self.live if s.phase == EMBED]):
+            self._embed(group)
+        for group in self._groups([s for s in self.live if s.phase == ITERATE and not self._done_iterating(s)]):
+            self._core_step(group)
+        for group in self._groups([s for s in self.live if s.phase == ITERATE and self._done_iterating(s)]):
+            self._finish(group)
+
+    @staticmethod
+    def _done_iterating(s: Sequence) -> bool:
+        return s.exited or s.step_count >= s.depth.num_steps
+
+    @staticmethod
+    def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Single-token rows batched together; each prompt (several tokens) in its own call."""
+        single = [s for s in seqs if len(s.pending) == 1]
+        return ([single] if single else []) + [[s] for s in seqs if len(s.pending) > 1]
+
+    def _context(self, group: list[Sequence], core: bool = False) -> AttentionContext:
+        T = len(group[0].pending)
+        rows = torch.tensor([s.row for s in group], device=self.device)
+        start = torch.tensor([s.length for s in group], device=self.device)
+        slot = latest = None
+        if core:
+            slot = torch.tensor([s.sharing.slot(s.step_count) for s in group], device=self.device)
+            latest = torch.tensor([s.sharing.latest for s in group], device=self.device)
+        self.store.bind(rows, start, T, slot, latest)
+        positions = start[:, None] + torch.arange(T, device=self.device)  # (n, T)
+        return AttentionContext(rope=self.t.rope[0, positions], mask=None, cache=self.store)
+
+    def _embed(self, group: list[Sequence]) -> None:
+        ids = torch.tensor([s.pending for s in group], device=self.device)  # (n, T)
+        e = self.t.embed(ids, self._context(group))  # (n, T, d)
+        for i, s in enumerate(group):
+            s.e = e[i:i + 1]
+            if s.depth.warm_start and s.warm is not None:
+                s.state = s.warm
+            else:
+                s.state = self.t.initial_state(s.e, s.depth.init_scale, s.generator)
+            s.memory = s.criterion.init(s.state, self.cfg.vocab_size)
+            s.step_count, s.exited, s.logits, s.phase = 0, False, None, ITERATE
+
+    def _core_step(self, group: list[Sequence]) -> None:
+        ctx = self._context(group, core=True)
+        state = torch.cat([s.state for s in group])
+        e = torch.cat([s.e for s in group])
+        new = self.t.core_step(state, e, 0, ctx)  # the store picks each row's slot from its own step
+        for i, s in enumerate(group):
+            s.state, s.step_count, s.logits = new[i:i + 1], s.step_count + 1, None
+        needs = [s for s in group if s.criterion.needs_logits]
+        if needs:
+            logits = self._logits(needs)
+            for i, s in enumerate(needs):
+                s.logits = logits[i:i + 1]
+        for s in group:
+            exit_now, s.memory, _ = s.criterion.check(s.memory, s.state, s.logits)
+            s.exited = bool(exit_now[0])
+
+    def _logits(self, group: list[Sequence]) -> Tensor:
+        """Coda + head on the rows' current states: (n, V) fp32 logits of each row's last position."""
+        hidden, _ = self.t.decode(torch.cat([s.state for s in group]), self._context(group))
+        logits = self.model.lm_head(hidden[:, -1:]).float()[:, 0]  # (n, V)
+        if self._banned is not None:
+            logits = logits.masked_fill(self._banned, float("-inf"))
+        return logits
+
+    def _finish(self, group: list[Sequence]) -> None:
+        todo = [s for s in group if s.logits is None]
+        if todo:
+            logits = self._logits(todo)
+            for i, s in enumerate(todo):
+                s.logits = logits[i:i + 1]
+        for s in group:
+            T = len(s.pending)
+            if s.sharing.latest:
+                last = s.sharing.slot(s.step_count - 1) if s.step_count else None
+                self.store.record_last(s.row, s.length, T, last)
+            token = self._sample(s, s.logits[0])
+            s.length += T
+            s.warm = s.state[:, -1:]
+            s.tokens.append(token)
+            s.token_steps.append(s.step_count)
+            s.pending, s.phase, s.logits = [token], EMBED, None
+            self._emit(s, token)
+
+    def _sample(self, s: Sequence, logits: Tensor) -> int:
+        """logits (V,) fp32 -> a token id: argmax at temperature 0, else nucleus sampling with the row's generator."""
+        sp = s.sampling
+        if sp.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / sp.temperature, dim=-1)
+        if sp.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(0) - sorted_p > sp.top_p  # keep the smallest prefix whose mass reaches top_p
+            drop[0] = False
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p.masked_fill(drop, 0.0))
+        return int(torch.multinomial(probs, 1, generator=s.generator))
+
+    # ----------------------------------------------------------------------------------------------- text
+    def _emit(self, s: Sequence, token: int) -> None:
+        """Send the token's text; end the sequence on EOS, a stop string or max_tokens."""
+        steps = s.token_steps[-1]
+        if token in s.sampling.stop_token_ids:  # EOS: counted as a token, not part of the text
+            self._release(s, "stop", text=self._flush(s, drop_last=True), token=token, steps=steps)
+            return
+        text, stopped = self._text(s)
+        if stopped:
+            self._release(s, "stop", text=text, token=token, steps=steps)
+        elif len(s.tokens) >= s.sampling.max_tokens:
+            self._release(s, "length", text=text + self._flush(s), token=token, steps=steps)
+        else:
+            s.on_event(TokenEvent(text, token, steps))
+
+    def decoded(self, s: Sequence, drop_last: bool = False) -> str:
+        tokens = s.tokens[:-1] if drop_last else s.tokens
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _text(self, s: Sequence) -> tuple[str, bool]:
+        """New text to send, and whether a stop string ended it (then the text stops before it)."""
+        full = self.decoded(s)
+        cut = min((i for i in (full.find(stop) for stop in s.sampling.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            delta = full[s.emitted:cut] if cut > s.emitted else ""
+            s.emitted = max(s.emitted, cut)
+            return delta, True
+        hold = 0
+        for stop in s.sampling.stop:  # keep back a tail that may be the start of a stop string
+            for k in range(min(len(stop) - 1, len(full)), 0, -1):
+                if full.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        while hold < len(full) and full[len(full) - hold - 1:len(full) - hold] == "\ufffd":
+            hold += 1  # an incomplete multi-byte character
+        end = max(s.emitted, len(full) - hold)
+        delta, s.emitted = full[s.emitted:end], end
+        return delta, False
+
+    def _flush(self, s: Sequence, drop_last: bool = False) -> str:
+        """Everything not yet sent (the held-back tail), at the end of a sequence."""
+        full = self.decoded(s, drop_last)
+        delta = full[s.emitted:]
+        s.emitted = max(s.emitted, len(full))
+        return delta
