@@ -200,7 +200,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
              draft_steps: int | None = None, lookahead: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, generator: torch.Generator | None = None, init_scale: float = 0.0,
-             eos_token_id: int | Sequence[int] | None = None, streamer: Any = None) -> GenerateOutput:
+             eos_token_id: int | Sequence[int] | None = None, streamer: Any = None,
+             exit_in_prefill: bool = True) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens for each row of a (left-padded) batch.
 
     num_steps: recurrences per token (the maximum, with an exit criterion).
@@ -217,6 +218,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
     eos_token_id: a row stops after emitting one of these; later positions hold the first EOS id.
     streamer: an object with put(tokens) and end() (transformers' TextStreamer works, batch 1); it first receives
         the prompt, then each step's (B, 1) new tokens.
+    exit_in_prefill: whether the prompt's forward (the first new token) may exit early (the reference's default:
+        yes; its `do_not_exit_in_prefill=True` is False here).
     """
     _check_common(model, input_ids, attention_mask, max_new_tokens, num_steps)
     policy = make_kv_policy(kv_sharing)
@@ -259,7 +262,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
         if rows is not None and mask is not None:
             mask = mask[rows]
         res = forward_rows(model, ids, cache, num_steps=num_steps, rows=rows, attention_mask=mask,
-                           criterion=criterion, min_steps=min_steps, initial_state=state0, init_scale=init_scale,
+                           criterion=criterion if pos > 0 or exit_in_prefill else None, min_steps=min_steps,
+                           initial_state=state0, init_scale=init_scale,
                            generator=generator)
         tok = sampler(res.logits)  # (R,)
         idx = rows if rows is not None else slice(None)
