@@ -1,0 +1,152 @@
+"""`rdepth eval`: accuracy (or perplexity) against test-time recurrence depth, and against mean steps under an
+adaptive exit, for a checkpoint folder (model + tokenizer.json). Writes JSON, CSV and PNG files into --out.
+
+    rdepth eval --model ckpt/ --data test.jsonl --steps 1,2,4,8,16,32,64 --out results/eval
+    rdepth eval --model ckpt/ --task variable_binding --split ood --n 500 --exit kl --thresholds 1e-2,1e-3,1e-4 \\
+        --out results/eval
+    rdepth eval --model ckpt/ --corpus docs --steps 1,4,8,32 --out results/ppl     # validation perplexity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="accuracy / perplexity against test-time depth and adaptive-exit thresholds",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint folder (model files + tokenizer.json)")
+    src = p.add_argument_group("data (at least one)")
+    src.add_argument("--data", default=None, help='JSONL file of {"prompt": str, "answer": str} lines')
+    src.add_argument("--task", default=None, help="a built-in reasoning task (generated): "
+                     "addition, variable_binding, tree_path, modular_chain")
+    src.add_argument("--text", default=None, help="a UTF-8 text file for perplexity against depth")
+    src.add_argument("--corpus", default=None, choices=["docs", "code"],
+                     help="perplexity on the validation split of the interpreter's docs / stdlib corpus")
+    p.add_argument("--split", default="test", choices=["test", "ood"], help="split of --task")
+    p.add_argument("--n", type=int, default=500, help="problems generated for --task")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows of --data (0: all)")
+    p.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated recurrence depths r")
+    p.add_argument("--exit", dest="exit_criterion", default=None,
+                   help="adaptive exit criterion for an exit-threshold sweep (kl, minp-kl, entropy-diff, "
+                        "latent-diff, cosine, argmax-stability)")
+    p.add_argument("--thresholds", default="1e-2,3e-3,1e-3,3e-4,1e-4", help="comma-separated exit thresholds")
+    p.add_argument("--max-steps", type=int, default=None, help="depth cap of the exit sweep (default: max --steps)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="decoding budget (default: longest reference answer + 3)")
+    p.add_argument("--init-scale", type=float, default=1.0, help="scale of the random initial state (0: zeros)")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated tasks and initial states")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per block for perplexity")
+    p.add_argument("--max-blocks", type=int, default=64, help="blocks evaluated for perplexity")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", required=True, help="output folder")
+    return p
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise ValueError(f"{flag} must list non-negative integers, got {text!r}")
+    return values
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+def read_jsonl_rows(path: str | Path, limit: int = 0) -> list[dict]:
+    """Prompt/answer rows of a JSONL file (other keys kept; an int `level` gives per-level accuracy)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data file {str(path)!r} not found")
+    rows = []
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{no}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                or not isinstance(row.get("answer"), str):
+            raise ValueError(f'{path}:{no}: expected {{"prompt": str, "answer": str}}, got {line[:80]!r}')
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise ValueError(f"{path}: no prompt/answer rows")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from recurrent_depth.data.tokenizer import load_tokenizer
+    from recurrent_depth.evaluation.report import format_table, run_evaluation
+    from recurrent_depth.evaluation.sweeps import exact_match
+    from recurrent_depth.model import RecurrentDepthForCausalLM
+
+    if not args.model:
+        raise ValueError("--model is required (a checkpoint folder holding the model files and tokenizer.json)")
+    if not any((args.data, args.task, args.text, args.corpus)):
+        raise ValueError("give --data, --task, --text or --corpus")
+    if args.data and args.task:
+        raise ValueError("give either --data or --task, not both")
+    steps = _ints(args.steps, "--steps")
+    thresholds = _floats(args.thresholds, "--thresholds") if args.exit_criterion else []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model folder {str(model_dir)!r} not found")
+    tokenizer = load_tokenizer(model_dir)
+    model = RecurrentDepthForCausalLM.from_pretrained(model_dir).eval()
+
+    rows, scorer, meta = None, exact_match, {"model": str(model_dir)}
+    if args.data:
+        rows = read_jsonl_rows(args.data, args.limit)
+        meta["data"] = str(args.data)
+    if args.task:
+        from recurrent_depth.tasks import get_task
+
+        task = get_task(args.task)
+        rows, scorer = task.generate(args.n, split=args.split, seed=args.seed), task.score
+        meta.update(task=args.task, split=args.split, n=args.n, difficulty=task.difficulty)
+    texts = None
+    if args.text:
+        text_path = Path(args.text)
+        if not text_path.is_file():
+            raise FileNotFoundError(f"--text file {str(text_path)!r} not found")
+        texts = [text_path.read_text(encoding="utf-8", errors="replace")]
+        meta["text"] = str(text_path)
+    if args.corpus:
+        from recurrent_depth.evaluation.corpus import corpus_texts
+
+        texts = (texts or []) + corpus_texts("validation", sources=(args.corpus,))
+        meta["corpus"] = f"{args.corpus}/validation"
+
+    summary = run_evaluation(model, tokenizer, args.out, steps, rows=rows, texts=texts, scorer=scorer,
+                             exit_criterion=args.exit_criterion, thresholds=thresholds, max_steps=args.max_steps,
+                             meta=meta, seq_len=args.seq_len, max_blocks=args.max_blocks,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                             init_scale=args.init_scale, seed=args.seed)
+    if "depth_sweep" in summary:
+        print("accuracy against test-time depth\n" + format_table(summary["depth_sweep"],
+                                                                   ["num_steps", "accuracy", "n"]))
+    if "exit_sweep" in summary:
+        print(f"\nadaptive exit ({args.exit_criterion})\n"
+              + format_table(summary["exit_sweep"], ["threshold", "accuracy", "mean_steps", "steps_saved"]))
+    if "perplexity_sweep" in summary:
+        print("\nperplexity against test-time depth\n"
+              + format_table(summary["perplexity_sweep"], ["num_steps", "perplexity", "tokens"]))
+    print(f"\nwrote {Path(args.out) / 'summary.json'} and the JSON/CSV/PNG records beside it")
+    return 0

@@ -1,0 +1,68 @@
+"""Plots of sweep records (matplotlib's object API with the Agg canvas: no pyplot, no global backend switch).
+
+    plot_depth_sweep({"recurrent": recs, "baseline": recs2}, "out/depth.png", metric="accuracy")
+    plot_exit_sweep(exit_records, "out/exit.png")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+Records = Sequence[dict[str, Any]]
+
+
+def _series(data: Records | dict[str, Records]) -> dict[str, Records]:
+    return data if isinstance(data, dict) else {"": data}
+
+
+def plot_series(data: Records | dict[str, Records], x: str, y: str, path: str | Path, title: str = "",
+                xlabel: str | None = None, ylabel: str | None = None, logx: bool = False,
+                annotate: str | None = None) -> Path:
+    """Line plot of y against x for one list of records or several labelled lists; returns the PNG path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, recs in _series(data).items():
+        pts = sorted(((r[x], r[y], r.get(annotate, "") if annotate else "") for r in recs
+                      if r.get(x) is not None and r.get(y) is not None), key=lambda p: (p[0], p[1]))
+        if not pts:
+            raise ValueError(f"no records with both {x!r} and {y!r} to plot for series {label!r}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
+        for px, py, note in pts:
+            if annotate:
+                text = "fixed" if note is None else f"{note:g}" if isinstance(note, float) else str(note)
+                ax.annotate(text, (px, py), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if any(_series(data)):
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_depth_sweep(data: Records | dict[str, Records], path: str | Path, metric: str = "accuracy",
+                     title: str = "") -> Path:
+    """Metric against test-time recurrence depth r (log2 axis when every r is positive)."""
+    logx = all(r["num_steps"] > 0 for recs in _series(data).values() for r in recs)
+    return plot_series(data, "num_steps", metric, path, title or f"{metric} against test-time depth",
+                       xlabel="recurrence steps r", ylabel=metric, logx=logx)
+
+
+def plot_exit_sweep(data: Records | dict[str, Records], path: str | Path, metric: str = "accuracy",
+                    title: str = "") -> Path:
+    """Metric against mean recurrence steps per token, each point labelled with its exit threshold."""
+    return plot_series(data, "mean_steps", metric, path, title or f"{metric} against mean steps (adaptive exit)",
+                       xlabel="mean recurrence steps per token", ylabel=metric, annotate="threshold")

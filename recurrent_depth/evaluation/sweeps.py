@@ -1,0 +1,159 @@
+"""Metric against compute: depth sweeps (accuracy or perplexity against the recurrence depth r) and exit-threshold
+sweeps (accuracy against the mean number of steps an adaptive exit uses).
+
+    recs = depth_sweep(model, tok, rows, steps=[1, 2, 4, 8, 16])             # exact-match accuracy per r
+    recs = perplexity_sweep(model, tok, texts, steps=[1, 4, 8, 32])          # validation perplexity per r
+    recs = exit_sweep(model, tok, rows, "kl", [1e-2, 1e-3, 1e-4], max_steps=32)
+
+Every function returns a list of flat-ish dicts (one per point) that `records.write_records` saves as JSON and CSV.
+Rows are {"prompt", "answer"} dicts (an optional int "level" adds per-level accuracy); the scorer defaults to exact
+match of the stripped strings (pass `task.score` for a task's chain-of-thought-aware scoring).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from recurrent_depth.evaluation.decode import greedy_decode
+
+Scorer = Callable[[str, str], bool]
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Exact match after stripping surrounding whitespace."""
+    return prediction.strip() == answer.strip()
+
+
+def _check_steps(steps: Sequence[int]) -> list[int]:
+    out = list(steps)
+    if not out or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in out):
+        raise ValueError(f"steps must be a non-empty list of non-negative integers, got {steps!r}")
+    return out
+
+
+def _check_rows(rows: Sequence[dict]) -> None:
+    if not rows:
+        raise ValueError("no prompt/answer rows to evaluate")
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), str):
+            raise ValueError(f"row {i} must hold string `prompt` and `answer`, got {row!r:.120}")
+
+
+def default_max_new_tokens(tokenizer, rows: Sequence[dict], margin: int = 2) -> int:
+    """Budget for greedy decoding: the longest reference answer in tokens, plus <eos>, plus `margin`."""
+    longest = max(len(ids) for ids in tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"])
+    return longest + 1 + margin
+
+
+def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, scorer: Scorer = exact_match,
+                      exit_criterion=None, max_new_tokens: int | None = None, batch_size: int = 64,
+                      add_bos: bool = True, init_scale: float = 1.0, seed: int = 0,
+                      keep_predictions: bool = False) -> dict[str, Any]:
+    """Greedy exact-match accuracy on `rows` at depth `num_steps` (the cap, with an exit criterion).
+
+    Returns num_steps, accuracy, correct, n, mean_steps (per generated token), seconds, and accuracy_by_level
+    (when rows carry a `level`); with keep_predictions, also predictions (list of str)."""
+    _check_rows(rows)
+    budget = max_new_tokens or default_max_new_tokens(tokenizer, rows)
+    start = time.perf_counter()
+    out = greedy_decode(model, tokenizer, [r["prompt"] for r in rows], num_steps, budget, exit_criterion,
+                        batch_size=batch_size, add_bos=add_bos, init_scale=init_scale, seed=seed)
+    hits = [bool(scorer(pred, r["answer"])) for pred, r in zip(out.texts, rows)]
+    rec: dict[str, Any] = {"num_steps": num_steps, "accuracy": sum(hits) / len(hits), "correct": sum(hits),
+                           "n": len(hits), "mean_steps": out.mean_steps(),
+                           "seconds": round(time.perf_counter() - start, 3)}
+    if all(isinstance(r.get("level"), int) for r in rows):
+        by: dict[int, list[bool]] = {}
+        for hit, r in zip(hits, rows):
+            by.setdefault(r["level"], []).append(hit)
+        rec["accuracy_by_level"] = {lvl: sum(v) / len(v) for lvl, v in sorted(by.items())}
+    if keep_predictions:
+        rec["predictions"] = out.texts
+    return rec
+
+
+def depth_sweep(model, tokenizer, rows: Sequence[dict], steps: Sequence[int], **kwargs: Any) -> list[dict[str, Any]]:
+    """`evaluate_accuracy` at every depth in `steps` (fixed depth, no exit); kwargs as for evaluate_accuracy."""
+    if kwargs.get("exit_criterion") is not None:
+        raise ValueError("depth_sweep runs fixed depths; use exit_sweep for an exit criterion")
+    return [evaluate_accuracy(model, tokenizer, rows, r, **kwargs) for r in _check_steps(steps)]
+
+
+def exit_sweep(model, tokenizer, rows: Sequence[dict], criterion: str, thresholds: Sequence[float],
+               max_steps: int, **kwargs: Any) -> list[dict[str, Any]]:
+    """Accuracy and mean steps per token for an adaptive exit criterion at each threshold (capped at max_steps).
+
+    The first record is the fixed-depth reference at max_steps (threshold None); each record carries
+    `steps_saved` (1 - mean_steps / max_steps) and `accuracy_drop` (reference accuracy minus its accuracy)."""
+    from recurrent_depth.inference.exit import make_exit_criterion
+
+    if not thresholds:
+        raise ValueError("exit_sweep needs at least one threshold")
+    base = evaluate_accuracy(model, tokenizer, rows, max_steps, **kwargs)
+    base.update(criterion="none", threshold=None)
+    records = [base]
+    for thr in thresholds:
+        crit = make_exit_criterion(criterion, thr)
+        rec = evaluate_accuracy(model, tokenizer, rows, max_steps, exit_criterion=crit, **kwargs)
+        rec.update(criterion=criterion, threshold=thr)
+        records.append(rec)
+    for rec in records:
+        rec["steps_saved"] = 1 - rec["mean_steps"] / max_steps if max_steps else 0.0
+        rec["accuracy_drop"] = base["accuracy"] - rec["accuracy"]
+    return records
+
+
+def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int = 0) -> torch.Tensor:
+    """Documents joined by <eos> into one stream, cut into non-overlapping (N, seq_len + 1) blocks (last dropped)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
+    ids: list[int] = []
+    for doc in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.extend(doc)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // (seq_len + 1)
+    if max_blocks:
+        n = min(n, max_blocks)
+    if n < 1:
+        raise ValueError(f"the texts hold {len(ids)} tokens, fewer than one block of seq_len + 1 = {seq_len + 1}")
+    return torch.tensor(ids[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
+
+
+@torch.no_grad()
+def perplexity_sweep(model, tokenizer, texts: Sequence[str], steps: Sequence[int], seq_len: int = 128,
+                     max_blocks: int = 64, batch_size: int = 16, init_scale: float = 1.0,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """Mean next-token loss and perplexity on `texts` at every depth in `steps`.
+
+    The same blocks and the same seeded initial states are used at every depth, so the points differ only in r."""
+    steps = _check_steps(steps)
+    blocks = token_blocks(tokenizer, texts, seq_len, max_blocks)
+    device = model.lm_head.weight.device
+    was_training = model.training
+    model.eval()
+    records = []
+    try:
+        for r in steps:
+            start = time.perf_counter()
+            gen = torch.Generator(device=device).manual_seed(seed)
+            total, count = 0.0, 0
+            for i in range(0, len(blocks), batch_size):
+                chunk = blocks[i:i + batch_size].to(device)
+                inputs, labels = chunk[:, :-1], chunk[:, 1:]
+                s0 = model.transformer.initial_state(
+                    torch.zeros(*inputs.shape, model.config.n_embd, device=device), init_scale, gen)
+                logits = model(inputs, num_steps=r, input_states=s0).logits
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                         reduction="sum")
+                total, count = total + float(loss), count + labels.numel()
+            mean = total / count
+            records.append({"num_steps": r, "loss": mean, "perplexity": math.exp(mean), "tokens": count,
+                            "seconds": round(time.perf_counter() - start, 3)})
+    finally:
+        model.train(was_training)
+    return records

@@ -1,0 +1,108 @@
+"""Records (JSON/CSV), plots, the offline corpus, and `rdepth eval` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from recurrent_depth.cli.main import main
+from recurrent_depth.evaluation.corpus import CORPUS_SPLITS, corpus_texts, export_corpus, load_corpus
+from recurrent_depth.evaluation.plots import plot_depth_sweep, plot_exit_sweep
+from recurrent_depth.evaluation.records import read_records, to_csv, write_records
+from recurrent_depth.tasks import get_task
+
+RECORDS = [{"num_steps": 1, "accuracy": 0.25, "accuracy_by_level": {1: 0.5, 2: 0.0}, "threshold": None,
+            "mean_steps": 1.0},
+           {"num_steps": 4, "accuracy": 0.75, "accuracy_by_level": {1: 1.0, 2: 0.5}, "threshold": 1e-3,
+            "mean_steps": 3.5}]
+
+
+def test_records_round_trip_and_flatten(tmp_path) -> None:
+    paths = write_records(RECORDS, tmp_path / "o", "sweep", meta={"model": "m"})
+    records, meta = read_records(paths["json"])
+    assert meta == {"model": "m"} and [r["accuracy"] for r in records] == [0.25, 0.75]
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert rows[1]["accuracy_by_level.2"] == "0.5" and rows[0]["num_steps"] == "1"
+    assert to_csv([{"a": [1, 2]}]).splitlines()[1] == '"[1, 2]"'
+    with pytest.raises(ValueError, match="no records"):
+        write_records([], tmp_path, "x")
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="records"):
+        read_records(tmp_path / "bad.json")
+
+
+def test_plots_are_pngs(tmp_path) -> None:
+    for path in (plot_depth_sweep({"a": RECORDS, "b": RECORDS}, tmp_path / "d.png"),
+                 plot_exit_sweep(RECORDS, tmp_path / "e.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="perplexity"):
+        plot_depth_sweep(RECORDS, tmp_path / "p.png", metric="perplexity")
+
+
+def test_corpus_split_is_deterministic_and_disjoint(tmp_path) -> None:
+    train, valid = load_corpus("train"), load_corpus("validation")
+    assert train and valid and {d.name for d in train}.isdisjoint(d.name for d in valid)
+    assert [d.name for d in load_corpus("validation")] == [d.name for d in valid]
+    assert sum(len(d.text) for d in train) > 100_000  # the interpreter's reference-manual topics
+    capped = corpus_texts("train", max_chars=5000)
+    assert sum(map(len, capped)) == 5000
+    paths = export_corpus(tmp_path / "c", max_chars=3000)
+    assert set(paths) == set(CORPUS_SPLITS) and all(len(p.read_text()) > 0 for p in paths.values())
+    assert paths["train"].parent != paths["validation"].parent
+    with pytest.raises(ValueError, match="split"):
+        load_corpus("dev")
+    with pytest.raises(ValueError, match="sources"):
+        load_corpus("train", sources=("web",))
+
+
+def test_code_corpus_reads_the_standard_library() -> None:
+    docs = load_corpus("validation", sources=("code",), max_chars=50_000)
+    assert docs and all(d.name.startswith("code/") and d.name.endswith(".py") for d in docs)
+    assert not any("/test/" in d.name or "/tests/" in d.name for d in docs)
+
+
+def test_rdepth_eval_end_to_end(checkpoint, tmp_path, capsys) -> None:
+    data = tmp_path / "data.jsonl"
+    rows = get_task("variable_binding").generate(6, "test", seed=0)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", str(checkpoint), "--data", str(data), "--steps", "1,2,4", "--out", str(out),
+               "--exit", "kl", "--thresholds", "0,1e-2", "--threads", "1"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["num_steps"] for r in summary["depth_sweep"]] == [1, 2, 4]
+    assert [r["threshold"] for r in summary["exit_sweep"]] == [None, 0.0, 0.01]
+    for stem in ("depth_sweep", "exit_sweep"):
+        assert (out / f"{stem}.csv").is_file() and (out / f"{stem}.png").is_file()
+    assert len(list(csv.DictReader((out / "depth_sweep.csv").open()))) == 3
+    assert "accuracy against test-time depth" in capsys.readouterr().out
+
+
+def test_rdepth_eval_task_and_corpus(checkpoint, tmp_path) -> None:
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", str(checkpoint), "--task", "addition", "--split", "ood", "--n", "5",
+               "--corpus", "docs", "--max-blocks", "2", "--seq-len", "32", "--steps", "0,2", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["task"] == "addition" and len(summary["perplexity_sweep"]) == 2
+    assert all(r["perplexity"] > 1 for r in summary["perplexity_sweep"])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "missing.jsonl"], "not found"),
+    (["--task", "addition", "--steps", "1,x"], "--steps"),
+    ([], "give --data"),
+    (["--task", "nope"], "unknown task"),
+])
+def test_rdepth_eval_bad_input(checkpoint, tmp_path, capsys, args, message) -> None:
+    rc = main(["eval", "--model", str(checkpoint), "--out", str(tmp_path), *args])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_rdepth_eval_bad_jsonl(checkpoint, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1="}\n')
+    assert main(["eval", "--model", str(checkpoint), "--data", str(bad), "--out", str(tmp_path)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
