@@ -80,3 +80,17 @@ class NonRecurrent:
 
     def sample(self, step: int | None = None, generator: torch.Generator | None = None) -> tuple[int, int]:
         return 0, 1
+
+
+SAMPLERS = ("poisson-lognormal-filling", "fixed", "non-recurrent")
+
+
+def make_sampler(name: str, mean_recurrence: int, backprop_depth: int, depth: int = 0) -> DepthSampler:
+    """The sampler called `name` (one of SAMPLERS); `depth` is the fixed sampler's total (0: mean_recurrence)."""
+    if name == "poisson-lognormal-filling":
+        return PoissonLogNormalFilling(mean_recurrence, backprop_depth)
+    if name == "fixed":
+        return FixedDepth(depth or mean_recurrence, backprop_depth)
+    if name == "non-recurrent":
+        return NonRecurrent()
+    raise ValueError(f"unknown depth sampler {name!r}; choose one of {list(SAMPLERS)}")

@@ -1,0 +1,74 @@
+"""Token datasets as two aligned tensors, and a batch schedule that is a pure function of its position.
+
+A `TokenDataset` holds `inputs` (N, L) and `labels` (N, L) (labels aligned with the logits, -100 ignored), plus
+optional `answer_labels` (labels on answer tokens only, for exact-match accuracy). `batch_indices(position, ...)`
+gives the rows of global batch number `position`: epoch e visits the rows in the order randperm(N, seed + e), so a
+resumed run that knows its position reads exactly the batches an uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenDataset:
+    inputs: Tensor  # (N, L) token ids
+    labels: Tensor  # (N, L) next-token targets, -100 where no loss
+    answer_labels: Tensor | None = None  # (N, L) targets on answer tokens only (prompt/answer data)
+
+    def __post_init__(self) -> None:
+        if self.inputs.shape != self.labels.shape or self.inputs.ndim != 2:
+            raise ValueError(f"inputs {tuple(self.inputs.shape)} and labels {tuple(self.labels.shape)} must be the "
+                             "same (N, L) shape")
+        if len(self) == 0:
+            raise ValueError("the dataset is empty (no sequences after tokenisation and packing)")
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.inputs.shape[1]
+
+    def rows(self, index: Tensor) -> TokenDataset:
+        answers = self.answer_labels[index] if self.answer_labels is not None else None
+        return TokenDataset(self.inputs[index], self.labels[index], answers)
+
+    def split(self, n_val: int) -> tuple[TokenDataset, TokenDataset]:
+        """The first N - n_val rows and the last n_val rows."""
+        n = len(self) - n_val
+        if n <= 0 or n_val <= 0:
+            raise ValueError(f"cannot hold out {n_val} of {len(self)} sequences for validation")
+        return self.rows(torch.arange(n)), self.rows(torch.arange(n, len(self)))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The row order of one epoch: a permutation seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(position: int, batch_size: int, n: int, seed: int) -> Tensor:
+    """Row indices of global batch number `position` (batch_size rows; batches run across epoch boundaries)."""
+    start = position * batch_size
+    flat = torch.arange(start, start + batch_size)
+    epochs = flat // n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = epoch_order(n, seed, e)[flat[sel] % n]
+    return out
+
+
+def eval_batches(data: TokenDataset, batch_size: int, max_batches: int) -> list[TokenDataset]:
+    """Up to `max_batches` consecutive batches from the start of `data` (validation order is fixed)."""
+    out = []
+    for b in range(max_batches):
+        idx = torch.arange(b * batch_size, min((b + 1) * batch_size, len(data)))
+        if len(idx) == 0:
+            break
+        out.append(data.rows(idx))
+    return out

@@ -1,0 +1,77 @@
+"""Prompt/answer data: JSONL files of {"prompt": ..., "answer": ...} and the built-in reasoning tasks.
+
+Each example becomes <bos> prompt answer <eos>, right-padded to a common length. With `answer_only`, the loss covers
+the answer tokens (and <eos>) only; `answer_labels` always does, so evaluation can score exact-match accuracy by
+teacher forcing (every answer token is the argmax <=> greedy decoding reproduces the answer).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recurrent_depth.data.loader import TokenDataset
+
+IGNORE = -100
+
+
+def read_jsonl(paths: Iterable[str | Path]) -> list[dict[str, str]]:
+    """Examples from JSONL files; each line an object with string `prompt` and `answer` (blank lines skipped)."""
+    out = []
+    for path in map(Path, paths):
+        files = sorted(path.glob("**/*.jsonl")) if path.is_dir() else [path]
+        for f in files:
+            for no, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{f}:{no}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                        or not isinstance(row.get("answer"), str):
+                    raise ValueError(f'{f}:{no}: expected {{"prompt": str, "answer": str}}, got {line[:80]!r}')
+                out.append({"prompt": row["prompt"], "answer": row["answer"]})
+    if not out:
+        raise ValueError("no prompt/answer examples found in the data paths")
+    return out
+
+
+def task_examples(name: str, difficulty: dict[str, Any], n: int, split: str, seed: int) -> tuple[list[dict], str]:
+    """`n` examples of a built-in reasoning task and the task's alphabet (imports recurrent_depth.tasks lazily)."""
+    from recurrent_depth.tasks import TASKS, get_task
+
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r} (data.task.name); choose one of {sorted(TASKS)}")
+    task = get_task(name, **difficulty)
+    return task.generate(n, split=split, seed=seed), task.alphabet
+
+
+def encode_examples(examples: list[dict[str, str]], tokenizer, seq_len: int, answer_only: bool,
+                    length: int | None = None) -> TokenDataset:
+    """Tokenize examples into a padded TokenDataset of width `length` (default: the longest, at most seq_len)."""
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([e["answer"] for e in examples], add_special_tokens=False)["input_ids"]
+    seqs = [([bos] + p + a + [eos], len(p)) for p, a in zip(prompts, answers)]
+    kept = [s for s in seqs if len(s[0]) - 1 <= seq_len]
+    if not kept:
+        raise ValueError(f"every example is longer than data.seq_len={seq_len} tokens")
+    width = length or max(len(ids) - 1 for ids, _ in kept)
+    n = len(kept)
+    inputs = torch.full((n, width), pad, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    answer_labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(kept):
+        ids = ids[: width + 1]
+        t = torch.tensor(ids)
+        inputs[i, : len(ids) - 1] = t[:-1]
+        labels[i, : len(ids) - 1] = t[1:]
+        answer_labels[i, n_prompt: len(ids) - 1] = t[1 + n_prompt:]  # position j predicts ids[j+1]
+    if answer_only:
+        labels = answer_labels.clone()
+    return TokenDataset(inputs, labels, answer_labels)

@@ -1,0 +1,269 @@
+"""The training loop: `train(cfg, out_dir, resume=False)`.
+
+    from recurrent_depth.training import load_config, train
+    result = train(load_config("configs/debug.yaml"), "runs/debug")
+
+Per optimiser step: draw (n_no_grad, n_grad) from the depth sampler seeded by the step (identical on every rank),
+run the global batch as micro-batches (rank r takes its slice of each), clip, step AdamW, log to metrics.jsonl
+(+ TensorBoard when installed), evaluate at fixed depths and checkpoint on schedule. Launch with torchrun for DDP or
+FSDP2 (`runtime.parallel`); `python -m recurrent_depth train ...` is the entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recurrent_depth.config import RecurrentDepthConfig
+from recurrent_depth.data.build import DataBundle, build_data
+from recurrent_depth.data.loader import TokenDataset, batch_indices, eval_batches
+from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.runtime import Runtime, init_runtime, seed_everything
+from recurrent_depth.training import checkpoint as ckpt
+from recurrent_depth.training.config import ConfigError, TrainConfig, expand_path
+from recurrent_depth.training.depth_sampler import DepthSampler, make_sampler
+from recurrent_depth.training.optim import build_optimizer, lr_at
+from recurrent_depth.training.parallel import apply_activation_checkpointing, clip_grad_norm, gradient_sync, parallelize
+from recurrent_depth.training.step import IGNORE, forward_backward, initial_states, token_loss_sum
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    final_eval: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    is_main: bool = True
+
+
+# --------------------------------------------------------------------------------------------------- set-up
+def _data(cfg: TrainConfig, rt: Runtime, resume_from: Path | None) -> DataBundle:
+    """Datasets on every rank, with one tokenizer: from the checkpoint when resuming, else built by rank 0 and
+    shared (BPE training need not be deterministic across processes)."""
+    from recurrent_depth.data.build import load_tokenizer_path
+
+    tok = load_tokenizer_path(resume_from) if resume_from is not None else None
+    if tok is None and rt.distributed:
+        bundle = build_data(cfg.data, cfg.train.seed) if rt.is_main else None
+        text = rt.broadcast_object(bundle.tokenizer.backend_tokenizer.to_str() if rt.is_main else None)
+        if rt.is_main:
+            return bundle
+        from tokenizers import Tokenizer
+
+        from recurrent_depth.data.tokenizer import _wrap
+
+        tok = _wrap(Tokenizer.from_str(text))
+    return build_data(cfg.data, cfg.train.seed, tok)
+
+
+def _model_config(cfg: TrainConfig, vocab: int) -> RecurrentDepthConfig:
+    fields = dict(cfg.model.fields)
+    if fields.get("vocab_size", vocab) < vocab:
+        raise ConfigError(f"`model.vocab_size` ({fields['vocab_size']}) is smaller than the tokenizer's {vocab}")
+    fields.setdefault("vocab_size", vocab)
+    try:
+        return RecurrentDepthConfig.from_name(cfg.model.preset, **fields)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"`model`: {err}") from None
+
+
+def build_model(cfg: TrainConfig, vocab: int, rt: Runtime) -> RecurrentDepthForCausalLM:
+    """A fresh model (seeded: identical on every rank) or the `model.init_from` checkpoint, on rt.device."""
+    if cfg.model.init_from is not None:
+        model = RecurrentDepthForCausalLM.from_pretrained(expand_path(cfg.model.init_from), dtype=torch.float32)
+        if model.config.vocab_size < vocab:
+            raise ConfigError(f"`model.init_from`: vocab_size {model.config.vocab_size} < tokenizer size {vocab}")
+    else:
+        seed_everything(cfg.train.seed)
+        model = RecurrentDepthForCausalLM(_model_config(cfg, vocab))
+    return model.to(rt.device)
+
+
+def build_sampler(cfg: TrainConfig, model_cfg: RecurrentDepthConfig) -> DepthSampler:
+    d = cfg.depth
+    return make_sampler(d.sampler, d.mean_recurrence or model_cfg.mean_recurrence,
+                        d.backprop_depth or model_cfg.mean_backprop_depth or 1, d.depth)
+
+
+def micro_batches(cfg: TrainConfig, rt: Runtime) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) for the global batch; ConfigError when they do not divide."""
+    t = cfg.train
+    micro = t.micro_batch_size or t.batch_size // rt.world_size
+    if micro < 1 or t.batch_size % (micro * rt.world_size):
+        raise ConfigError(f"`train.batch_size` ({t.batch_size}) must be a multiple of `train.micro_batch_size` "
+                          f"({micro}) times the number of ranks ({rt.world_size})")
+    return micro, t.batch_size // (micro * rt.world_size)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TokenDataset, depths: list[int], batch_size: int, max_batches: int,
+             rt: Runtime) -> dict[str, float]:
+    """Validation loss per token at each fixed depth (zero initial state), plus exact-match answer accuracy
+    (all answer tokens are the argmax under teacher forcing) for prompt/answer data."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    batches = eval_batches(data, batch_size, max_batches)
+    for depth in depths:
+        loss_sum, count, correct, total = 0.0, 0, 0, 0
+        for b in batches:
+            ids, labels = b.inputs.to(rt.device), b.labels.to(rt.device)
+            with rt.autocast():
+                logits = model(ids, num_steps=depth, init_scale=0.0).logits
+            loss_sum += float(token_loss_sum(logits, labels))
+            count += int((labels != IGNORE).sum())
+            if b.answer_labels is not None:
+                ans = b.answer_labels.to(rt.device)
+                mask = ans != IGNORE
+                ok = ((logits.argmax(-1) == ans) | ~mask).all(-1) & mask.any(-1)
+                correct += int(ok.sum())
+                total += int(mask.any(-1).sum())
+        out[f"val_loss@{depth}"] = loss_sum / max(count, 1)
+        if total:
+            out[f"val_acc@{depth}"] = correct / total
+    model.train(was_training)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- logging
+class MetricsLog:
+    """metrics.jsonl on rank 0 (truncated to `start_step` when resuming) and TensorBoard when installed."""
+
+    def __init__(self, out_dir: Path, start_step: int, rt: Runtime, tensorboard: bool) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = rt.is_main
+        self.tb = None
+        if not self.enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.is_file() and start_step > 0:
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Train as configured, writing checkpoints and metrics.jsonl under `out_dir`; with `resume`, continue from
+    the latest complete checkpoint there (exactly: same data order, depths, initial states and optimiser state)."""
+    out = Path(out_dir)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    rt = init_runtime(cfg.runtime.device, cfg.runtime.dtype)
+    try:
+        return _train(cfg, out, resume, rt)
+    finally:
+        rt.close()
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, rt: Runtime) -> TrainResult:
+    t = cfg.train
+    micro, accum = micro_batches(cfg, rt)
+    resume_from = ckpt.latest_checkpoint(out) if resume else None
+    if resume and resume_from is None and rt.is_main:
+        print(f"rdepth train: no checkpoint under {out}/checkpoints; starting from scratch")
+    data = _data(cfg, rt, resume_from)
+    model = build_model(cfg, len(data.tokenizer), rt)
+    if resume_from is not None:
+        ckpt.load_model_weights(model, resume_from)
+    sampler = build_sampler(cfg, model.config)
+    model.train()
+    if cfg.depth.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    sharded = cfg.runtime.parallel == "fsdp" and rt.distributed
+    train_model = parallelize(model, cfg.runtime.parallel, rt)
+    optimizer = build_optimizer(model, cfg.optim)
+    start = 0
+    if resume_from is not None:
+        start = int(ckpt.load_training_state(resume_from, model, optimizer, rt, sharded)["step"])
+    log = MetricsLog(out, start, rt, cfg.log.tensorboard)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    result = TrainResult(out_dir=out, steps=t.steps, is_main=rt.is_main)
+    bar = _progress(cfg, rt, start)
+    seq_len = data.train.seq_len
+    tokens_seen = 0
+    t0 = time.perf_counter()
+    for step in range(start, t.steps):
+        lr = lr_at(step, cfg.optim, t.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n, k = sampler.sample(step=step)
+        rows = batch_indices(step, t.batch_size, len(data.train), t.seed)
+        batch = data.train.rows(rows)
+        n_tokens = int((batch.labels != IGNORE).sum())
+        scale = rt.world_size / max(n_tokens, 1)
+        loss_sum = torch.zeros((), device=rt.device)
+        for a in range(accum):
+            lo = (a * rt.world_size + rt.rank) * micro
+            sl = slice(lo, lo + micro)
+            s0 = initial_states(model.config, rows[sl], seq_len, step, t.seed, rt.device)
+            with gradient_sync(train_model, a == accum - 1):
+                loss_sum += forward_backward(train_model, batch.inputs[sl].to(rt.device),
+                                             batch.labels[sl].to(rt.device), s0, (n, k), scale, rt.autocast)
+        grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(rt.all_reduce_sum(loss_sum)) / max(n_tokens, 1)
+        result.losses.append(loss)
+        done = step + 1
+        tokens_seen += t.batch_size * seq_len
+        elapsed = time.perf_counter() - t0
+        tok_s = tokens_seen / max(elapsed, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", depth=f"{n}+{k}")
+        record: dict[str, Any] = {}
+        if done % cfg.log.every == 0 or done == t.steps:
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "n_no_grad": n, "n_grad": k,
+                      "depth": n + k, "tokens_per_s": tok_s, "elapsed_s": elapsed}
+        if data.val is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == t.steps):
+            ev = evaluate(model, data.val, cfg.eval.depths, micro, cfg.eval.batches, rt)
+            record = {"step": done, **record, **ev}
+            result.final_eval = ev
+        if record:
+            log.write(record)
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.steps:
+            state = {"data_position": done, "config": cfg.to_dict(), "loss": loss}
+            result.checkpoint = ckpt.save_checkpoint(out, done, model, optimizer, data.tokenizer, state, rt,
+                                                      sharded, cfg.checkpoint.keep)
+    bar.close()
+    log.close()
+    return result
+
+
+def _progress(cfg: TrainConfig, rt: Runtime, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=start, disable=not (rt.is_main and cfg.log.progress),
+                desc="train", unit="step", dynamic_ncols=True)

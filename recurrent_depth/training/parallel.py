@@ -1,0 +1,81 @@
+"""Infrastructure applied TO the model from outside: activation checkpointing per recurrence, DDP, FSDP2.
+
+    apply_activation_checkpointing(model)          # recompute each core iteration in backward
+    train_model = parallelize(model, "fsdp", rt)   # fully_shard per block, then the root
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from recurrent_depth.runtime import Runtime
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Wrap `model.transformer.core_step` so each recurrence with autograd keeps only its input state and is
+    recomputed in backward (Huginn's `per-iteration`); no-grad iterations run unchanged."""
+    t = model.transformer
+    step = t.core_step
+    if getattr(step, "_checkpointed", False):
+        return
+
+    def core_step(state, e, i, ctx):
+        if torch.is_grad_enabled():
+            return checkpoint(step, state, e, i, ctx, use_reentrant=False)
+        return step(state, e, i, ctx)
+
+    core_step._checkpointed = True  # type: ignore[attr-defined]
+    t.core_step = core_step
+
+
+def parallelize(model: nn.Module, mode: str, rt: Runtime) -> nn.Module:
+    """The module to call for training: the model itself (`none`, or a single process), DDP, or FSDP2 (in place:
+    `fully_shard` on every sandwich block, then on the root for embedding, adapter, norm and head)."""
+    if mode == "none" or not rt.distributed:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        t = model.transformer
+        for block in [*t.prelude, *t.core_block, *t.coda]:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown runtime.parallel {mode!r}; choose none, ddp or fsdp")
+
+
+@contextlib.contextmanager
+def gradient_sync(train_model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-batches (DDP `no_sync`, FSDP2 requires_gradient_sync)."""
+    if enabled:
+        if hasattr(train_model, "set_requires_gradient_sync"):
+            train_model.set_requires_gradient_sync(True)
+        yield
+        return
+    if hasattr(train_model, "no_sync"):
+        with train_model.no_sync():
+            yield
+    elif hasattr(train_model, "set_requires_gradient_sync"):
+        train_model.set_requires_gradient_sync(False)
+        yield
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (works for plain, DDP and FSDP2/DTensor parameters); returns the norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
