@@ -30,26 +30,31 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from recurrent_depth.inference.cache import SharingPolicy, make_kv_policy
 from recurrent_depth.inference.exit import ExitCriterion, make_exit_criterion
-from recurrent_depth.model.layers import AttentionContext
-from recurrent_depth.serving.kvstore import KVSharing, RowKVStore
+from recurrent_depth.inference.sampling import Sampler
+from recurrent_depth.model.layers import AttentionContext, LayerKey
+from recurrent_depth.serving.kvstore import RowKVStore
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DepthParams:
-    """Test-time compute of one request. num_steps: recurrence count r (core applications) per token, the cap when an
-    exit criterion is set; exit_criterion/exit_threshold: see `recurrent_depth.inference.exit` (threshold None: the
-    criterion's default); warm_start: start each token's recurrence from the previous token's final state (the
-    reference's continuous compute); kv_sharing: see `KVSharing`; init_scale: std scale of the random s0 (0: zeros)."""
+    """Test-time compute of one request, with `inference.generate`'s meanings.
+
+    num_steps: recurrence count r (core applications) per token, the cap when an exit criterion is set;
+    exit_criterion / exit_threshold: `recurrent_depth.inference.exit` (threshold None: the criterion's default);
+    warm_start: False, True / "latent" (start each token from the previous token's final ln_f(s)) or "raw" (from the
+    raw core output); kv_sharing: "full", "latest" or an int k (`recurrent_depth.inference.cache`);
+    init_scale: std scale of the random initial state (0: zeros, deterministic)."""
 
     num_steps: int
     exit_criterion: str = "none"
     exit_threshold: float | None = None
-    warm_start: bool = False
-    kv_sharing: str = "full"
-    init_scale: float = 1.0
+    warm_start: bool | str = False
+    kv_sharing: str | int = "full"
+    init_scale: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,8 @@ class Sequence:
     exited: bool = False
     emitted: int = 0  # characters of text already sent
     criterion: ExitCriterion | None = None
-    sharing: KVSharing | None = None
+    sharing: SharingPolicy | None = None
+    sampler: Sampler | None = None
     generator: torch.Generator | None = None
 
     @property
@@ -154,12 +160,17 @@ class BatchEngine:
             raise ValueError(f"prompt ({len(seq.prompt)}) + max_tokens ({seq.sampling.max_tokens}) exceeds the "
                              f"context length {self.cfg.block_size}")
         seq.criterion = make_exit_criterion(seq.depth.exit_criterion, seq.depth.exit_threshold)
-        seq.sharing = KVSharing.parse(seq.depth.kv_sharing)
+        seq.sharing = make_kv_policy(seq.depth.kv_sharing)
+        if seq.depth.warm_start not in (False, True, "latent", "raw"):
+            raise ValueError(f"warm_start must be false, true, 'latent' or 'raw', got {seq.depth.warm_start!r}")
         seq.generator = torch.Generator(device=self.device)
         if seq.sampling.seed is None:
             seq.generator.seed()
         else:
             seq.generator.manual_seed(seq.sampling.seed % 2**64)
+        sp = seq.sampling
+        seq.sampler = Sampler(do_sample=sp.temperature > 0, temperature=sp.temperature or 1.0,
+                              top_p=sp.top_p if sp.top_p < 1 else None, generator=seq.generator)
         seq.row = self._free.pop()
         seq.phase, seq.length, seq.pending = EMBED, 0, list(seq.prompt)
         self.live.append(seq)
@@ -206,11 +217,16 @@ class BatchEngine:
         start = torch.tensor([s.length for s in group], device=self.device)
         slot = latest = None
         if core:
-            slot = torch.tensor([s.sharing.slot(s.step_count) for s in group], device=self.device)
-            latest = torch.tensor([s.sharing.latest for s in group], device=self.device)
+            slot = torch.tensor([self._slot(s, s.step_count) for s in group], device=self.device)
+            latest = torch.tensor([s.sharing.fills_exited for s in group], device=self.device)
         self.store.bind(rows, start, T, slot, latest)
         positions = start[:, None] + torch.arange(T, device=self.device)  # (n, T)
         return AttentionContext(rope=self.t.rope[0, positions], mask=None, cache=self.store)
+
+    @staticmethod
+    def _slot(s: Sequence, step: int) -> int:
+        """The core cache slot (recurrence index) the row's sharing policy gives recurrence `step`."""
+        return s.sharing.slot(LayerKey("core", 0, step)).step
 
     def _embed(self, group: list[Sequence]) -> None:
         ids = torch.tensor([s.pending for s in group], device=self.device)  # (n, T)
@@ -256,29 +272,17 @@ class BatchEngine:
                 s.logits = logits[i:i + 1]
         for s in group:
             T = len(s.pending)
-            if s.sharing.latest:
-                last = s.sharing.slot(s.step_count - 1) if s.step_count else None
+            if s.sharing.fills_exited:
+                last = self._slot(s, s.step_count - 1) if s.step_count else None
                 self.store.record_last(s.row, s.length, T, last)
-            token = self._sample(s, s.logits[0])
+            token = int(s.sampler(s.logits)[0])
             s.length += T
-            s.warm = s.state[:, -1:]
+            if s.depth.warm_start:
+                s.warm = (s.state if s.depth.warm_start == "raw" else self.t.ln_f(s.state))[:, -1:]
             s.tokens.append(token)
             s.token_steps.append(s.step_count)
             s.pending, s.phase, s.logits = [token], EMBED, None
             self._emit(s, token)
-
-    def _sample(self, s: Sequence, logits: Tensor) -> int:
-        """logits (V,) fp32 -> a token id: argmax at temperature 0, else nucleus sampling with the row's generator."""
-        sp = s.sampling
-        if sp.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / sp.temperature, dim=-1)
-        if sp.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(0) - sorted_p > sp.top_p  # keep the smallest prefix whose mass reaches top_p
-            drop[0] = False
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p.masked_fill(drop, 0.0))
-        return int(torch.multinomial(probs, 1, generator=s.generator))
 
     # ----------------------------------------------------------------------------------------------- text
     def _emit(self, s: Sequence, token: int) -> None:

@@ -6,49 +6,21 @@ sharing. This store keeps, for every physical layer, one tensor with a row axis 
 
     k[(part, layer)]: (rows, slots, cap, H, D)      valid[(part, layer)]: (rows, slots, cap) bool
 
-Prelude and coda layers have one slot; core layer j at recurrence step i of a row uses slot `i` ("full") or
-`i % N` ("compress-N"). Before each layer call the engine `bind`s the rows taking part, the position each row
-writes from and each row's current recurrence step; `update` then writes k and v for those rows and returns the
-keys and values each row may see (positions of other rows never mix), with a validity mask that the attention layer
-combines with its causal mask. Positions that exited before this step are holes: "full" leaves them out, "latest"
-reads them from the last step that position ran (Huginn's `latest-m4`, kept per position in `last_*`).
+Prelude and coda layers have one slot; core layer j at recurrence step i of a row uses the slot its sharing policy
+names (`recurrent_depth.inference.cache`: `i` for "full" and "latest", `i % k` for cyclic k). Before each layer
+call the engine `bind`s the rows taking part, the position each row writes from and each row's core slot; `update`
+then writes k and v for those rows and returns the keys and values each row may see (positions of other rows never
+mix), with a validity mask that the attention layer combines with its causal mask. Positions that exited before
+this step are holes: "full" and cyclic leave them out; "latest" reads them from the last step that position ran
+(Huginn's `latest-m4`; kept per position in `last_*` rather than copied into every deeper slot).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from recurrent_depth.model.layers import LayerKey
-
-KV_SHARING_HELP = ("full (one cache slot per recurrence step), latest (holes left by early exit read the last step "
-                   "that position ran), compress-N (N slots per core layer reused cyclically; implies latest)")
-
-
-@dataclass(frozen=True)
-class KVSharing:
-    """Which slot a core-layer invocation uses and how holes are read. `slots=None`: one slot per step."""
-
-    slots: int | None = None
-    latest: bool = False
-
-    @classmethod
-    def parse(cls, name: str) -> KVSharing:
-        """`full`, `latest`, or `compress-N` (N >= 1); a ValueError naming the choices otherwise."""
-        if name == "full":
-            return cls()
-        if name == "latest":
-            return cls(latest=True)
-        if name.startswith("compress-"):
-            tail = name[len("compress-"):]
-            if tail.isdigit() and 1 <= int(tail) <= 4096:
-                return cls(slots=int(tail), latest=True)
-        raise ValueError(f"unknown kv_sharing {name!r}; choose {KV_SHARING_HELP}")
-
-    def slot(self, step: int) -> int:
-        return step if self.slots is None else step % self.slots
 
 
 def _grow(t: Tensor, dim: int, size: int) -> Tensor:
