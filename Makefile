@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint test-compat clean
+.PHONY: install demo test lint test-compat clean readme-figure
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The README's picture of latent thought (rdepth inspect): `make readme-figure MODEL=<checkpoint folder>`.
+INSPECT_PROMPT ?= Question: Alice has 3 apples and buys 4 more. How many apples does she have? Answer: 7
+readme-figure: $(STAMP)
+	$(VENV)/bin/rdepth inspect $(if $(MODEL),--model $(MODEL)) --prompt "$(INSPECT_PROMPT)" --num-steps 64 --out build/inspect
+	mkdir -p docs/images && cp build/inspect/overview.png docs/images/inspect-overview.png
 
 # The other supported transformers major version, in its own venv, on the tests that touch transformers.
 COMPAT_TRANSFORMERS ?= 4.57.6
