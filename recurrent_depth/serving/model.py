@@ -1,0 +1,115 @@
+"""The served model: a checkpoint folder (model files + tokenizer.json) loaded once, with its chat template.
+
+Chat template: the checkpoint's own (`chat_template` in tokenizer_config.json, or chat_template.jinja), rendered with
+transformers' `apply_chat_template`; without one, the documented default `DEFAULT_CHAT_TEMPLATE`:
+
+    system: You are terse.
+    user: Hi!
+    assistant:
+
+(one `role: content` line per message, then `assistant:`), with "\\nuser:" and "\\nsystem:" as extra stop strings so
+that a model continuing the transcript stops at the next turn.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recurrent_depth.data.tokenizer import load_tokenizer
+from recurrent_depth.model import RecurrentDepthForCausalLM
+
+DEFAULT_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+DEFAULT_TEMPLATE_STOPS = ("\nuser:", "\nsystem:")
+
+
+def find_chat_template(folder: str | Path) -> str | None:
+    """The checkpoint's chat template, if it ships one (tokenizer_config.json or chat_template.jinja)."""
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text()).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if isinstance(template, str) and template.strip():
+            return template
+    return None
+
+
+@dataclass
+class ServedModel:
+    """A model, its tokenizer and chat template, and the name clients use for it."""
+
+    model: RecurrentDepthForCausalLM
+    tokenizer: Any
+    model_id: str
+    chat_template: str = DEFAULT_CHAT_TEMPLATE
+    template_stop: tuple[str, ...] = DEFAULT_TEMPLATE_STOPS
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if len(self.tokenizer) > self.model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary has only "
+                             f"{self.model.config.vocab_size}")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    @property
+    def default_steps(self) -> int:
+        return self.model.config.mean_recurrence
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_token_id
+        return () if eos is None else (int(eos),)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def tokenize_chat(self, text: str) -> list[int]:
+        """A rendered conversation: the template already placed any special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def card(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "recurrent_depth",
+                "max_model_len": cfg.block_size, "mean_recurrence": cfg.mean_recurrence,
+                "parameters": self.model.num_parameters()}
+
+
+def load_served_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      model_id: str | None = None) -> ServedModel:
+    """Load a checkpoint folder (config.json + safetensors + tokenizer.json) for serving."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist (pass a checkpoint folder to --model)")
+    tokenizer = load_tokenizer(folder)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = RecurrentDepthForCausalLM.from_pretrained(folder, **kwargs).to(device).eval()
+    template = find_chat_template(folder)
+    name = model_id or folder.resolve().name
+    if template is None:
+        return ServedModel(model, tokenizer, name)
+    return ServedModel(model, tokenizer, name, template, ())
