@@ -133,7 +133,7 @@ class CosineExit(_Base):
     def check(self, memory: Tensor, state: Tensor, logits: Tensor | None,
               valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         cos = (state * memory).sum(dim=-1) / state.norm(dim=-1) / memory.norm(dim=-1)
-        values = 1 - _masked_mean(cos, valid)
+        values = (1 - _masked_mean(cos, valid)).clamp(min=0)  # rounding can push cos above 1
         return self._below(values), state.detach().clone(), values
 
 
