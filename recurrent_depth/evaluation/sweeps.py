@@ -56,8 +56,11 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, sc
                       keep_predictions: bool = False) -> dict[str, Any]:
     """Greedy exact-match accuracy on `rows` at depth `num_steps` (the cap, with an exit criterion).
 
-    Returns num_steps, accuracy, correct, n, mean_steps (per generated token), seconds, and accuracy_by_level
-    (when rows carry a `level`); with keep_predictions, also predictions (list of str)."""
+    Returns num_steps, accuracy, correct, n, mean_steps (per generated token), mean_new_tokens (generated tokens per
+    row, <eos> included: the context a chain of thought spends), seconds, and accuracy_by_level (when rows carry a
+    `level`); with keep_predictions, also predictions (list of str) and token_steps (steps per generated token).
+    The decoding budget defaults to the longest reference answer + 3 tokens, so evaluate a chain-of-thought model
+    on chain-of-thought rows (`task.generate(..., cot=True)`) or pass max_new_tokens."""
     _check_rows(rows)
     budget = max_new_tokens or default_max_new_tokens(tokenizer, rows)
     start = time.perf_counter()
@@ -66,6 +69,7 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, sc
     hits = [bool(scorer(pred, r["answer"])) for pred, r in zip(out.texts, rows)]
     rec: dict[str, Any] = {"num_steps": num_steps, "accuracy": sum(hits) / len(hits), "correct": sum(hits),
                            "n": len(hits), "mean_steps": out.mean_steps(),
+                           "mean_new_tokens": sum(map(len, out.tokens)) / len(out.tokens),
                            "seconds": round(time.perf_counter() - start, 3)}
     if all(isinstance(r.get("level"), int) for r in rows):
         by: dict[int, list[bool]] = {}
@@ -74,6 +78,7 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, sc
         rec["accuracy_by_level"] = {lvl: sum(v) / len(v) for lvl, v in sorted(by.items())}
     if keep_predictions:
         rec["predictions"] = out.texts
+        rec["token_steps"] = out.token_steps
     return rec
 
 

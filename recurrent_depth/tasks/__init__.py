@@ -13,6 +13,8 @@ Splits: `train` and `test` share the in-distribution knobs and never share a pro
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from recurrent_depth.tasks.base import COT_SEP, SPLITS, Instance, Task, in_held_out
@@ -33,10 +35,19 @@ def get_task(name: str, **difficulty: Any) -> Task:
     return cls(**difficulty)
 
 
+def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows as JSON lines (the format `rdepth eval --data` and `rdepth train` read); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def combined_alphabet(names: list[str] | None = None) -> str:
     """The union of the alphabets of tasks `names` (all tasks if None), for one char tokenizer over several tasks."""
     chosen = names if names is not None else list(TASKS)
     return "".join(sorted(set("".join(get_task(n).alphabet for n in chosen))))
 
 
-__all__ = ["COT_SEP", "SPLITS", "TASKS", "Instance", "Task", "combined_alphabet", "get_task", "in_held_out"]
+__all__ = ["COT_SEP", "SPLITS", "TASKS", "Instance", "Task", "combined_alphabet", "get_task", "in_held_out",
+           "write_jsonl"]

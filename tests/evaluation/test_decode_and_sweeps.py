@@ -77,6 +77,8 @@ def test_accuracy_counts_exact_matches(model, tokenizer) -> None:
     assert rec["correct"] == 3 and rec["n"] == 5 and rec["accuracy"] == pytest.approx(0.6)
     assert rec["accuracy_by_level"] == {0: 1.0, 1: 0.0}
     assert rec["predictions"] == preds and rec["mean_steps"] == 2
+    assert rec["mean_new_tokens"] == pytest.approx(sum(map(len, rec["token_steps"])) / 5)
+    assert all(1 <= len(s) <= 4 for s in rec["token_steps"])
 
 
 def test_depth_sweep_points_follow_the_requested_depths(model, tokenizer) -> None:

@@ -153,3 +153,13 @@ def test_bad_generate_arguments() -> None:
         task.generate(3, split="val")
     with pytest.raises(ValueError, match="n must"):
         task.generate(-1)
+
+
+def test_write_jsonl_round_trip(tmp_path) -> None:
+    import json
+
+    from recurrent_depth.tasks import write_jsonl
+
+    rows = get_task("tree_path").generate(5, "ood", seed=0)
+    path = write_jsonl(rows, tmp_path / "sub" / "ood.jsonl")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows
