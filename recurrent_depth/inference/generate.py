@@ -217,7 +217,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
     init_scale: scale of the random initial state (0: zeros, deterministic).
     eos_token_id: a row stops after emitting one of these; later positions hold the first EOS id.
     streamer: an object with put(tokens) and end() (transformers' TextStreamer works, batch 1); it first receives
-        the prompt, then each step's (B, 1) new tokens.
+        the prompt, then each step's (B, 1) new tokens; a streamer with a `put_steps` method also receives each
+        step's (B, 1) recurrence counts just before the tokens.
     exit_in_prefill: whether the prompt's forward (the first new token) may exit early (the reference's default:
         yes; its `do_not_exit_in_prefill=True` is False here).
     """
@@ -270,6 +271,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
         new_tokens[idx, pos] = tok
         steps[idx, pos] = res.steps
         if streamer is not None:
+            if hasattr(streamer, "put_steps"):
+                streamer.put_steps(steps[:, pos: pos + 1].cpu())
             streamer.put(new_tokens[:, pos: pos + 1].cpu())
         if warm_start:
             state0 = (res.state if warm_start == "raw" else res.latents)[:, -1:]

@@ -1,0 +1,159 @@
+"""`rdepth generate`: generate text from a checkpoint and show how many recurrences each token took.
+
+    rdepth generate --model PATH --prompt "Once upon" --num-steps 32 --exit kl:5e-4 --stream
+
+Each generated token is shown with its recurrence count: coloured (few steps green, many red) in a terminal, and as
+a plain `steps:` line when the output is piped. A checkpoint without tokenizer.json takes `--prompt-ids 1,2,3`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_COLOURS = ["\033[32m", "\033[92m", "\033[33m", "\033[93m", "\033[91m", "\033[31m"]  # few -> many steps
+_RESET = "\033[0m"
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="generate from a checkpoint, showing the recurrence steps of every token",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder (model files + tokenizer.json)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a left-padded batch)")
+    p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt (no tokenizer needed)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--num-steps", type=int, default=None, help="recurrences per token (default: mean_recurrence)")
+    p.add_argument("--exit", default=None, metavar="NAME[:THRESHOLD]",
+                   help="adaptive exit, e.g. kl:5e-4, latent-diff, argmax-stability:5 (default: fixed depth)")
+    p.add_argument("--min-steps", type=int, default=0, help="recurrences before the first exit check")
+    p.add_argument("--kv-sharing", default="full", help="KV cache policy: full, latest, or an integer k")
+    p.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")
+    p.add_argument("--draft-steps", type=int, default=None, help="self-speculative decoding: draft depth")
+    p.add_argument("--lookahead", type=int, default=None, help="self-speculative decoding: drafted tokens per pass")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p times the top probability")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--init-scale", type=float, default=0.0, help="initial-state noise scale (0: zeros)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (batch of one)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    return p
+
+
+def _colour(steps: int, max_steps: int) -> str:
+    idx = min(len(_COLOURS) - 1, int(len(_COLOURS) * steps / max(max_steps, 1)))
+    return _COLOURS[max(idx, 0)]
+
+
+class _Printer:
+    """Streams decoded text, coloured by steps in a terminal (batch of one)."""
+
+    def __init__(self, tokenizer: Any, max_steps: int, colour: bool) -> None:
+        self.tok, self.max_steps, self.colour = tokenizer, max_steps, colour
+        self.prompt_seen, self.ids, self.text, self.steps = False, [], "", None
+
+    def put_steps(self, steps: torch.Tensor) -> None:
+        self.steps = int(steps[0, 0])
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value[0].tolist():
+            self.ids.append(token)
+            text = self.tok.decode(self.ids) if self.tok is not None else " ".join(map(str, self.ids))
+            piece, self.text = text[len(self.text):], text
+            if self.colour and self.steps is not None:
+                piece = f"{_colour(self.steps, self.max_steps)}{piece}{_RESET}"
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    def end(self) -> None:
+        sys.stdout.write("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from recurrent_depth.inference.exit import parse_exit_spec
+    from recurrent_depth.inference.generate import generate
+    from recurrent_depth.model import RecurrentDepthForCausalLM
+
+    path = Path(args.model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {str(path)!r} is not a checkpoint folder")
+    model = RecurrentDepthForCausalLM.from_pretrained(path).eval()
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from recurrent_depth.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+    ids, mask = _encode(args, tokenizer)
+    num_steps = args.num_steps if args.num_steps is not None else model.config.mean_recurrence
+    kv = int(args.kv_sharing) if args.kv_sharing.isdigit() else args.kv_sharing
+    if args.stream and ids.shape[0] != 1:
+        raise ValueError("--stream shows one prompt; give a single --prompt")
+    colour = sys.stdout.isatty() and not args.json
+    streamer = _Printer(tokenizer, num_steps, colour) if args.stream else None
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens, num_steps=num_steps,
+                   exit_criterion=parse_exit_spec(args.exit) if args.exit else None, min_steps=args.min_steps,
+                   warm_start=args.warm_start, kv_sharing=kv, draft_steps=args.draft_steps, lookahead=args.lookahead,
+                   do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   min_p=args.min_p, generator=torch.Generator().manual_seed(args.seed), init_scale=args.init_scale,
+                   eos_token_id=eos, streamer=streamer)
+    T = ids.shape[1]
+    for row in range(ids.shape[0]):
+        new = out.sequences[row, T:].tolist()
+        steps = out.steps[row].tolist()
+        if eos is not None and eos in new:
+            cut = new.index(eos) + 1
+            new, steps = new[:cut], steps[:cut]
+        _report(args, tokenizer, new, steps, num_steps, colour, streamed=args.stream)
+    if args.exit or args.json:
+        used = out.steps[out.steps > 0].float()
+        mean = float(used.mean()) if used.numel() else 0.0
+        print(f"mean steps per token: {mean:.2f} of {num_steps}; peak KV cache: {out.kv_cache_bytes / 2**20:.2f} MiB",
+              file=sys.stderr)
+    return 0
+
+
+def _encode(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if args.prompt_ids:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        return torch.tensor([ids]), None
+    if not args.prompt:
+        raise ValueError("give --prompt TEXT (or --prompt-ids 1,2,3)")
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer.json in {args.model!r}: use --prompt-ids")
+    enc = tokenizer(args.prompt, return_tensors="pt", padding=True)
+    if enc["input_ids"].shape[1] == 0:
+        raise ValueError("the prompt encodes to no tokens")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _report(args: argparse.Namespace, tokenizer: Any, new: list[int], steps: list[int], num_steps: int,
+            colour: bool, streamed: bool) -> None:
+    text = tokenizer.decode(new) if tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"tokens": new, "text": text, "steps": steps}))
+        return
+    if streamed:
+        if not colour:
+            print("steps:", " ".join(map(str, steps)))
+        return
+    if colour:
+        pieces = [tokenizer.decode([t]) if tokenizer is not None else f"{t} " for t in new]
+        print("".join(f"{_colour(s, num_steps)}{p}{_RESET}" for p, s in zip(pieces, steps)))
+        print(f"(colour: green = few of {num_steps} steps, red = many)")
+    else:
+        print(text if text is not None else " ".join(map(str, new)))
+        print("steps:", " ".join(map(str, steps)))
