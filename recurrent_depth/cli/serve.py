@@ -1,0 +1,106 @@
+"""`rdepth serve`: an OpenAI-compatible HTTP server with per-request depth and adaptive exit.
+
+    rdepth serve --model ckpt/ [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 8]
+
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "ckpt", "prompt": "2+2=", "max_tokens": 8, "num_steps": 32, "exit_criterion": "kl"}'
+
+Endpoints and fields: see `recurrent_depth.serving` (README section "Serving").
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+import torch
+
+from recurrent_depth.serving.protocol import Limits
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (config.json + safetensors + tokenizer.json)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype: auto = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together (continuous batching); 1 = one at a time")
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="serve a model behind an OpenAI-compatible API (per-request depth and exit)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=os.environ.get("RDEPTH_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $RDEPTH_API_KEY; none = open)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    d = Limits()
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest prompt accepted")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens accepted")
+    p.add_argument("--max-num-steps", type=int, default=d.max_num_steps, help="largest num_steps (recurrences)")
+    p.add_argument("--max-n", type=int, default=d.max_n, help="most choices (prompts x n) per request")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="sequences allowed to wait for a batch row; beyond it requests get 429")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def resolve_model_path(path: str | None) -> str:
+    """--model; without it, the bundled default checkpoint (not shipped yet: a clear error until it is)."""
+    if path:
+        return path
+    raise ValueError("no bundled default checkpoint is available yet: pass --model PATH (a checkpoint folder with "
+                     "config.json, model.safetensors and tokenizer.json)")
+
+
+def load_for_serving(args: argparse.Namespace):
+    """The ServedModel named by --model / --device / --dtype."""
+    from recurrent_depth.runtime import resolve_device
+    from recurrent_depth.serving.model import load_served_model
+
+    device = resolve_device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    return load_served_model(resolve_model_path(args.model), device, dtype,
+                             getattr(args, "served_model_name", None))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    from recurrent_depth.serving.app import create_app
+    from recurrent_depth.serving.server import serve
+
+    for name in ("max_prompt_tokens", "max_tokens", "max_num_steps", "max_n", "max_body_bytes", "max_queue"):
+        if getattr(args, name) < (0 if name == "max_num_steps" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
+    served = load_for_serving(args)
+    limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_num_steps, args.max_n, args.max_body_bytes,
+                    args.max_queue)
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"rdepth serve: warning: binding {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    app = create_app(served, limits, max_batch=args.max_batch, api_key=args.api_key)
+    print(f"rdepth serve: {served.model_id} ({served.model.num_parameters():,} parameters, mean recurrence "
+          f"{served.default_steps}) on http://{args.host}:{args.port}/v1  max batch {args.max_batch}",
+          file=sys.stderr)
+    serve(app, args.host, args.port, args.log_level)
+    return 0
