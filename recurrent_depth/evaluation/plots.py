@@ -66,3 +66,15 @@ def plot_exit_sweep(data: Records | dict[str, Records], path: str | Path, metric
     """Metric against mean recurrence steps per token, each point labelled with its exit threshold."""
     return plot_series(data, "mean_steps", metric, path, title or f"{metric} against mean steps (adaptive exit)",
                        xlabel="mean recurrence steps per token", ylabel=metric, annotate="threshold")
+
+
+def plot_depth_by_level(records: Records, path: str | Path, title: str = "") -> Path:
+    """Accuracy against depth, one line per difficulty level (records from a depth sweep with `accuracy_by_level`)."""
+    levels = sorted({int(k) for r in records for k in r.get("accuracy_by_level", {})})
+    if not levels:
+        raise ValueError("the records hold no accuracy_by_level (rows need an int `level`)")
+    series = {}
+    for lvl in levels:
+        series[f"level {lvl}"] = [{"num_steps": r["num_steps"], "accuracy": by.get(lvl, by.get(str(lvl)))}
+                                  for r in records for by in [r.get("accuracy_by_level", {})]]
+    return plot_depth_sweep(series, path, "accuracy", title or "accuracy against depth, by difficulty level")

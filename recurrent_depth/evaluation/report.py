@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recurrent_depth.evaluation.plots import plot_depth_sweep, plot_exit_sweep
+from recurrent_depth.evaluation.plots import plot_depth_by_level, plot_depth_sweep, plot_exit_sweep
 from recurrent_depth.evaluation.records import write_records
 from recurrent_depth.evaluation.sweeps import Scorer, depth_sweep, exact_match, exit_sweep, perplexity_sweep
 
@@ -50,6 +50,9 @@ def run_evaluation(model, tokenizer, out_dir: str | Path, steps: Sequence[int], 
         recs = depth_sweep(model, tokenizer, rows, steps, scorer=scorer, **decode)
         summary["depth_sweep"] = [{k: r[k] for k in ("num_steps", "accuracy", "n")} for r in recs]
         summary["files"]["depth_sweep"] = _save(recs, out, "depth_sweep", meta, plot_depth_sweep, "accuracy")
+        if all("accuracy_by_level" in r for r in recs):
+            summary["depth_sweep_by_level"] = [{"num_steps": r["num_steps"], **r["accuracy_by_level"]} for r in recs]
+            summary["files"]["depth_sweep"]["by_level_png"] = str(plot_depth_by_level(recs, out / "depth_by_level.png"))
         if exit_criterion is not None:
             cap = max_steps or max(steps)
             recs = exit_sweep(model, tokenizer, rows, exit_criterion, thresholds, cap, scorer=scorer, **decode)

@@ -9,7 +9,7 @@ import pytest
 
 from recurrent_depth.cli.main import main
 from recurrent_depth.evaluation.corpus import CORPUS_SPLITS, corpus_texts, export_corpus, load_corpus
-from recurrent_depth.evaluation.plots import plot_depth_sweep, plot_exit_sweep
+from recurrent_depth.evaluation.plots import plot_depth_by_level, plot_depth_sweep, plot_exit_sweep
 from recurrent_depth.evaluation.records import read_records, to_csv, write_records
 from recurrent_depth.tasks import get_task
 
@@ -35,10 +35,13 @@ def test_records_round_trip_and_flatten(tmp_path) -> None:
 
 def test_plots_are_pngs(tmp_path) -> None:
     for path in (plot_depth_sweep({"a": RECORDS, "b": RECORDS}, tmp_path / "d.png"),
-                 plot_exit_sweep(RECORDS, tmp_path / "e.png")):
+                 plot_exit_sweep(RECORDS, tmp_path / "e.png"),
+                 plot_depth_by_level(RECORDS, tmp_path / "l.png")):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="perplexity"):
         plot_depth_sweep(RECORDS, tmp_path / "p.png", metric="perplexity")
+    with pytest.raises(ValueError, match="level"):
+        plot_depth_by_level([{"num_steps": 1, "accuracy": 0.5}], tmp_path / "q.png")
 
 
 def test_corpus_split_is_deterministic_and_disjoint(tmp_path) -> None:
@@ -87,6 +90,7 @@ def test_rdepth_eval_task_and_corpus(checkpoint, tmp_path) -> None:
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["task"] == "addition" and len(summary["perplexity_sweep"]) == 2
+    assert (out / "depth_by_level.png").is_file() and len(summary["depth_sweep_by_level"]) == 2
     assert all(r["perplexity"] > 1 for r in summary["perplexity_sweep"])
 
 
