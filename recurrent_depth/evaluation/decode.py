@@ -63,13 +63,14 @@ def _decode_batch(model, seqs: list[list[int]], pad_id: int, eos_id: int,
 def greedy_decode(model, tokenizer, prompts: Sequence[str], num_steps: int, max_new_tokens: int,
                   exit_criterion=None, exit_threshold: float | None = None, batch_size: int = 64,
                   add_bos: bool = True, stop: Sequence[str] = (), init_scale: float = 1.0, seed: int = 0,
-                  **engine: Any) -> DecodeOutput:
+                  truncate: bool = False, **engine: Any) -> DecodeOutput:
     """Greedy continuations of `prompts` at recurrence depth `num_steps` (the maximum, with an exit criterion).
 
     exit_criterion / exit_threshold: a criterion name (kl, latent-diff, ...) and threshold, or an ExitCriterion.
     init_scale: scale of the random initial latent state (1.0, the training distribution; 0.0 for zeros); draws come
     from a generator seeded with `seed`, so a call is reproducible. stop: strings that end a continuation (cut from
-    the text). engine: further keywords for the engine's `generate` (min_steps, kv_sharing, warm_start, ...).
+    the text). truncate: cut prompts from the left (after <bos>) to fit block_size with the budget, instead of
+    raising. engine: further keywords for the engine's `generate` (min_steps, kv_sharing, warm_start, ...).
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
@@ -82,6 +83,13 @@ def greedy_decode(model, tokenizer, prompts: Sequence[str], num_steps: int, max_
     encoded = [prefix + ids for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     if any(not ids for ids in encoded):
         raise ValueError("an empty prompt cannot be decoded without add_bos")
+    room = model.config.block_size - max_new_tokens
+    too_long = [i for i, ids in enumerate(encoded) if len(ids) > room]
+    if too_long and (not truncate or room <= len(prefix)):
+        raise ValueError(f"prompt {too_long[0]} has {len(encoded[too_long[0]])} tokens; with max_new_tokens="
+                         f"{max_new_tokens} it exceeds block_size {model.config.block_size}")
+    for i in too_long:
+        encoded[i] = prefix + encoded[i][len(encoded[i]) - room + len(prefix):]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     engine.update(max_new_tokens=max_new_tokens, num_steps=num_steps, exit_criterion=exit_criterion,

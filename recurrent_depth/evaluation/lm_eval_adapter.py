@@ -167,11 +167,12 @@ class RecurrentDepthLM(TemplateLM):
         for (until, max_toks), idx in groups.items():
             prompts = [requests[i].args[0] for i in idx]
             longest = max(len(self.tok_encode(p)) for p in prompts) + int(self.add_bos)
-            budget = max(1, min(max_toks, self.max_length - longest))
+            block = int(self.model.config.block_size)
+            budget = max(1, min(max_toks, block - min(longest, block // 2)))  # long prompts are cut from the left
             res = greedy_decode(self.model, self.tokenizer, prompts, self.num_steps, budget,
                                 exit_criterion=self.exit_criterion, exit_threshold=self.exit_threshold,
                                 batch_size=self.batch_size, add_bos=self.add_bos, stop=until,
-                                init_scale=self.init_scale, seed=self.seed)
+                                init_scale=self.init_scale, seed=self.seed, truncate=True)
             for i, text in zip(idx, res.texts):
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)

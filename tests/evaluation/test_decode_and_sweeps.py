@@ -119,3 +119,13 @@ def test_perplexity_matches_the_model_loss(model, tokenizer) -> None:
         assert rec["tokens"] == 5 * 16
     with pytest.raises(ValueError, match="fewer than one block"):
         token_blocks(tokenizer, ["ab"], 64)
+
+
+def test_overlong_prompts_raise_or_truncate(model, tokenizer) -> None:
+    long = "1+" * 200 + "1="  # 402 characters > block_size 256
+    with pytest.raises(ValueError, match="block_size"):
+        greedy_decode(model, tokenizer, [long], num_steps=1, max_new_tokens=3)
+    out = greedy_decode(model, tokenizer, [long, "7+1="], num_steps=1, max_new_tokens=3, truncate=True,
+                        init_scale=0.0)
+    tail = greedy_decode(model, tokenizer, [long[-(256 - 3 - 1):]], num_steps=1, max_new_tokens=3, init_scale=0.0)
+    assert out.tokens[0] == tail.tokens[0]
