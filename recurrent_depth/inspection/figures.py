@@ -22,6 +22,7 @@ from recurrent_depth.inspection.trajectories import Trajectory
 try:
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 except ImportError as err:  # matplotlib is in the `eval` extra
     raise ImportError("PNG figures need matplotlib: pip install 'recurrent_depth[eval]'") from err
@@ -80,11 +81,12 @@ def plot_exit_steps(conv: Convergence, texts: Sequence[str], path: str | Path) -
     grid = torch.stack([conv.exit_step[c] for c in criteria], dim=1).float()  # (T, C)
     fig = Figure(figsize=(1.4 + 1.1 * len(criteria), 1.0 + 0.28 * T))
     ax = fig.add_subplot()
-    ax.imshow(grid.numpy(), aspect="auto", cmap=STEP_CMAP, vmin=1, vmax=R, interpolation="nearest")
+    norm = LogNorm(vmin=1, vmax=max(R, 2))  # steps on a log scale: 2 vs 4 shows as much as 32 vs 64
+    ax.imshow(grid.numpy(), aspect="auto", cmap=STEP_CMAP, norm=norm, interpolation="nearest")
     for p in range(T):
         for j, c in enumerate(criteria):
             text = str(int(grid[p, j])) if conv.exited[c][p] else f">{R}"
-            shade = (grid[p, j] - 1) / max(R - 1, 1)
+            shade = float(norm(float(grid[p, j])))
             ax.text(j, p, text, ha="center", va="center", fontsize=7, color="white" if shade > 0.5 else "black")
     ax.set_xticks(range(len(criteria)), [f"{c}\n{'>=' if c in COUNT_CRITERIA else '<'}{conv.thresholds[c]:g}"
                                          for c in criteria], fontsize=7)
@@ -164,7 +166,7 @@ def _text_rows(texts: Sequence[str], per_line: int) -> list[list[tuple[int, str,
     x = 0.0
     for p, text in enumerate(texts):
         shown = label(text, 14)[1:-1] or " "
-        width = len(shown) + 0.8
+        width = len(shown) + 0.5
         if rows[-1] and x + width > per_line:
             rows.append([])
             x = 0.0
@@ -180,7 +182,7 @@ def plot_overview(conv: Convergence, texts: Sequence[str], trajs: Sequence[Traje
                   criterion: str = "kl") -> Path:
     """The prompt coloured by the steps `criterion` needs, the latent-diff heat map, and up to two trajectories."""
     R, T = conv.num_steps, len(texts)
-    per_line = 110  # character widths per line of the coloured text (10 pt monospace on a 12 in figure)
+    per_line = 135  # character widths per line of the coloured text (10 pt monospace on a 12 in figure)
     rows = _text_rows(texts, per_line)
     text_h, body_h = 0.6 + 0.3 * len(rows), 3.2 + 0.12 * min(T, 60)
     fig = Figure(figsize=(12, text_h + body_h), layout="constrained")
@@ -190,16 +192,17 @@ def plot_overview(conv: Convergence, texts: Sequence[str], trajs: Sequence[Traje
     ax_text.set_ylim(len(rows) - 0.5, -0.5)
     cmap = colormaps[STEP_CMAP]
     steps, exited = conv.exit_step[criterion], conv.exited[criterion]
+    lo, hi = int(steps.min()), int(steps.max())  # the colour scale spans the steps this prompt needed
     for r, row in enumerate(rows):
         for p, shown, x in row:
-            shade = (int(steps[p]) - 1) / max(R - 1, 1)
+            shade = (int(steps[p]) - lo) / max(hi - lo, 1)
             ax_text.text(x, r, shown, fontsize=10, family="monospace", va="center",
                          color="white" if shade > 0.5 else "black",
                          bbox=dict(boxstyle="square,pad=0.15", facecolor=cmap(shade),
                                    edgecolor="none" if exited[p] else "red"))
     ax_text.set_axis_off()
-    top.suptitle(f"steps needed per token ({criterion} < {conv.thresholds[criterion]:g}; light = few, "
-                 f"dark = many, red edge = not converged in {R})", fontsize=10)
+    top.suptitle(f"steps needed per token ({criterion} < {conv.thresholds[criterion]:g}): lightest = {lo}, "
+                 f"darkest = {hi}; red edge = not converged in {R}", fontsize=10)
     grid = body.add_gridspec(2, 2, width_ratios=[1.6, 1])
     ax_heat = body.add_subplot(grid[:, 0])
     values = conv.relative.T.clamp_min(1e-12).log10()

@@ -78,8 +78,9 @@ _TEMPLATE = """<!DOCTYPE html>
   #controls { margin: 0.8em 0; }
   #text { font-family: monospace; font-size: 1.15em; line-height: 2.1; white-space: pre-wrap;
           border: 1px solid #ddd; padding: 0.6em; border-radius: 4px; }
-  .tok { padding: 0.15em 0.05em; border-radius: 3px; cursor: pointer; outline-offset: 1px; }
-  .tok.notexit { outline: 2px dashed #d00; }
+  .tok { padding: 0.15em 0.05em; margin-right: 1px; border-radius: 3px; cursor: pointer; outline-offset: 1px;
+         border-bottom: 3px solid transparent; }
+  .tok.notexit { border-bottom: 3px dotted #d00; }
   .tok.active { outline: 2px solid #000; }
   #legend { display: flex; align-items: center; gap: 0.4em; font-size: 0.8em; margin-top: 0.4em; }
   #legend .bar { width: 240px; height: 12px; border: 1px solid #aaa; }
@@ -106,8 +107,8 @@ _TEMPLATE = """<!DOCTYPE html>
   <span class="meta">(hover a token for its curves and logit lens; click to pin it)</span>
 </div>
 <div id="text" aria-label="prompt tokens"></div>
-<div id="legend"><span>1 step</span><span class="bar" id="legendbar"></span><span id="legendmax"></span>
-  <span style="outline: 2px dashed #d00; padding: 0 0.3em">not converged</span></div>
+<div id="legend"><span id="legendmin"></span><span class="bar" id="legendbar"></span><span id="legendmax"></span>
+  <span style="border-bottom: 3px dotted #d00; padding: 0 0.3em">not converged</span></div>
 <section id="detail"><p class="meta" id="hint">Hover or click a token.</p></section>
 <section id="figures"><h2>Figures</h2>
 __FIGURES__
@@ -127,7 +128,8 @@ function colour(f) {
   const a = hex(STOPS[i]), b = hex(STOPS[i + 1]);
   return "rgb(" + a.map((v, k) => Math.round(v + (b[k] - v) * u)).join(",") + ")";
 }
-function shade(step) { return R > 1 ? (step - 1) / (R - 1) : 0; }
+function range_of(c) { const s = D.exit_step[c]; return [Math.min.apply(null, s), Math.max.apply(null, s)]; }
+function shade(step) { const r = range_of(current); return r[1] > r[0] ? (step - r[0]) / (r[1] - r[0]) : 0; }
 function el(tag, attrs, text) {
   const e = document.createElement(tag);
   for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
@@ -149,13 +151,16 @@ function paint() {
     span.classList.toggle("notexit", !ok);
     span.title = "position " + p + ": " + (ok ? step + " steps" : "not converged in " + R) + " (" + current + ")";
   });
-  document.getElementById("legendmax").textContent = R + " steps";
+  const r = range_of(current);
+  document.getElementById("legendmin").textContent = r[0] + (r[0] === 1 ? " step" : " steps");
+  document.getElementById("legendmax").textContent = r[1] + " steps (of " + R + ")";
 }
 
 function chart(p, c) {
   const W = 250, H = 120, L = 38, B = 22, T = 8, Rm = 8;
   const vals = D.values[c][p], log = D.at_least.indexOf(c) < 0;
-  const ys = vals.map(v => v === null ? null : (log ? Math.log10(Math.max(v, 1e-12)) : v));
+  const floor = D.thresholds[c] * 1e-4;  // exact zeros and float noise far below the threshold sit on the floor
+  const ys = vals.map(v => v === null ? null : (log ? Math.log10(Math.max(v, floor, 1e-30)) : v));
   const thr = log ? Math.log10(D.thresholds[c]) : D.thresholds[c];
   const finite = ys.filter(v => v !== null).concat([thr]);
   let lo = Math.min.apply(null, finite), hi = Math.max.apply(null, finite);
@@ -177,7 +182,7 @@ function chart(p, c) {
     t.textContent = text; g.appendChild(t);
   };
   label(X(1), H - 8, "1"); label(X(R), H - 8, String(R)); label((L + W) / 2, H - 8, "step");
-  const fmt = v => log ? "1e" + v.toFixed(1) : v.toFixed(0);
+  const fmt = v => log ? Math.pow(10, v).toExponential(0) : v.toFixed(0);
   label(L - 3, T + 8, fmt(hi), "end"); label(L - 3, H - B, fmt(lo), "end");
   return g;
 }

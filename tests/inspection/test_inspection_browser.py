@@ -64,12 +64,12 @@ def test_page_renders_tokens_and_hover_detail_in_chromium(inspect_out: Path) -> 
             tokens.nth(5).click()  # pin '>'; hovering elsewhere must not replace it
             tokens.nth(0).hover()
             assert "position 5" in title.inner_text()
-            page.select_option("#criterion", "argmax-stability")
-            assert "(argmax-stability)" in (tokens.nth(0).get_attribute("title") or "")
-
             shot = _artifact_dir() / "page_hover.png"
             page.screenshot(path=str(shot))
             print(f"\nscreenshot of the inspection page: {shot}")
+
+            page.select_option("#criterion", "argmax-stability")
+            assert "(argmax-stability)" in (tokens.nth(0).get_attribute("title") or "")
         finally:
             browser.close()
     assert shot.stat().st_size > 10000
