@@ -159,10 +159,12 @@ function paint() {
 function chart(p, c) {
   const W = 250, H = 120, L = 38, B = 22, T = 8, Rm = 8;
   const vals = D.values[c][p], log = D.at_least.indexOf(c) < 0;
-  const floor = D.thresholds[c] * 1e-4;  // exact zeros and float noise far below the threshold sit on the floor
+  // exact zeros and float noise far below the threshold sit on a floor (a threshold of 0 never exits: no line)
+  const floor = D.thresholds[c] > 0 ? D.thresholds[c] * 1e-4 : 1e-12;
   const ys = vals.map(v => v === null ? null : (log ? Math.log10(Math.max(v, floor, 1e-30)) : v));
-  const thr = log ? Math.log10(D.thresholds[c]) : D.thresholds[c];
-  const finite = ys.filter(v => v !== null).concat([thr]);
+  const thr = D.thresholds[c] > 0 ? (log ? Math.log10(D.thresholds[c]) : D.thresholds[c]) : null;
+  const finite = ys.filter(v => v !== null).concat(thr === null ? [] : [thr]);
+  if (finite.length === 0) finite.push(0);
   let lo = Math.min.apply(null, finite), hi = Math.max.apply(null, finite);
   if (hi - lo < 1e-9) { lo -= 1; hi += 1; }
   const X = s => L + (W - L - Rm) * (R > 1 ? (s - 1) / (R - 1) : 0.5);
@@ -172,7 +174,9 @@ function chart(p, c) {
   const pts = [];
   ys.forEach((v, i) => { if (v !== null) pts.push(X(i + 1).toFixed(1) + "," + Y(v).toFixed(1)); });
   g.appendChild(svg("polyline", {points: pts.join(" "), fill: "none", stroke: "#1f5fbf", "stroke-width": 1.5}));
-  g.appendChild(svg("line", {x1: L, x2: W - Rm, y1: Y(thr), y2: Y(thr), stroke: "#d00", "stroke-dasharray": "4 3"}));
+  if (thr !== null) {
+    g.appendChild(svg("line", {x1: L, x2: W - Rm, y1: Y(thr), y2: Y(thr), stroke: "#d00", "stroke-dasharray": "4 3"}));
+  }
   if (D.exited[c][p]) {
     const s = D.exit_step[c][p];
     g.appendChild(svg("line", {x1: X(s), x2: X(s), y1: T, y2: H - B, stroke: "#090", "stroke-width": 1.5}));
