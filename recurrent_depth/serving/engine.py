@@ -175,6 +175,7 @@ class BatchEngine:
         seq.phase, seq.length, seq.pending = EMBED, 0, list(seq.prompt)
         self.live.append(seq)
 
+    @torch.inference_mode()  # the store's tensors are inference tensors
     def remove(self, seq: Sequence, reason: str = "abort") -> None:
         """Drop a sequence now (client gone); frees its row."""
         if seq in self.live:
@@ -300,6 +301,9 @@ class BatchEngine:
             s.on_event(TokenEvent(text, token, steps))
 
     def decoded(self, s: Sequence, drop_last: bool = False) -> str:
+        """The sequence's text so far ("" without a tokenizer: token ids only)."""
+        if self.tokenizer is None:
+            return ""
         tokens = s.tokens[:-1] if drop_last else s.tokens
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 

@@ -74,6 +74,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0  # engine steps run (for stats)
+        self.peak_running = 0  # most sequences decoded together so far
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> None:
@@ -118,7 +119,8 @@ class Scheduler:
 
     @property
     def load(self) -> dict[str, int]:
-        return {"running": len(self.engine.live), "waiting": len(self._waiting), "max_batch": self.engine.max_rows}
+        return {"running": len(self.engine.live), "waiting": len(self._waiting), "max_batch": self.engine.max_rows,
+                "peak_running": self.peak_running, "engine_steps": self.steps}
 
     # ---------------------------------------------------------------------------------------------- loop
     def _admit(self) -> None:
@@ -150,6 +152,7 @@ class Scheduler:
                 self._admit()
             if not self.engine.live:
                 continue
+            self.peak_running = max(self.peak_running, len(self.engine.live))
             try:
                 self.engine.step()
                 self.steps += 1
