@@ -10,7 +10,9 @@ its difficulty level (so more recurrence can help on harder instances):
 - `modular_chain`: "3+4*2-7=" -> "8". Operations applied left to right, modulo 10. Level: number of operations.
   CoT: the running value after each operation.
 
-All prompts stay under 64 characters at the default knobs (including the `ood` split).
+All prompts stay under 64 characters at the default knobs (including the `ood` split). For `variable_binding` and
+`tree_path` the in-distribution sizes span the `ood` sizes, so `ood` tests more sequential steps (hops, path length)
+rather than unseen prompt lengths; for `addition` and `modular_chain` more steps mean longer prompts.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class VariableBinding(Task):
 
     hops: tuple[int, int] = (1, 4)
     ood_hops: tuple[int, int] = (5, 8)
-    n_vars: tuple[int, int] = (8, 8)
+    n_vars: tuple[int, int] = (8, 12)  # prompt lengths of train cover ood's: ood differs in hops, not length
     ood_n_vars: tuple[int, int] = (12, 12)
     roots: int = 4
 
@@ -112,7 +114,7 @@ class TreePath(Task):
     name: ClassVar[str] = "tree_path"
     symbols: ClassVar[str] = LETTERS + ",;>?"
 
-    nodes: tuple[int, int] = (5, 8)
+    nodes: tuple[int, int] = (5, 14)  # prompt lengths of train cover ood's: ood differs in path length
     path: tuple[int, int] = (1, 4)
     ood_nodes: tuple[int, int] = (10, 14)
     ood_path: tuple[int, int] = (5, 8)
