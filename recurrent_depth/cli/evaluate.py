@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
                      help="perplexity on the validation split of the interpreter's docs / stdlib corpus")
     p.add_argument("--split", default="test", choices=["test", "ood"], help="split of --task")
     p.add_argument("--n", type=int, default=500, help="problems generated for --task")
+    p.add_argument("--cot", action="store_true", help="--task answers in chain-of-thought form (steps#answer)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows of --data (0: all)")
     p.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated recurrence depths r")
     p.add_argument("--exit", dest="exit_criterion", default=None,
@@ -119,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
         from recurrent_depth.tasks import get_task
 
         task = get_task(args.task)
-        rows, scorer = task.generate(args.n, split=args.split, seed=args.seed), task.score
-        meta.update(task=args.task, split=args.split, n=args.n, difficulty=task.difficulty)
+        rows = task.generate(args.n, split=args.split, seed=args.seed, cot=args.cot)
+        scorer = task.score
+        meta.update(task=args.task, split=args.split, n=args.n, cot=args.cot, difficulty=task.difficulty)
     texts = None
     if args.text:
         text_path = Path(args.text)

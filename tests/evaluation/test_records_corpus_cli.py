@@ -85,11 +85,12 @@ def test_rdepth_eval_end_to_end(checkpoint, tmp_path, capsys) -> None:
 
 def test_rdepth_eval_task_and_corpus(checkpoint, tmp_path) -> None:
     out = tmp_path / "out"
-    rc = main(["eval", "--model", str(checkpoint), "--task", "addition", "--split", "ood", "--n", "5",
+    rc = main(["eval", "--model", str(checkpoint), "--task", "addition", "--split", "ood", "--n", "5", "--cot",
                "--corpus", "docs", "--max-blocks", "2", "--seq-len", "32", "--steps", "0,2", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["meta"]["task"] == "addition" and len(summary["perplexity_sweep"]) == 2
+    assert summary["meta"]["task"] == "addition" and summary["meta"]["cot"] is True
+    assert len(summary["perplexity_sweep"]) == 2
     assert (out / "depth_by_level.png").is_file() and len(summary["depth_sweep_by_level"]) == 2
     assert all(r["perplexity"] > 1 for r in summary["perplexity_sweep"])
 
