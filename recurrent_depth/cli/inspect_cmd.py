@@ -15,6 +15,8 @@ import torch
 
 from recurrent_depth.inspection.convergence import CRITERIA
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="per-token convergence, exit steps, logit lens and latent trajectories of a prompt",
@@ -34,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0, help="seed of the random initial state")
     p.add_argument("--top-k", type=int, default=5, help="tokens the logit lens keeps per step")
     p.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="weights' dtype (default float32; logits and criteria are computed in float32 anyway)")
     return p
 
 
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-steps must be >= 1, got {args.num_steps}")
     thresholds = parse_thresholds(args.threshold)
     tokenizer = load_tokenizer(model_dir)
-    model = RecurrentDepthForCausalLM.from_pretrained(model_dir).to(torch.device(args.device)).float().eval()
+    model = RecurrentDepthForCausalLM.from_pretrained(model_dir).to(torch.device(args.device), DTYPES[args.dtype])
+    model.eval()
     result = inspect_prompt(model, tokenizer, args.prompt, num_steps=args.num_steps, tokens=args.tokens,
                             thresholds=thresholds, init_scale=args.init_scale, seed=args.seed, top_k=args.top_k,
                             meta={"model": str(model_dir)})

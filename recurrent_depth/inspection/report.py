@@ -49,12 +49,13 @@ def inspect_prompt(model: torch.nn.Module, tokenizer: Any, prompt: str, num_step
     if len(ids) == 0:
         raise ValueError("the prompt is empty after tokenization: there is no token to inspect")
     texts = token_texts(ids, tokenizer.decode)
+    picked = resolve_positions(tokens, texts) if tokens else None  # a bad pick fails before the model runs
     device = next(iter(model.parameters())).device
     generator = torch.Generator(device=device).manual_seed(seed)
     trace = trace_latents(model, torch.tensor(ids), num_steps, init_scale=init_scale, top_k=top_k,
                           generator=generator, criteria=default_criteria(dict(thresholds or {})))
     conv = convergence(trace)
-    positions = resolve_positions(tokens, texts) if tokens else select_positions(trace)
+    positions = picked if picked is not None else select_positions(trace)
     info = {"num_steps": num_steps, "init_scale": init_scale, "seed": seed, "top_k": top_k, **(meta or {})}
     return Inspection(prompt=prompt, texts=texts, trace=trace, convergence=conv,
                       lens=logit_lens(trace, tokenizer.decode),

@@ -187,3 +187,14 @@ def test_resolve_positions_by_index_or_text() -> None:
         resolve_positions(["dog"], texts)
     with pytest.raises(ValueError, match="position 4 is outside"):
         resolve_positions([4], texts)
+
+
+def test_half_precision_model_gives_fp32_records(debug_model: RecurrentDepthForCausalLM) -> None:
+    import copy
+
+    half = copy.deepcopy(debug_model).to(torch.bfloat16)
+    trace = trace_latents(half, torch.tensor([4, 8, 15, 16]), 3, init_scale=0.0)
+    assert trace.states.dtype == torch.float32 and trace.top_probs.dtype == torch.float32
+    assert all(v.dtype == torch.float32 and torch.isfinite(v[1:]).all() for v in trace.values.values())
+    reference = trace_latents(debug_model, torch.tensor([4, 8, 15, 16]), 3, init_scale=0.0)
+    torch.testing.assert_close(trace.states, reference.states, rtol=0.1, atol=0.1)
