@@ -75,6 +75,7 @@ class Scheduler:
         self._stop = False
         self.steps = 0  # engine steps run (for stats)
         self.peak_running = 0  # most sequences decoded together so far
+        self.aborted = 0  # sequences dropped because their client went away
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> None:
@@ -120,7 +121,7 @@ class Scheduler:
     @property
     def load(self) -> dict[str, int]:
         return {"running": len(self.engine.live), "waiting": len(self._waiting), "max_batch": self.engine.max_rows,
-                "peak_running": self.peak_running, "engine_steps": self.steps}
+                "peak_running": self.peak_running, "aborted": self.aborted, "engine_steps": self.steps}
 
     # ---------------------------------------------------------------------------------------------- loop
     def _admit(self) -> None:
@@ -130,6 +131,7 @@ class Scheduler:
                 if seq in self.engine.live:
                     self.engine.remove(seq)
                 seq.finish_reason = "abort"
+                self.aborted += 1
                 seq.on_event(TokenEvent("", None, None, "abort"))
         self._cancelled.clear()
         while self._waiting and self.engine.free_rows:
