@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--cot", action="store_true", help="--task answers in chain-of-thought form (steps#answer)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows of --data (0: all)")
     p.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated recurrence depths r")
+    p.add_argument("--method", default="greedy", choices=["greedy", "teacher_forced"],
+                   help="depth-sweep scoring: greedy decoding, or one teacher-forced pass per row (same exact-match "
+                        "accuracy at fixed depth, faster; --task's chain-of-thought-aware scorer is not used)")
     p.add_argument("--exit", dest="exit_criterion", default=None,
                    help="adaptive exit criterion for an exit-threshold sweep (kl, minp-kl, entropy-diff, "
                         "latent-diff, cosine, argmax-stability)")
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = run_evaluation(model, tokenizer, args.out, steps, rows=rows, texts=texts, scorer=scorer,
                              exit_criterion=args.exit_criterion, thresholds=thresholds, max_steps=args.max_steps,
-                             meta=meta, seq_len=args.seq_len, max_blocks=args.max_blocks,
+                             meta=meta, seq_len=args.seq_len, max_blocks=args.max_blocks, method=args.method,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              init_scale=args.init_scale, seed=args.seed)
     if "depth_sweep" in summary:

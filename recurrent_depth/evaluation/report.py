@@ -33,21 +33,24 @@ def run_evaluation(model, tokenizer, out_dir: str | Path, steps: Sequence[int], 
                    texts: Sequence[str] | None = None, scorer: Scorer = exact_match,
                    exit_criterion: str | None = None, thresholds: Sequence[float] = (), max_steps: int | None = None,
                    meta: dict[str, Any] | None = None, seq_len: int = 128, max_blocks: int = 64,
-                   **decode: Any) -> dict[str, Any]:
+                   method: str = "greedy", **decode: Any) -> dict[str, Any]:
     """Run the sweeps the inputs call for and write them into `out_dir`; returns the summary (also saved).
 
     rows: prompt/answer data for accuracy against depth (and the exit sweep, if `exit_criterion`);
-    texts: documents for perplexity against depth; decode: batch_size, max_new_tokens, init_scale, seed, add_bos.
+    texts: documents for perplexity against depth; method: how the depth sweep scores ("greedy" or
+    "teacher_forced"; the exit sweep always decodes); decode: batch_size, max_new_tokens, init_scale, seed, add_bos.
     """
     if rows is None and texts is None:
         raise ValueError("nothing to evaluate: give prompt/answer rows, texts, or both")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"parameters": model.num_parameters(), "mean_recurrence": model.config.mean_recurrence, **(meta or {}),
+    meta = {"parameters": model.num_parameters(), "mean_recurrence": model.config.mean_recurrence,
+            "depth_sweep_method": method, **(meta or {}),
             **{k: v for k, v in decode.items() if k != "batch_size"}}
     summary: dict[str, Any] = {"meta": meta, "files": {}}
     if rows is not None:
-        recs = depth_sweep(model, tokenizer, rows, steps, scorer=scorer, **decode)
+        tf_kw = {k: v for k, v in decode.items() if k != "max_new_tokens"} if method == "teacher_forced" else decode
+        recs = depth_sweep(model, tokenizer, rows, steps, scorer=scorer, method=method, **tf_kw)
         summary["depth_sweep"] = [{k: r[k] for k in ("num_steps", "accuracy", "n")} for r in recs]
         summary["files"]["depth_sweep"] = _save(recs, out, "depth_sweep", meta, plot_depth_sweep, "accuracy")
         if all("accuracy_by_level" in r for r in recs):

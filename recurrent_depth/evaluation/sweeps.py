@@ -50,33 +50,78 @@ def default_max_new_tokens(tokenizer, rows: Sequence[dict], margin: int = 2) -> 
     return longest + 1 + margin
 
 
+@torch.no_grad()
+def teacher_forced_hits(model, tokenizer, rows: Sequence[dict], num_steps: int, batch_size: int = 64,
+                        add_bos: bool = True, init_scale: float = 1.0, seed: int = 0) -> list[bool]:
+    """Per row: does greedy decoding reproduce the answer and then stop? Computed in one teacher-forced forward.
+
+    Greedy decoding emits `answer <eos>` exactly when, given the true prefix, the argmax at every answer position
+    is the next answer token and then <eos>; so this equals exact-match greedy accuracy at fixed depth (up to float
+    rounding and the draw of the initial state) at a fraction of the cost: one pass per row, no cache."""
+    device = model.lm_head.weight.device
+    prefix = [tokenizer.bos_token_id] if add_bos else []
+    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
+    seqs = [(prefix + p + a + [tokenizer.eos_token_id], len(prefix) + len(p)) for p, a in zip(prompts, answers)]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hits: list[bool] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start:start + batch_size]
+            width = max(len(ids) for ids, _ in chunk) - 1
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            for i, (seq, _) in enumerate(chunk):  # right padding: causal attention keeps it out of real positions
+                ids[i, : len(seq) - 1] = torch.tensor(seq[:-1])
+            s0 = model.transformer.initial_state(torch.zeros(*ids.shape, model.config.n_embd, device=device),
+                                                 init_scale, gen)
+            pred = model(ids.to(device), num_steps=num_steps, input_states=s0).logits.argmax(-1).cpu()
+            for i, (seq, n_prompt) in enumerate(chunk):
+                target = torch.tensor(seq[n_prompt:])  # answer tokens and <eos>
+                hits.append(bool((pred[i, n_prompt - 1: len(seq) - 1] == target).all()))
+    finally:
+        model.train(was_training)
+    return hits
+
+
 def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, scorer: Scorer = exact_match,
                       exit_criterion=None, max_new_tokens: int | None = None, batch_size: int = 64,
                       add_bos: bool = True, init_scale: float = 1.0, seed: int = 0,
-                      keep_predictions: bool = False) -> dict[str, Any]:
+                      keep_predictions: bool = False, method: str = "greedy") -> dict[str, Any]:
     """Greedy exact-match accuracy on `rows` at depth `num_steps` (the cap, with an exit criterion).
 
+    method: "greedy" decodes (any scorer, exit criteria); "teacher_forced" checks exact token match in one forward
+    per row (`teacher_forced_hits`: same accuracy at fixed depth, several times faster; the scorer is not used).
     Returns num_steps, accuracy, correct, n, mean_steps (per generated token), mean_new_tokens (generated tokens per
     row, <eos> included: the context a chain of thought spends), seconds, and accuracy_by_level (when rows carry a
     `level`); with keep_predictions, also predictions (list of str) and token_steps (steps per generated token).
     The decoding budget defaults to the longest reference answer + 3 tokens, so evaluate a chain-of-thought model
     on chain-of-thought rows (`task.generate(..., cot=True)`) or pass max_new_tokens."""
     _check_rows(rows)
-    budget = max_new_tokens or default_max_new_tokens(tokenizer, rows)
     start = time.perf_counter()
-    out = greedy_decode(model, tokenizer, [r["prompt"] for r in rows], num_steps, budget, exit_criterion,
-                        batch_size=batch_size, add_bos=add_bos, init_scale=init_scale, seed=seed)
-    hits = [bool(scorer(pred, r["answer"])) for pred, r in zip(out.texts, rows)]
+    if method == "teacher_forced":
+        if exit_criterion is not None or keep_predictions:
+            raise ValueError("method='teacher_forced' runs fixed depth and makes no predictions; use 'greedy'")
+        hits = teacher_forced_hits(model, tokenizer, rows, num_steps, batch_size, add_bos, init_scale, seed)
+        mean_steps, new_tokens, out = float(num_steps), None, None
+    elif method == "greedy":
+        budget = max_new_tokens or default_max_new_tokens(tokenizer, rows)
+        out = greedy_decode(model, tokenizer, [r["prompt"] for r in rows], num_steps, budget, exit_criterion,
+                            batch_size=batch_size, add_bos=add_bos, init_scale=init_scale, seed=seed)
+        hits = [bool(scorer(pred, r["answer"])) for pred, r in zip(out.texts, rows)]
+        mean_steps, new_tokens = out.mean_steps(), sum(map(len, out.tokens)) / len(out.tokens)
+    else:
+        raise ValueError(f"unknown accuracy method {method!r}; choose 'greedy' or 'teacher_forced'")
     rec: dict[str, Any] = {"num_steps": num_steps, "accuracy": sum(hits) / len(hits), "correct": sum(hits),
-                           "n": len(hits), "mean_steps": out.mean_steps(),
-                           "mean_new_tokens": sum(map(len, out.tokens)) / len(out.tokens),
-                           "seconds": round(time.perf_counter() - start, 3)}
+                           "n": len(hits), "mean_steps": mean_steps, "mean_new_tokens": new_tokens,
+                           "method": method, "seconds": round(time.perf_counter() - start, 3)}
     if all(isinstance(r.get("level"), int) for r in rows):
         by: dict[int, list[bool]] = {}
         for hit, r in zip(hits, rows):
             by.setdefault(r["level"], []).append(hit)
         rec["accuracy_by_level"] = {lvl: sum(v) / len(v) for lvl, v in sorted(by.items())}
-    if keep_predictions:
+    if keep_predictions and out is not None:
         rec["predictions"] = out.texts
         rec["token_steps"] = out.token_steps
     return rec

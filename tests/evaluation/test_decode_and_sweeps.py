@@ -129,3 +129,19 @@ def test_overlong_prompts_raise_or_truncate(model, tokenizer) -> None:
                         init_scale=0.0)
     tail = greedy_decode(model, tokenizer, [long[-(256 - 3 - 1):]], num_steps=1, max_new_tokens=3, init_scale=0.0)
     assert out.tokens[0] == tail.tokens[0]
+
+
+def test_teacher_forced_accuracy_equals_greedy_accuracy(trained_model, tokenizer) -> None:
+    rows = get_task("modular_chain").generate(40, "test", seed=0)
+    for r in (1, 3):
+        out = greedy_decode(trained_model, tokenizer, [x["prompt"] for x in rows], r, 4, init_scale=0.0)
+        assert sum(t[-1] == tokenizer.eos_token_id for t in out.tokens) >= 30  # it learnt to stop
+        # half the answers are the model's own outputs: both methods must count those, and only those
+        mixed = [{**x, "answer": p if i % 2 else x["answer"]} for i, (x, p) in enumerate(zip(rows, out.texts))]
+        greedy = evaluate_accuracy(trained_model, tokenizer, mixed, r, max_new_tokens=4, init_scale=0.0)
+        forced = evaluate_accuracy(trained_model, tokenizer, mixed, r, init_scale=0.0, method="teacher_forced",
+                                   batch_size=7)
+        assert greedy["correct"] >= 15
+        assert forced["correct"] == greedy["correct"] and forced["mean_steps"] == r
+    with pytest.raises(ValueError, match="method"):
+        evaluate_accuracy(trained_model, tokenizer, rows, 1, method="beam")

@@ -72,11 +72,14 @@ def test_rdepth_eval_end_to_end(checkpoint, tmp_path, capsys) -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     rc = main(["eval", "--model", str(checkpoint), "--data", str(data), "--steps", "1,2,4", "--out", str(out),
-               "--exit", "kl", "--thresholds", "0,1e-2", "--threads", "1"])
+               "--exit", "kl", "--thresholds", "0,1e-2", "--threads", "1", "--method", "teacher_forced",
+               "--init-scale", "0"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["num_steps"] for r in summary["depth_sweep"]] == [1, 2, 4]
     assert [r["threshold"] for r in summary["exit_sweep"]] == [None, 0.0, 0.01]
+    assert summary["meta"]["depth_sweep_method"] == "teacher_forced"
+    assert summary["depth_sweep"][2]["accuracy"] == summary["exit_sweep"][0]["accuracy"]  # r=4: both methods agree
     for stem in ("depth_sweep", "exit_sweep"):
         assert (out / f"{stem}.csv").is_file() and (out / f"{stem}.png").is_file()
     assert len(list(csv.DictReader((out / "depth_sweep.csv").open()))) == 3
