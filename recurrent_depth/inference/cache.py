@@ -142,21 +142,32 @@ class KVCache:
         start, end = self.seq_len, self.seq_len + T
         slot = self._slot(self.policy.slot(key), k, v, end)
         rows = self.rows
-        if start > slot.written:
-            slot.holes = True  # positions [written, start) were never written at this slot
+        if start > slot.written or rows is not None:
+            self._mark_holes(slot)  # positions [written, start) never written, or only some rows written
         if rows is None:
             slot.k[:, :, start:end] = k
             slot.v[:, :, start:end] = v
-            slot.valid[:, start:end] = True
-            ks, vs, valid = slot.k[:, :, :end], slot.v[:, :, :end], slot.valid[:, :end]
+            ks, vs = slot.k[:, :, :end], slot.v[:, :, :end]
+            if slot.holes:
+                slot.valid[:, start:end] = True
         else:
-            slot.holes = True
             slot.k[rows, :, start:end] = k
             slot.v[rows, :, start:end] = v
             slot.valid[rows, start:end] = True
-            ks, vs, valid = slot.k[rows, :, :end], slot.v[rows, :, :end], slot.valid[rows, :end]
+            ks, vs = slot.k[rows, :, :end], slot.v[rows, :, :end]
         slot.written = max(slot.written, end)
-        return ks, vs, (valid[:, None, None, :] if slot.holes else None)
+        if not slot.holes:
+            return ks, vs, None
+        valid = slot.valid[:, :end] if rows is None else slot.valid[rows, :end]
+        return ks, vs, valid[:, None, None, :]
+
+    @staticmethod
+    def _mark_holes(slot: _Slot) -> None:
+        """Switch a slot to explicit validity tracking. Until its first hole every row wrote every position below
+        `written` (the mask is only maintained from then on, which saves a write per layer in plain decoding)."""
+        if not slot.holes:
+            slot.valid[:, : slot.written] = True
+            slot.holes = True
 
     def commit(self, n_tokens: int) -> None:
         """Advance past the T positions the last forward wrote."""
@@ -167,7 +178,8 @@ class KVCache:
         self.seq_len = min(self.seq_len, length)
         for slot in self.slots.values():
             if slot.written > length:
-                slot.valid[:, length:] = False
+                if slot.holes:
+                    slot.valid[:, length:] = False
                 slot.written = length
 
     # -------------------------------------------------------------------------------------------- engine
@@ -182,7 +194,7 @@ class KVCache:
             k_src, v_src = src.k[rows, :, start:end], src.v[rows, :, start:end]
             for i in range(last_step + 1, num_steps):
                 dst = self._slot(self.policy.slot(LayerKey("core", j, i)), src.k, src.v, end)
-                dst.holes = True  # only some rows were filled
+                self._mark_holes(dst)  # only some rows are filled
                 dst.k[rows, :, start:end] = k_src
                 dst.v[rows, :, start:end] = v_src
                 dst.valid[rows, start:end] = True

@@ -7,7 +7,7 @@ network does not know how caches share or compress slots, it only names the laye
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
@@ -45,6 +45,16 @@ class AttentionContext:
     rope: Tensor
     mask: Tensor | None = None
     cache: KVStore | None = None
+    _factors: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
+
+    def rope_factors(self) -> tuple[Tensor, Tensor]:
+        """(C, S), each (B or 1, T, 1, 1, D/2, 2), so that pairs rotate as x * C + x.flip(-1) * S: the same
+        products and sums as `apply_rope` (bit-identical), computed once per forward instead of once per layer."""
+        if self._factors is None:
+            cos, sin = self.rope[..., 0], self.rope[..., 1]  # (., T, 1, D/2)
+            self._factors = (torch.stack([cos, cos], dim=-1).unsqueeze(2),
+                             torch.stack([-sin, sin], dim=-1).unsqueeze(2))
+        return self._factors
 
 
 def rope_table(head_dim: int, length: int, base: float) -> Tensor:
@@ -71,6 +81,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # the fused kernel gives the same bits in fp32 (one op instead of seven)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -87,10 +99,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, key: LayerKey, ctx: AttentionContext) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.Wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)  # each (B, T, H, D)
+        qkv = self.Wqkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # (B, T, 2, H, D), (B, T, H, D)
         if self.qk_bias is not None:
-            q, k = q + self.qk_bias[0], k + self.qk_bias[1]
-        q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
+            qk = qk + self.qk_bias[:, 0]  # (2, H, D): q and k biases, before RoPE
+        rot_c, rot_s = ctx.rope_factors()
+        pairs = qk.float().unflatten(-1, (-1, 2))  # (B, T, 2, H, D/2, 2), RoPE in fp32
+        q, k = (pairs * rot_c + pairs.flip(-1) * rot_s).flatten(-2).type_as(x).unbind(dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         mask = ctx.mask
         if ctx.cache is not None:

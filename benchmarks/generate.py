@@ -1,0 +1,286 @@
+"""Generation speed and memory against the reference implementation, in one run; prints JSON.
+
+    REFERENCE_DIR=/work/reference .venv/bin/python benchmarks/generate.py [--quick] [--threads 1]
+
+REFERENCE_DIR holds the reference's `raven_modeling_minimal.py` and `raven_config_minimal.py` (public repository
+seal-rg/recurrent-pretraining, folder recpre/; never copied into this repo). The reference needs transformers 4.5x, so
+it runs in its own process with REFERENCE_PYTHON (default: .venv-tf4/bin/python), alternating with ours; both load
+the same checkpoint (random weights, written here in Huginn's layout), use a zero initial state, fp32, greedy, and the
+same number of threads. Without REFERENCE_DIR only our figures are printed.
+
+Scenarios (each a key of the JSON output):
+  small      `small` preset, r = 32, batch 1, 32-token prompt, 64 new tokens: tokens/s ours vs reference (HF generate).
+  medium     `medium` preset, r = 32, batch 1: tokens/s ours vs reference, and our decode weight traffic as a fraction
+             of the memory bandwidth measured here (a large tensor copy).
+  batch16    `medium`, batch 16: our decode FLOP/s as a fraction of a plain matmul's FLOP/s measured here.
+  kv         KV-cache bytes per sharing policy at r = 32 (`small`, 32 + 64 tokens).
+  adaptive   a converging stub (`small` with a contracting recurrence): fixed depth vs KL exit vs self-speculative
+             decoding: tokens/s, mean steps per token, agreement with fixed-depth greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ reference worker
+def reference_worker(spec: dict) -> dict:
+    """Runs inside REFERENCE_PYTHON: load the reference from REFERENCE_DIR, time its generate on the checkpoint."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    pkg = Path(tempfile.mkdtemp()) / "raven_reference"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("raven_modeling_minimal.py", "raven_config_minimal.py"):
+        (pkg / name).symlink_to(Path(spec["reference_dir"]) / name)
+    sys.path.insert(0, str(pkg.parent))
+    from raven_reference.raven_modeling_minimal import RavenForCausalLM
+    from transformers import GenerationConfig
+
+    model = RavenForCausalLM.from_pretrained(spec["checkpoint"], torch_dtype=torch.float32).eval()
+    ids = torch.tensor(spec["prompt"])
+    config = GenerationConfig(do_sample=False, max_new_tokens=spec["max_new_tokens"], return_dict_in_generate=True,
+                              eos_token_id=None, pad_token_id=0)
+    kwargs = dict(num_steps=spec["num_steps"], init_scale=0.0)
+    with torch.no_grad():
+        model.generate(ids, GenerationConfig(do_sample=False, max_new_tokens=2, eos_token_id=None, pad_token_id=0),
+                       **kwargs)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, config, **kwargs)
+        seconds = time.perf_counter() - start
+    cache = out.past_key_values
+    return {"seconds": seconds, "sequences": out.sequences.tolist(),
+            "kv_cache_mb": cache.get_memory_usage() if hasattr(cache, "get_memory_usage") else None}
+
+
+def run_reference(args: argparse.Namespace, checkpoint: Path, prompt: list, max_new_tokens: int,
+                  num_steps: int) -> dict | None:
+    if not args.reference_dir:
+        return None
+    spec = dict(reference_dir=args.reference_dir, checkpoint=str(checkpoint), prompt=prompt,
+                max_new_tokens=max_new_tokens, num_steps=num_steps, threads=args.threads)
+    proc = subprocess.run([args.reference_python, __file__, "--reference-worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------- ours
+def build(preset: str, seed: int = 0, converging: bool = False):
+    import torch
+
+    from recurrent_depth import RecurrentDepthConfig, RecurrentDepthForCausalLM
+
+    torch.manual_seed(seed)
+    model = RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name(preset)).eval()
+    if converging:  # the adapter's state half scaled down: the recurrence contracts to a fixed point per token
+        d = model.config.n_embd
+        with torch.no_grad():
+            model.transformer.adapter.weight[:, :d] *= 0.3
+    return model
+
+
+def time_ours(model, ids, repeats: int = 1, **kwargs) -> tuple[float, object]:
+    from recurrent_depth.inference.generate import generate
+
+    generate(model, ids, **{**kwargs, "max_new_tokens": 2})  # warm-up
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = generate(model, ids, **kwargs)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def prompt_ids(vocab: int, batch: int, length: int, seed: int = 0):
+    import torch
+
+    return torch.randint(4, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def weight_bytes_per_token(model, num_steps: int) -> int:
+    """Bytes of weights a decode token reads: prelude, r x (adapter + core), coda, head."""
+    t = model.transformer
+    size = lambda mods: sum(p.numel() * p.element_size() for m in mods for p in m.parameters())  # noqa: E731
+    return (size(t.prelude) + size(t.coda) + num_steps * (size([t.adapter]) + size(t.core_block))
+            + model.lm_head.weight.numel() * model.lm_head.weight.element_size())
+
+
+def flops_per_token(model, num_steps: int, context: int) -> float:
+    """Matmul FLOPs of one decode token: 2 x weights used + attention (QK and AV) over `context` keys."""
+    cfg = model.config
+    params = weight_bytes_per_token(model, num_steps) / 4
+    layers = cfg.n_layers_in_prelude + cfg.n_layers_in_coda + num_steps * cfg.n_layers_in_recurrent_block
+    return 2 * params + layers * 4 * context * cfg.n_embd
+
+
+def memory_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    """Bytes/s of a large tensor copy (read + write)."""
+    import torch
+
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def matmul_flops(m: int, k: int, n: int, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best
+
+
+# ------------------------------------------------------------------------------------------------- scenarios
+def scenario_speed(args: argparse.Namespace, preset: str, new_tokens: int) -> dict:
+    model = build(preset)
+    ids = prompt_ids(model.config.vocab_size, 1, 32)
+    result: dict = {"preset": preset, "num_steps": 32, "batch": 1, "prompt": 32, "new_tokens": new_tokens}
+    ours_s, ref_s, ref_out = [], [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for _ in range(args.repeats):  # alternate: ours, reference, ours, reference ...
+            seconds, out = time_ours(model, ids, max_new_tokens=new_tokens, num_steps=32)
+            ours_s.append(seconds)
+            ref = run_reference(args, Path(tmp), ids.tolist(), new_tokens, 32)
+            if ref is not None:
+                ref_s.append(ref["seconds"])
+                ref_out = ref
+    result["ours_tokens_per_s"] = new_tokens / min(ours_s)
+    if ref_out is not None:
+        result["reference_tokens_per_s"] = new_tokens / min(ref_s)
+        result["speedup"] = result["ours_tokens_per_s"] / result["reference_tokens_per_s"]
+        result["same_tokens_as_reference"] = ref_out["sequences"] == out.sequences.tolist()
+    if preset == "medium":
+        prefill, _ = time_ours(model, ids, max_new_tokens=1, num_steps=32)
+        decode_tps = (new_tokens - 1) / max(min(ours_s) - prefill, 1e-9)
+        traffic = weight_bytes_per_token(model, 32) * decode_tps
+        bandwidth = memory_bandwidth()
+        result.update(ours_decode_tokens_per_s=decode_tps, weight_bytes_per_token=weight_bytes_per_token(model, 32),
+                      weight_traffic_GBps=traffic / 1e9, copy_bandwidth_GBps=bandwidth / 1e9,
+                      bandwidth_fraction=traffic / bandwidth)
+    return result
+
+
+def scenario_batch16(args: argparse.Namespace) -> dict:
+    model = build("medium")
+    B, T, new = 16, 32, args.batch_new_tokens
+    ids = prompt_ids(model.config.vocab_size, B, T)
+    prefill, _ = time_ours(model, ids, max_new_tokens=1, num_steps=32)
+    total, _ = time_ours(model, ids, max_new_tokens=new, num_steps=32)
+    decode = max(total - prefill, 1e-9)
+    flops = sum(flops_per_token(model, 32, T + i) for i in range(1, new)) * B
+    achieved = flops / decode
+    d = model.config.n_embd
+    peak = matmul_flops(2048, 2048, 2048)
+    same_shape = matmul_flops(B, d, 2 * model.config.intermediate_size)
+    return {"preset": "medium", "batch": B, "num_steps": 32, "prompt": T, "new_tokens": new,
+            "decode_tokens_per_s": B * (new - 1) / decode, "decode_GFLOPs": achieved / 1e9,
+            "matmul_2048_GFLOPs": peak / 1e9, "fraction_of_matmul": achieved / peak,
+            "matmul_same_shape_GFLOPs": same_shape / 1e9, "fraction_of_same_shape_matmul": achieved / same_shape}
+
+
+def scenario_kv(args: argparse.Namespace) -> dict:
+    from recurrent_depth.inference.generate import generate
+
+    model = build("small")
+    ids = prompt_ids(model.config.vocab_size, 1, 32)
+    rows = {}
+    for policy in ("full", "latest", 8, 4, 1):
+        out = generate(model, ids, max_new_tokens=64, num_steps=32, kv_sharing=policy)
+        rows[str(policy)] = {"kv_MiB": out.kv_cache_bytes / 2**20, "core_kv_MiB": out.stats["core_kv_bytes"] / 2**20}
+    rows["core_ratio_1_vs_full"] = rows["1"]["core_kv_MiB"] / rows["full"]["core_kv_MiB"]
+    return {"preset": "small", "num_steps": 32, "tokens": 96, "policies": rows}
+
+
+def scenario_adaptive(args: argparse.Namespace) -> dict:
+    model = build("small", converging=True)
+    ids = prompt_ids(model.config.vocab_size, 1, 32)
+    new = args.adaptive_new_tokens
+    base_s, base = time_ours(model, ids, max_new_tokens=new, num_steps=32)
+    ref = base.sequences[0, 32:]
+    rows = {"fixed_r32": {"tokens_per_s": new / base_s, "mean_steps": 32.0}}
+    runs = {"kl_5e-4": dict(exit_criterion="kl", exit_threshold=5e-4),
+            "kl_5e-4_latest": dict(exit_criterion="kl", exit_threshold=5e-4, kv_sharing="latest"),
+            "latent-diff_0.03": dict(exit_criterion="latent-diff", exit_threshold=0.03),
+            "speculative_draft4_look4": dict(draft_steps=4, lookahead=4),
+            "speculative_draft8_look8": dict(draft_steps=8, lookahead=8)}
+    for name, kw in runs.items():
+        seconds, out = time_ours(model, ids, max_new_tokens=new, num_steps=32, **kw)
+        row = {"tokens_per_s": new / seconds, "speedup_vs_fixed": base_s / seconds,
+               "mean_steps": float(out.steps.float().mean()),
+               "greedy_agreement": float((out.sequences[0, 32:] == ref).float().mean())}
+        if "accepted_per_round" in out.stats:
+            row["accepted_per_round"] = out.stats["accepted_per_round"]
+        rows[name] = row
+    return {"model": "small preset, adapter state half x0.3 (converging stub)", "num_steps": 32, "new_tokens": new,
+            "runs": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
+    parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
+                                                                     str(REPO / ".venv-tf4" / "bin" / "python")))
+    parser.add_argument("--scenarios", default="small,medium,batch16,kv,adaptive")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads, both sides")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating timed runs per side (best kept)")
+    parser.add_argument("--medium-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-new-tokens", type=int, default=8)
+    parser.add_argument("--adaptive-new-tokens", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens: a smoke run")
+    args = parser.parse_args()
+    if args.reference_worker:
+        print(json.dumps(reference_worker(json.loads(args.reference_worker))))
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    small_new = 64
+    if args.quick:
+        small_new, args.medium_new_tokens, args.batch_new_tokens, args.adaptive_new_tokens = 8, 4, 3, 8
+        args.repeats = 1
+    report: dict = {"threads": args.threads, "torch": torch.__version__, "reference": bool(args.reference_dir)}
+    with torch.inference_mode():
+        for name in args.scenarios.split(","):
+            if name == "small":
+                report["small"] = scenario_speed(args, "small", small_new)
+            elif name == "medium":
+                report["medium"] = scenario_speed(args, "medium", args.medium_new_tokens)
+            elif name == "batch16":
+                report["batch16"] = scenario_batch16(args)
+            elif name == "kv":
+                report["kv"] = scenario_kv(args)
+            elif name == "adaptive":
+                report["adaptive"] = scenario_adaptive(args)
+            else:
+                raise SystemExit(f"unknown scenario {name!r}; valid: small, medium, batch16, kv, adaptive")
+            print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
