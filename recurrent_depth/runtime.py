@@ -129,6 +129,9 @@ class Runtime:
 
 def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Pick device and dtype; join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    # MKL's conditional numerical reproducibility: without it, CPU matmul results may depend on buffer alignment,
+    # and a resumed run could drift from an uninterrupted one in the last bit. Read when MKL first runs.
+    os.environ.setdefault("MKL_CBWR", "AUTO")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,0 +1,144 @@
+"""End-to-end training runs on tiny configs: loss falls, checkpoints load, prompt/answer and task data, resume after
+kill -9 is bit-exact, and 2-process gloo runs (DDP, FSDP2) match one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import REPO, cli_env, losses, tiny_tree, write_yaml
+
+from recurrent_depth.data.tokenizer import load_tokenizer
+from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.training.loop import train
+
+
+def test_debug_run_loss_falls_and_checkpoint_loads(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(train={"steps": 40, "batch_size": 8}, checkpoint={"every": 20, "keep": 1},
+                      eval={"every": 20, "depths": [1, 3]})
+    result = train(cfg, tmp_path / "run")
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert {"loss", "lr", "n_no_grad", "n_grad", "tokens_per_s", "grad_norm"} <= rows[0].keys()
+    assert "val_loss@1" in rows[19] and "val_loss@3" in rows[39]
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000040"]  # keep=1 pruned step 20
+    folder = tmp_path / "run" / "checkpoints" / "step_00000040"
+    model = RecurrentDepthForCausalLM.from_pretrained(folder)
+    tok = load_tokenizer(folder)
+    assert model.config.vocab_size == len(tok)
+    ids = torch.tensor([tok.encode("the quick")])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, num_steps=2, init_scale=0.0).logits).all()
+
+
+def test_jsonl_answer_only_and_accuracy(tmp_path: Path, corpus: Path) -> None:
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    from recurrent_depth.training.config import config_from_dict
+
+    cfg = config_from_dict(tiny_tree(corpus, data={"kind": "jsonl", "paths": [str(path)], "val_fraction": 0.1},
+                                     train={"steps": 30, "batch_size": 8}, eval={"depths": [1, 2]}))
+    result = train(cfg, tmp_path / "run")
+    assert result.losses[-1] < result.losses[0]
+    assert {"val_loss@1", "val_acc@1", "val_acc@2"} <= result.final_eval.keys()
+    assert 0.0 <= result.final_eval["val_acc@2"] <= 1.0
+
+
+def test_builtin_reasoning_task(tmp_path: Path, corpus: Path) -> None:
+    from recurrent_depth.training.config import config_from_dict
+
+    cfg = config_from_dict(tiny_tree(corpus, data={"kind": "task", "paths": [],
+                                                   "task": {"name": "addition", "difficulty": {"digits": [1, 2]},
+                                                            "num_train": 64, "num_eval": 16}},
+                                     train={"steps": 4}))
+    result = train(cfg, tmp_path / "run")
+    assert "val_acc@1" in result.final_eval
+    tok = load_tokenizer(result.checkpoint)
+    assert set("0123456789+=") <= set(tok.get_vocab())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before it could be killed:\n{proc.stderr.read()}")
+        if metrics.is_file():
+            done = [ln for ln in metrics.read_text().splitlines() if ln.endswith("}")]
+            if done and json.loads(done[-1])["step"] >= step:
+                return
+        time.sleep(0.02)
+    raise AssertionError("the run did not reach the step in time")
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path: Path, corpus: Path) -> None:
+    steps = 150
+    tree = tiny_tree(corpus, train={"steps": steps}, checkpoint={"every": 5, "keep": 2})
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", tree)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "recurrent_depth", "train", "--config", str(cfg_path), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait_for_step(out, 12, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = losses(out)
+    assert max(partial) < steps  # it really was interrupted
+    res = subprocess.run([*cmd, "--resume"], env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    resumed = losses(out)
+
+    from recurrent_depth.training.config import config_from_dict
+
+    reference = train(config_from_dict(tree), tmp_path / "uninterrupted").losses
+    assert sorted(resumed) == list(range(1, steps + 1))
+    assert [resumed[s] for s in range(1, steps + 1)] == reference  # bit for bit (fp32 CPU)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_single_process(tmp_path: Path, corpus: Path, mode: str) -> None:
+    tree = tiny_tree(corpus, train={"steps": 4, "batch_size": 4, "micro_batch_size": 2},
+                     checkpoint={"every": 2}, eval={"depths": [2]})
+    from recurrent_depth.training.config import config_from_dict
+
+    single = train(config_from_dict(tree), tmp_path / "single")  # 2 accumulation micro-batches of 2
+    cfg_path = write_yaml(tmp_path / "cfg.yaml", {**tree, "runtime": {**tree["runtime"], "parallel": mode}})
+    out = tmp_path / mode
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "recurrent_depth", "train", "--config", str(cfg_path), "--out", str(out)]
+    res = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    dist_losses = losses(out)
+    torch.testing.assert_close(torch.tensor([dist_losses[s] for s in range(1, 5)]), torch.tensor(single.losses),
+                               rtol=1e-5, atol=1e-6)
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    torch.testing.assert_close(final["val_loss@2"], single.final_eval["val_loss@2"], rtol=1e-5, atol=1e-6)
+    a = RecurrentDepthForCausalLM.from_pretrained(out / "checkpoints" / "step_00000004").state_dict()
+    b = RecurrentDepthForCausalLM.from_pretrained(tmp_path / "single" / "checkpoints" / "step_00000004").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5, msg=name)
+    if mode == "fsdp":
+        assert (out / "checkpoints" / "step_00000004" / "dcp" / ".metadata").is_file()
