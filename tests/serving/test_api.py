@@ -200,7 +200,8 @@ def test_context_length_error_code(client: openai.OpenAI) -> None:
 
 def test_malformed_and_oversize_bodies(live, client: openai.OpenAI) -> None:
     url, auth = live[0], {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-    for raw in (b"{not json", b"", b"[1, 2]", b"null", b"\xff\xfe", b"[" * 5000 + b"]" * 5000):
+    for raw in (b"{not json", b"", b"[1, 2]", b"null", b"\xff\xfe",
+                b'{"model": "debug-char", "prompt": "a", "temperature": NaN}', b"[" * 5000 + b"]" * 5000):
         r = httpx.post(url + "/v1/completions", content=raw, headers=auth, timeout=10)
         assert r.status_code in (400, 413) and "error" in r.json(), raw[:20]
     r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "x", "pad": "' + b"a" * 20_000 + b'"}',
