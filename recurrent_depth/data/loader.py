@@ -67,8 +67,7 @@ def eval_batches(data: TokenDataset, batch_size: int, max_batches: int) -> list[
     """Up to `max_batches` consecutive batches from the start of `data` (validation order is fixed)."""
     out = []
     for b in range(max_batches):
-        idx = torch.arange(b * batch_size, min((b + 1) * batch_size, len(data)))
-        if len(idx) == 0:
+        if b * batch_size >= len(data):
             break
-        out.append(data.rows(idx))
+        out.append(data.rows(torch.arange(b * batch_size, min((b + 1) * batch_size, len(data)))))
     return out

@@ -1,0 +1,132 @@
+"""Training data: packing, prompt/answer encoding with answer-only labels, the batch schedule, data bundles."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from recurrent_depth.data.build import build_data
+from recurrent_depth.data.loader import TokenDataset, batch_indices, eval_batches
+from recurrent_depth.data.prompts import IGNORE, encode_examples, read_jsonl
+from recurrent_depth.data.text import list_files, pack, read_texts, tokenize_stream
+from recurrent_depth.data.tokenizer import char_tokenizer
+from recurrent_depth.training.config import DataSection, TaskSection
+
+
+def test_pack_gives_shifted_labels_without_padding() -> None:
+    stream = torch.arange(23)
+    ds = pack(stream, seq_len=5)
+    assert ds.inputs.shape == (4, 5)
+    assert torch.equal(ds.inputs[1], torch.arange(5, 10))
+    assert torch.equal(ds.labels[1], torch.arange(6, 11))
+    with pytest.raises(ValueError, match="seq_len"):
+        pack(torch.arange(4), seq_len=5)
+
+
+def test_read_and_tokenize_text(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("abc")
+    (tmp_path / "sub" / "b.txt").write_text("de")
+    (tmp_path / "skip.md").write_text("zzz")
+    files = list_files([tmp_path], "**/*.txt")
+    assert [f.name for f in files] == ["a.txt", "b.txt"]
+    assert read_texts(files, max_bytes=4) == ["abc", "d"]
+    tok = char_tokenizer("abcde")
+    stream = tokenize_stream(["ab", "c"], tok, tok.eos_token_id)
+    assert stream.tolist() == [*tok.encode("ab", add_special_tokens=False), 2, *tok.encode("c",
+                                                                                         add_special_tokens=False), 2]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_files([tmp_path / "missing"])
+
+
+def test_answer_only_labels_cover_answer_and_eos() -> None:
+    tok = char_tokenizer("0123456789+=")
+    ds = encode_examples([{"prompt": "1+2=", "answer": "3"}, {"prompt": "10+10=", "answer": "20"}], tok,
+                         seq_len=32, answer_only=True)
+    assert ds.inputs.shape == (2, 9)  # <bos> 10+10= 20 (the last token, <eos>, is only a target)
+    row = ds.labels[1]
+    kept = row[row != IGNORE].tolist()
+    assert kept == [*tok.encode("20", add_special_tokens=False), tok.eos_token_id]
+    assert torch.equal(ds.labels, ds.answer_labels)
+    # position j predicts token j+1: the first answer target sits on the prompt's last character
+    assert int(ds.inputs[1, 6]) == tok.convert_tokens_to_ids("=")
+    assert int(ds.labels[1, 6]) == tok.convert_tokens_to_ids("2")
+    full = encode_examples([{"prompt": "1+2=", "answer": "3"}], tok, seq_len=32, answer_only=False)
+    assert int((full.labels != IGNORE).sum()) == 6 and int((full.answer_labels != IGNORE).sum()) == 2
+    with pytest.raises(ValueError, match="seq_len"):
+        encode_examples([{"prompt": "1+2=", "answer": "3"}], tok, seq_len=3, answer_only=True)
+
+
+def test_read_jsonl_reports_bad_lines(tmp_path: Path) -> None:
+    good = tmp_path / "a.jsonl"
+    good.write_text('{"prompt": "p", "answer": "a"}\n\n')
+    assert read_jsonl([good]) == [{"prompt": "p", "answer": "a"}]
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"prompt": "p"}\n')
+    with pytest.raises(ValueError, match=r"b.jsonl:1"):
+        read_jsonl([bad])
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_jsonl([bad])
+
+
+def test_batch_schedule_is_a_function_of_position() -> None:
+    n, b = 10, 4
+    first_epoch = torch.cat([batch_indices(p, b, n, seed=0) for p in range(3)])[:n]
+    assert sorted(first_epoch.tolist()) == list(range(n))  # every row once per epoch
+    assert torch.equal(batch_indices(7, b, n, 0), batch_indices(7, b, n, 0))
+    assert not torch.equal(batch_indices(0, b, n, 0), batch_indices(0, b, n, 1))
+    ds = TokenDataset(torch.zeros(5, 3, dtype=torch.long), torch.zeros(5, 3, dtype=torch.long))
+    assert [len(x) for x in eval_batches(ds, 2, 10)] == [2, 2, 1]
+    with pytest.raises(ValueError, match="empty"):
+        TokenDataset(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long))
+
+
+def test_build_text_bundle_trains_a_bpe(tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_text("hello world, hello recurrent depth. " * 200)
+    bundle = build_data(DataSection(kind="text", paths=[str(tmp_path)], tokenizer="bpe", bpe_vocab_size=300,
+                                    seq_len=16, val_fraction=0.1))
+    assert 260 < len(bundle.tokenizer) <= 300 and bundle.train.seq_len == 16
+    assert bundle.val is not None and len(bundle.val) >= 1
+    assert int(bundle.train.inputs.max()) < len(bundle.tokenizer)
+
+
+def test_task_bundle_uses_the_tasks_interface(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local stand-in with the tasks interface (get_task, TASKS, generate, alphabet) is all the loader needs."""
+
+    class Copy:
+        alphabet = "abc:"
+
+        def __init__(self, length: int = 2) -> None:
+            self.length = length
+
+        def generate(self, n: int, split: str = "train", seed: int = 0) -> list[dict]:
+            g = torch.Generator().manual_seed(seed + (split == "test"))
+            words = ["".join("abc"[int(i)] for i in torch.randint(0, 3, (self.length,), generator=g))
+                     for _ in range(n)]
+            return [{"prompt": w + ":", "answer": w} for w in words]
+
+    fake = types.ModuleType("recurrent_depth.tasks")
+    fake.TASKS = {"copy": Copy}
+    fake.get_task = lambda name, **kw: fake.TASKS[name](**kw)
+    monkeypatch.setitem(sys.modules, "recurrent_depth.tasks", fake)
+    section = DataSection(kind="task", task=TaskSection(name="copy", difficulty={"length": 3}, num_train=20,
+                                                        num_eval=5), seq_len=16)
+    bundle = build_data(section, seed=1)
+    assert len(bundle.train) == 20 and len(bundle.val) == 5
+    assert bundle.train.seq_len == 1 + 4 + 3  # <bos> + "xyz:" + "xyz" (inputs drop the final <eos>)
+    with pytest.raises(ValueError, match="unknown task"):
+        build_data(DataSection(kind="task", task=TaskSection(name="nope")))
+
+
+def test_jsonl_bundle_char_tokenizer_and_split(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}?", "answer": f"a{i}"}) for i in range(20)))
+    bundle = build_data(DataSection(kind="jsonl", paths=[str(path)], val_fraction=0.25, seq_len=16))
+    assert len(bundle.train) == 15 and len(bundle.val) == 5
+    assert set("qa?0123456789") <= set(bundle.tokenizer.get_vocab())
