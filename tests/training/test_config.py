@@ -55,7 +55,7 @@ def test_shipped_configs_load() -> None:
     assert "debug.yaml" in names and len(names) >= 4
     for name in names:
         if name.startswith("gpu") or "3.5b" in name:
-            cfg = load_config(REPO / "configs" / name, ["data.paths=[{stdlib}]"])
+            cfg = load_config(REPO / "configs" / name, ['data.paths=["{stdlib}"]'])
         else:
             cfg = load_config(REPO / "configs" / name)
         assert cfg.train.steps > 0
