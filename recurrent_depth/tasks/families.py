@@ -60,8 +60,9 @@ class Addition(Task):
 
 @dataclass(frozen=True)
 class VariableBinding(Task):
-    """Multi-hop variable binding (pointer chasing): `hops` is the query's distance from its root value; `n_vars`
-    the number of assignments; `roots` the number of distinct root values (distractor trees)."""
+    """Multi-hop variable binding (pointer chasing): `hops` is the query's distance from its root value (0: the query
+    is a root, a direct lookup); `n_vars` the number of assignments; `roots` the number of distinct root values
+    (distractor trees; chance accuracy is 1/roots)."""
 
     name: ClassVar[str] = "variable_binding"
     symbols: ClassVar[str] = LETTERS + DIGITS + "=,;?"
@@ -76,7 +77,7 @@ class VariableBinding(Task):
         if not isinstance(self.roots, int) or not 1 <= self.roots <= 10:
             raise ValueError(f"difficulty knob `roots` must be an integer in [1, 10], got {self.roots!r}")
         for hops, n_vars in (("hops", "n_vars"), ("ood_hops", "ood_n_vars")):
-            h = self._set_range(hops, 1, 25)
+            h = self._set_range(hops, 0, 25)
             v = self._set_range(n_vars, 2, 26)
             if v[0] < h[1] + self.roots:
                 raise ValueError(f"difficulty knob `{n_vars}` min ({v[0]}) must be at least `{hops}` max + `roots` "

@@ -110,6 +110,8 @@ def test_ood_is_harder(name: str) -> None:
 def test_difficulty_knobs_change_levels() -> None:
     rows = get_task("variable_binding", hops=6, n_vars=10, roots=2).generate(50, "test")
     assert {r["level"] for r in rows} == {6}
+    rows = get_task("variable_binding", hops=(0, 1)).generate(100, "train")
+    assert {r["level"] for r in rows} == {0, 1}  # hops 0: the query is a root (a direct lookup)
     rows = get_task("addition", digits=[3, 3]).generate(50, "train")
     assert all(len(r["prompt"]) == 8 for r in rows)
     assert get_task("addition", digits=[3, 3]).difficulty["digits"] == (3, 3)
