@@ -28,6 +28,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights dtype: auto = float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--max-batch", type=int, default=8,
                    help="sequences decoded together (continuous batching); 1 = one at a time")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -64,6 +65,10 @@ def load_for_serving(args: argparse.Namespace):
     from recurrent_depth.runtime import resolve_device
     from recurrent_depth.serving.model import load_served_model
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None:

@@ -13,7 +13,7 @@ every live sequence by one phase-step:
 So one engine step costs one core step for the rows still iterating, and a sequence at r = 4 produces a token
 every 4 engine steps whatever the others ask for; rows that finished their recurrence cost nothing until their next
 token. Sequences join (`add`) and leave (`remove`, or when done) between steps. Prompts are prefilled through the
-same cycle, each prompt in its own call (its own length); single-token rows are batched together.
+same cycle; rows that feed the same number of tokens (all decoding rows; prompts of equal length) share each call.
 
 Every row reads and writes only its own cache row, its own RoPE positions and its own random generator, so a
 sequence produces what it would produce alone (bit-for-bit apart from floating-point reduction order; greedy
@@ -208,9 +208,14 @@ class BatchEngine:
 
     @staticmethod
     def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:
-        """Single-token rows batched together; each prompt (several tokens) in its own call."""
-        single = [s for s in seqs if len(s.pending) == 1]
-        return ([single] if single else []) + [[s] for s in seqs if len(s.pending) > 1]
+        """Rows feeding the same number of tokens T share a call (decode rows T = 1; prompts of equal length).
+
+        Rows may start at different positions: the store right-aligns every row's keys, so the causal mask for the
+        last T keys is the same for all of them."""
+        by_len: dict[int, list[Sequence]] = {}
+        for s in seqs:
+            by_len.setdefault(len(s.pending), []).append(s)
+        return list(by_len.values())
 
     def _context(self, group: list[Sequence], core: bool = False) -> AttentionContext:
         T = len(group[0].pending)

@@ -65,7 +65,8 @@ class RowKVStore:
             self.valid[name] = torch.zeros(self.max_rows, slots, cap, dtype=torch.bool, device=self.device)
         k, v, valid = self.k[name], self.v[name], self.valid[name]
         if k.shape[1] < slots or k.shape[2] < cap:
-            new_slots, new_cap = max(slots, k.shape[1]), max(cap, k.shape[2])
+            new_slots = max(slots, 2 * k.shape[1]) if k.shape[1] < slots else k.shape[1]  # double: few copies
+            new_cap = max(cap, k.shape[2])
             k = _grow(_grow(k, 1, new_slots), 2, new_cap)
             v = _grow(_grow(v, 1, new_slots), 2, new_cap)
             valid = _grow(_grow(valid, 1, new_slots), 2, new_cap)
