@@ -1,7 +1,8 @@
 """Next-token selection: greedy argmax, or sampling with temperature, top-k, top-p and min-p filters.
 
 The filters apply in the reference's order (temperature -> softmax -> top-k -> top-p -> min-p -> renormalise) and
-draw with an explicit `torch.Generator`, so a seeded generator reproduces a sample exactly.
+draw with an explicit `torch.Generator`, so a seeded generator reproduces a sample exactly. top-p keeps the smallest
+set of most likely tokens whose mass reaches p (the token that crosses p stays in; the reference drops it).
 
     sampler = Sampler(do_sample=True, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
     next_ids = sampler(logits)          # logits (B, V) fp32 -> (B,) long
@@ -49,7 +50,7 @@ class Sampler:
             probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
         if self.top_p:
             sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
-            remove = sorted_probs.cumsum(dim=-1) > self.top_p
+            remove = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p  # mass before this token already > p
             remove[:, 0] = False  # always keep the most likely token
             probs = probs.masked_fill(remove.scatter(-1, order, remove), 0.0)
         if self.min_p:
