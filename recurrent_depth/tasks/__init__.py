@@ -14,6 +14,7 @@ Splits: `train` and `test` share the in-distribution knobs and never share a pro
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def get_task(name: str, **difficulty: Any) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     cls = TASKS[name]
-    knobs = list(cls.__dataclass_fields__)
+    knobs = [f.name for f in fields(cls)]
     unknown = sorted(set(difficulty) - set(knobs))
     if unknown:
         raise ValueError(f"task {name!r} has no difficulty knob {unknown}; its knobs are {knobs}")

@@ -141,7 +141,8 @@ def test_alphabet_union() -> None:
     ("variable_binding", {"roots": 0}, "roots"),
     ("tree_path", {"path": (1, 20)}, "nodes"),
     ("modular_chain", {"ops": (0, 2)}, "ops"),
-    ("addition", {"hops": 3}, "knob"),
+    ("addition", {"hops": 3}, "knobs are \\[.digits.,"),
+    ("addition", {"name": "x"}, "no difficulty knob"),
     ("nope", {}, "unknown task"),
 ])
 def test_bad_knobs_raise_clear_errors(name: str, knobs: dict, match: str) -> None:
