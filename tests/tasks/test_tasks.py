@@ -142,7 +142,6 @@ def test_alphabet_union() -> None:
     ("tree_path", {"path": (1, 20)}, "nodes"),
     ("modular_chain", {"ops": (0, 2)}, "ops"),
     ("addition", {"hops": 3}, "knobs are \\[.digits.,"),
-    ("addition", {"name": "x"}, "no difficulty knob"),
     ("nope", {}, "unknown task"),
 ])
 def test_bad_knobs_raise_clear_errors(name: str, knobs: dict, match: str) -> None:
