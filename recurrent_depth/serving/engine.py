@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from recurrent_depth.inference.cache import SharingPolicy, make_kv_policy
-from recurrent_depth.inference.exit import ExitCriterion, make_exit_criterion
+from recurrent_depth.inference.exit import ExitCriterion, NoExit, make_exit_criterion
 from recurrent_depth.inference.sampling import Sampler
 from recurrent_depth.model.layers import AttentionContext, LayerKey
 from recurrent_depth.serving.kvstore import RowKVStore
@@ -218,14 +218,19 @@ class BatchEngine:
         return list(by_len.values())
 
     def _context(self, group: list[Sequence], core: bool = False) -> AttentionContext:
+        """Bind the group's rows in the store and build their RoPE rows (no host-device sync per layer)."""
         T = len(group[0].pending)
+        starts = [s.length for s in group]
         rows = torch.tensor([s.row for s in group], device=self.device)
-        start = torch.tensor([s.length for s in group], device=self.device)
+        start = torch.tensor(starts, device=self.device)
         slot = latest = None
+        n_slots = 1
         if core:
-            slot = torch.tensor([self._slot(s, s.step_count) for s in group], device=self.device)
-            latest = torch.tensor([s.sharing.fills_exited for s in group], device=self.device)
-        self.store.bind(rows, start, T, slot, latest)
+            slots = [self._slot(s, s.step_count) for s in group]
+            slot, n_slots = torch.tensor(slots, device=self.device), max(slots) + 1
+            if any(s.sharing.fills_exited for s in group):
+                latest = torch.tensor([s.sharing.fills_exited for s in group], device=self.device)
+        self.store.bind(rows, start, T, slot, latest, max_end=max(starts) + T, n_slots=n_slots)
         positions = start[:, None] + torch.arange(T, device=self.device)  # (n, T)
         return AttentionContext(rope=self.t.rope[0, positions], mask=None, cache=self.store)
 
@@ -258,9 +263,22 @@ class BatchEngine:
             logits = self._logits(needs)
             for i, s in enumerate(needs):
                 s.logits = logits[i:i + 1]
+        self._check_exits(group)
+
+    @staticmethod
+    def _check_exits(group: list[Sequence]) -> None:
+        """Each row's own criterion, evaluated once per (criterion, threshold) over the rows that share it."""
+        by_criterion: dict[tuple, list[Sequence]] = {}
         for s in group:
-            exit_now, s.memory, _ = s.criterion.check(s.memory, s.state, s.logits)
-            s.exited = bool(exit_now[0])
+            if not isinstance(s.criterion, NoExit):  # never exits: nothing to evaluate
+                by_criterion.setdefault((type(s.criterion), s.criterion.threshold), []).append(s)
+        for members in by_criterion.values():
+            crit = members[0].criterion
+            logits = torch.cat([s.logits for s in members]) if crit.needs_logits else None
+            exit_now, memory, _ = crit.check(torch.cat([s.memory for s in members]),
+                                             torch.cat([s.state for s in members]), logits)
+            for i, (s, flag) in enumerate(zip(members, exit_now.tolist())):
+                s.memory, s.exited = memory[i:i + 1], bool(flag)
 
     def _logits(self, group: list[Sequence]) -> Tensor:
         """Coda + head on the rows' current states: (n, V) fp32 logits of each row's last position."""
@@ -276,12 +294,15 @@ class BatchEngine:
             logits = self._logits(todo)
             for i, s in enumerate(todo):
                 s.logits = logits[i:i + 1]
+        greedy = [s for s in group if not s.sampler.do_sample]
+        picked = dict(zip((s.id for s in greedy), torch.cat([s.logits for s in greedy]).argmax(-1).tolist())
+                      if greedy else ())
         for s in group:
             T = len(s.pending)
             if s.sharing.fills_exited:
                 last = self._slot(s, s.step_count - 1) if s.step_count else None
                 self.store.record_last(s.row, s.length, T, last)
-            token = int(s.sampler(s.logits)[0])
+            token = picked[s.id] if s.id in picked else int(s.sampler(s.logits)[0])  # own generator per row
             s.length += T
             if s.depth.warm_start:
                 s.warm = (s.state if s.depth.warm_start == "raw" else self.t.ln_f(s.state))[:, -1:]

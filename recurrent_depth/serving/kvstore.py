@@ -47,16 +47,20 @@ class RowKVStore:
         self.last_v: dict[int, Tensor] = {}
         self.last_valid: dict[int, Tensor] = {}
         self._rows = self._start = self._slot = self._latest = None
-        self._T = 0
+        self._T = self._max_end = self._n_slots = 0
 
     # ------------------------------------------------------------------------------------------ binding
     def bind(self, rows: Tensor, start: Tensor, T: int, core_slot: Tensor | None = None,
-             latest: Tensor | None = None) -> None:
+             latest: Tensor | None = None, max_end: int | None = None, n_slots: int | None = None) -> None:
         """Set the rows (n,) of the next layer calls, the position each writes from (n,), the number T of new
-        tokens per row, each row's core slot (n,) and whether it reads holes from the last step (n,) bool."""
+        tokens per row, each row's core slot (n,) and whether it reads holes from the last step ((n,) bool, None:
+        no row does). max_end (= max(start) + T) and n_slots (= max(core_slot) + 1), given by a caller that knows
+        them as Python ints, spare a device sync in every layer."""
         self._rows, self._start, self._T = rows, start, T
         self._slot = core_slot if core_slot is not None else torch.zeros_like(rows)
         self._latest = latest
+        self._max_end = max_end if max_end is not None else int((start + T).max())
+        self._n_slots = n_slots if n_slots is not None else int(self._slot.max()) + 1
 
     def _tensors(self, name: tuple[str, int], slots: int, cap: int) -> tuple[Tensor, Tensor, Tensor]:
         if name not in self.k:
@@ -89,9 +93,9 @@ class RowKVStore:
         core = key.part == "core"
         slot = self._slot if core else torch.zeros_like(rows)
         end = start + T
-        S = int(end.max())
+        S = self._max_end
         name = (key.part, key.layer)
-        K, V, valid = self._tensors(name, int(slot.max()) + 1, self._capacity(S))
+        K, V, valid = self._tensors(name, self._n_slots if core else 1, self._capacity(S))
         pos = start[:, None] + torch.arange(T, device=start.device)  # (n, T)
         r_idx, s_idx = rows[:, None], slot[:, None]
         K[r_idx, s_idx, pos] = k.transpose(1, 2).to(K.dtype)  # (n, T, H, D)
@@ -103,7 +107,7 @@ class RowKVStore:
         inside = idx >= 0
         idx = idx.clamp(min=0)
         k_all, v_all, ok = K[r_idx, s_idx, idx], V[r_idx, s_idx, idx], valid[r_idx, s_idx, idx] & inside
-        if core and self._latest is not None and bool(self._latest.any()) and key.layer in self.last_k:
+        if core and self._latest is not None and key.layer in self.last_k:
             lk, lv, lok = self._last(key.layer, S)
             fill = self._latest[:, None] & ~ok & inside & lok[r_idx, idx]  # (n, S)
             f = fill[:, :, None, None]
