@@ -246,3 +246,31 @@ def test_disconnect_frees_the_slot(served) -> None:
         assert _wait_idle(url)["aborted"] == 2
         r = client.completions.create(model=MODEL_ID, prompt="after", max_tokens=2, extra_body={"num_steps": 1})
         assert r.usage.completion_tokens == 2
+
+
+def test_queue_limit_answers_429(served) -> None:
+    app = create_app(_NoEOS(served.model, served.tokenizer, MODEL_ID),
+                     Limits(max_tokens=64, max_num_steps=400, max_queue=1), max_batch=1)
+    with serve_in_thread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        long = dict(model=MODEL_ID, prompt="long", max_tokens=64, stream=True, extra_body={"num_steps": 400})
+        running = client.completions.create(**long)
+        next(iter(running))  # holds the only row
+        waiting = client.completions.create(**long)  # the queue's one place (its headers arrive at once)
+        with pytest.raises(openai.RateLimitError) as info:
+            client.completions.create(model=MODEL_ID, prompt="x", max_tokens=1)
+        assert info.value.status_code == 429 and info.value.code == "server_busy"
+        running.close()
+        waiting.close()
+        assert _wait_idle(url)["aborted"] == 2
+
+
+def test_several_prompts_and_choices(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL_ID, prompt=["ab", "cd"], n=2, max_tokens=3, temperature=0,
+                                  extra_body={"num_steps": 2})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text  # greedy: the choices of one prompt agree
+    assert r.usage.prompt_tokens == 4
+    assert r.usage.completion_tokens == sum(len(c.recurrence_steps) for c in r.choices)
+    ids = client.completions.create(model=MODEL_ID, prompt=[[5, 6, 7]], max_tokens=2, extra_body={"num_steps": 1})
+    assert ids.usage.prompt_tokens == 3
