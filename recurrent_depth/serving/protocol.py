@@ -21,6 +21,7 @@ Recurrent-depth fields (pass them in `extra_body` with the openai client):
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -80,6 +81,16 @@ class ParsedRequest:
 
 
 # ------------------------------------------------------------------------------------------------ field readers
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    """A short repr of a client's value for an error message (never the whole of a huge or deep value)."""
+    return _REPR.repr(value)
+
+
 def _bad(param: str, message: str, code: str | None = None) -> APIError:
     return APIError(400, f"{param}: {message}", param=param, code=code)
 
@@ -93,9 +104,9 @@ def _number(body: dict, name: str, default: float | None, lo: float, hi: float) 
     if v is None:
         return default
     if not _is_number(v) or not math.isfinite(v):
-        raise _bad(name, f"must be a number, got {v!r}")
+        raise _bad(name, f"must be a number, got {_show(v)}")
     if not lo <= v <= hi:
-        raise _bad(name, f"must lie in [{lo:g}, {hi:g}], got {v!r}")
+        raise _bad(name, f"must lie in [{lo:g}, {hi:g}], got {_show(v)}")
     return float(v)
 
 
@@ -106,7 +117,7 @@ def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> in
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):
-        raise _bad(name, f"must be an integer, got {v!r}")
+        raise _bad(name, f"must be an integer, got {_show(v)}")
     if not lo <= v <= hi:
         raise _bad(name, f"must lie in [{lo}, {hi}], got {v}")
     return v
@@ -117,7 +128,7 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise _bad(name, f"must be true or false, got {v!r}")
+        raise _bad(name, f"must be true or false, got {_show(v)}")
     return v
 
 
@@ -148,7 +159,7 @@ def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
     num_steps = _integer(body, "num_steps", min(default_steps, limits.max_num_steps), 0, limits.max_num_steps)
     crit = body.get("exit_criterion")
     if crit is not None and (not isinstance(crit, str) or crit not in EXIT_CRITERIA):
-        raise _bad("exit_criterion", f"unknown exit criterion {crit!r}; valid: {', '.join(EXIT_CRITERIA)}")
+        raise _bad("exit_criterion", f"unknown exit criterion {_show(crit)}; valid: {', '.join(EXIT_CRITERIA)}")
     threshold = _number(body, "exit_threshold", None, 0.0, 1e6)
     if threshold is not None and crit is None:
         raise _bad("exit_threshold", "was given without an exit_criterion")
@@ -160,19 +171,20 @@ def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
     if warm is None:
         warm = False
     if warm not in (False, True, "latent", "raw") or not isinstance(warm, bool | str):
-        raise _bad("warm_start", f"must be false, true, 'latent' or 'raw', got {warm!r}")
+        raise _bad("warm_start", f"must be false, true, 'latent' or 'raw', got {_show(warm)}")
     sharing = body.get("kv_sharing")
     if sharing is None:
         sharing = "full"
     if isinstance(sharing, bool) or not isinstance(sharing, str | int) or (isinstance(sharing, int)
                                                                             and not 1 <= sharing <= 4096):
-        raise _bad("kv_sharing", f"must be 'full', 'latest' or an integer k in [1, 4096], got {sharing!r}")
+        raise _bad("kv_sharing", f"must be 'full', 'latest' or an integer k in [1, 4096], got {_show(sharing)}")
     if isinstance(sharing, str) and sharing.isdigit():
         sharing = int(sharing) if len(sharing) < 6 else -1
     try:
         make_kv_policy(sharing)
-    except ValueError as err:
-        raise _bad("kv_sharing", str(err)) from None
+    except ValueError:
+        raise _bad("kv_sharing", f"unknown policy {_show(sharing)}; valid: 'full', 'latest' or an integer k >= 1"
+                   ) from None
     init_scale = _number(body, "init_scale", 0.0, 0.0, 4.0)
     return DepthParams(num_steps, crit or "none", threshold, warm, sharing, init_scale)
 
@@ -180,7 +192,8 @@ def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
 def _check_fields(body: dict, allowed: set[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise _bad(unknown[0], f"unrecognized request argument supplied: {', '.join(unknown)}")
+        names = ", ".join(_show(name) for name in unknown[:5])
+        raise _bad(unknown[0][:60], f"unrecognized request argument supplied: {names}")
 
 
 def _common(body: dict, limits: Limits) -> tuple[str, int, bool, bool, float, float, tuple[str, ...], int | None]:
@@ -315,7 +328,7 @@ def parse_chat(body: Any, render, tokenize, block_size: int, default_steps: int,
     except APIError:
         raise
     except Exception as err:  # a template that rejects the conversation (jinja raise_exception, ...)
-        raise _bad("messages", f"the chat template rejected the messages: {err}") from None
+        raise _bad("messages", f"the chat template rejected the messages: {str(err)[:300]}") from None
     prompt = tokenize(text)
     if not prompt:
         raise _bad("messages", "the rendered conversation is empty (no tokens)")
@@ -342,7 +355,7 @@ def _messages(messages: Any) -> list[dict[str, str]]:
             raise _bad(where, "must be an object with role and content")
         role, content = m.get("role"), m.get("content")
         if role not in CHAT_ROLES:
-            raise _bad(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+            raise _bad(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {_show(role)}")
         if set(m) - {"role", "content", "name"}:
             raise _bad(where, f"unsupported keys {sorted(set(m) - {'role', 'content', 'name'})}")
         if m.get("name") is not None and not isinstance(m["name"], str):

@@ -207,6 +207,11 @@ def test_malformed_and_oversize_bodies(live, client: openai.OpenAI) -> None:
     r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "x", "pad": "' + b"a" * 20_000 + b'"}',
                    headers=auth, timeout=10)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    for field in ("num_steps", "prompt", "stop", "logit_bias", "frobnicate"):  # deep or huge values: short errors
+        for value in ("[" * 900 + "]" * 900, '"' + "x" * 10_000 + '"'):
+            raw = f'{{"model": "{MODEL_ID}", "prompt": "a", "{field}": {value}}}'.encode()
+            r = httpx.post(url + "/v1/completions", content=raw, headers=auth, timeout=10)
+            assert r.status_code == 400 and len(r.json()["error"]["message"]) < 400, (field, r.text[:200])
     r = httpx.get(url + "/v1/completions", headers=auth, timeout=10)
     assert r.status_code == 405 and "error" in r.json()
     assert client.completions.create(model=MODEL_ID, prompt="ok", max_tokens=1).choices
