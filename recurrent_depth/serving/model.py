@@ -57,6 +57,7 @@ class ServedModel:
     model_id: str
     chat_template: str = DEFAULT_CHAT_TEMPLATE
     template_stop: tuple[str, ...] = DEFAULT_TEMPLATE_STOPS
+    eos_ids: tuple[int, ...] = ()  # end-of-sequence ids from the checkpoint's generation_config.json
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -78,8 +79,9 @@ class ServedModel:
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end a reply: the tokenizer's EOS and any the checkpoint's generation config names."""
         eos = self.tokenizer.eos_token_id
-        return () if eos is None else (int(eos),)
+        return tuple(dict.fromkeys(([] if eos is None else [int(eos)]) + list(self.eos_ids)))
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -99,6 +101,17 @@ class ServedModel:
                 "parameters": self.model.num_parameters()}
 
 
+def read_eos_ids(folder: str | Path) -> tuple[int, ...]:
+    """`eos_token_id` (an id or a list) from generation_config.json, if the checkpoint has one."""
+    file = Path(folder) / "generation_config.json"
+    try:
+        value = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return ()
+    values = value if isinstance(value, list) else [value]
+    return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+
+
 def load_served_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                       model_id: str | None = None) -> ServedModel:
     """Load a checkpoint folder (config.json + safetensors + tokenizer.json) for serving."""
@@ -111,5 +124,5 @@ def load_served_model(path: str | Path, device: str | torch.device = "cpu", dtyp
     template = find_chat_template(folder)
     name = model_id or folder.resolve().name
     if template is None:
-        return ServedModel(model, tokenizer, name)
-    return ServedModel(model, tokenizer, name, template, ())
+        return ServedModel(model, tokenizer, name, eos_ids=read_eos_ids(folder))
+    return ServedModel(model, tokenizer, name, template, (), eos_ids=read_eos_ids(folder))

@@ -76,6 +76,7 @@ class Scheduler:
         self.steps = 0  # engine steps run (for stats)
         self.peak_running = 0  # most sequences decoded together so far
         self.aborted = 0  # sequences dropped because their client went away
+        self.kv_bytes = 0  # bytes the KV store holds (updated by the engine thread after each step)
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> None:
@@ -121,7 +122,8 @@ class Scheduler:
     @property
     def load(self) -> dict[str, int]:
         return {"running": len(self.engine.live), "waiting": len(self._waiting), "max_batch": self.engine.max_rows,
-                "peak_running": self.peak_running, "aborted": self.aborted, "engine_steps": self.steps}
+                "peak_running": self.peak_running, "aborted": self.aborted, "engine_steps": self.steps,
+                "kv_cache_bytes": self.kv_bytes}
 
     # ---------------------------------------------------------------------------------------------- loop
     def _admit(self) -> None:
@@ -158,6 +160,7 @@ class Scheduler:
             try:
                 self.engine.step()
                 self.steps += 1
+                self.kv_bytes = self.engine.store.nbytes()
             except Exception:  # a bug must not take the server down: fail the live sequences, keep serving
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 for seq in list(self.engine.live):

@@ -39,3 +39,10 @@ def test_checkpoint_template_is_used(ckpt: Path, tmp_path: Path, where: str) -> 
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_served_model(tmp_path / "nowhere")
+
+
+def test_generation_config_eos_ids_also_stop(ckpt: Path, tmp_path: Path, served) -> None:
+    folder = tmp_path / "eos"
+    shutil.copytree(ckpt, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2, "x"]}))
+    assert load_served_model(folder).stop_token_ids == (served.tokenizer.eos_token_id, 7)
