@@ -1,0 +1,53 @@
+"""`rdepth bundle`: produce the bundled default checkpoint (the recurrent arm of `rdepth reproduce`, trained on the
+full run's task and budget), or copy one that a reproduce run already trained (`--from RUN/recurrent`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="build the bundled default checkpoint used when no --model is given",
+                       description=__doc__)
+    p.add_argument("--from", dest="source", default=None,
+                   help="a reproduce run's `recurrent` folder (its latest checkpoint is copied) instead of training")
+    p.add_argument("--out", default=None, help="destination (default: the package's assets/default-model)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the full reproduce scale)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from recurrent_depth.assets import DEFAULT_MODEL
+    from recurrent_depth.evaluation import reproduce
+    from recurrent_depth.model.checkpoint import atomic_folder
+    from recurrent_depth.training.checkpoint import latest_checkpoint
+
+    scale = replace(reproduce.FULL, **{k: v for k, v in {"steps": args.steps, "threads": args.threads}.items() if v})
+    if args.source:
+        ckpt = latest_checkpoint(args.source)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint under {args.source!r} (expected a reproduce run's arm folder)")
+        command = f"rdepth bundle --from {args.source}"
+    else:
+        tmp = Path(args.out or DEFAULT_MODEL).parent / ".bundle-train"
+        tree = reproduce.train_tree(scale, reproduce.model_fields(scale), {"sampler": "poisson-lognormal-filling"},
+                                    reproduce.task_data(scale), scale.steps, reproduce.task_seq_len(scale))
+        ckpt = Path(reproduce.train_arm("recurrent", tree, tmp, print)["checkpoint"])
+        command = "rdepth bundle" + (f" --steps {args.steps}" if args.steps else "")
+    keep = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json"}
+    with atomic_folder(Path(args.out or DEFAULT_MODEL)) as folder:
+        for f in ckpt.iterdir():
+            if f.name in keep:
+                shutil.copy2(f, folder / f.name)
+        info = {"task": scale.task, "difficulty": scale.difficulty, "mean_recurrence": scale.mean_recurrence,
+                "command": command, "scale": asdict(scale)}
+        (folder / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in Path(args.out or DEFAULT_MODEL).iterdir())
+    print(f"bundled checkpoint written to {args.out or DEFAULT_MODEL} ({size / 1e6:.1f} MB)")
+    return 0
