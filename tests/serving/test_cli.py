@@ -76,3 +76,10 @@ def test_chat_streams_and_shows_steps(ckpt: Path) -> None:
     assert "(num_steps = 5)" in text and "(exit criterion = kl:100)" in text
     assert "steps per token: 1" in text  # kl with a huge threshold exits after the first step
     assert "(commands:" in text and "not reached" not in text
+
+
+def test_loopback_detection() -> None:
+    from recurrent_depth.cli.serve import _is_loopback
+
+    assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.5") and not _is_loopback("example.org")
