@@ -23,7 +23,6 @@ tokens are tested equal).
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,8 +34,6 @@ from recurrent_depth.inference.exit import ExitCriterion, NoExit, make_exit_crit
 from recurrent_depth.inference.sampling import Sampler
 from recurrent_depth.model.layers import AttentionContext, LayerKey
 from recurrent_depth.serving.kvstore import RowKVStore
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
