@@ -214,7 +214,9 @@ class KVCache:
         if slot is None:
             _, H, _, D = k.shape
             B = self._batch_size(k)
-            cap = max(self.max_length or 0, end, 16)
+            if self.max_length is not None and end > self.max_length:
+                raise ValueError(f"KV cache holds {self.max_length} positions, a write reaches {end}")
+            cap = self.max_length if self.max_length is not None else max(end, 16)
             slot = _Slot(k.new_zeros(B, H, cap, D), v.new_zeros(B, H, cap, D),
                          torch.zeros(B, cap, dtype=torch.bool, device=k.device))
             self.slots[key] = slot

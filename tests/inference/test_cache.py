@@ -1,0 +1,85 @@
+"""KVCache and sharing policies: slot mapping, holes and validity masks, the `latest` fill, crop, growth, and the
+reference's lookup strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recurrent_depth.inference.cache import CyclicSharing, FullSharing, KVCache, LatestSharing, make_kv_policy
+from recurrent_depth.inference.compat import cache_policy_from_lookup
+from recurrent_depth.model.layers import LayerKey
+
+
+def _kv(B: int, T: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.full((B, 2, T, 4), value), torch.full((B, 2, T, 4), -value)
+
+
+def test_policies_map_slots() -> None:
+    key = LayerKey("core", 1, 5)
+    assert FullSharing().slot(key) == key and LatestSharing().slot(key) == key
+    assert CyclicSharing(2).slot(key) == LayerKey("core", 1, 1)
+    assert CyclicSharing(1).slot(LayerKey("prelude", 0)) == LayerKey("prelude", 0)
+    assert isinstance(make_kv_policy(3), CyclicSharing) and make_kv_policy("4").k == 4
+    with pytest.raises(ValueError, match="valid: full, latest, <int k>"):
+        make_kv_policy("most")
+
+
+def test_row_subset_writes_leave_masked_holes() -> None:
+    cache = KVCache("full", max_length=8, batch_size=3)
+    key = LayerKey("core", 0, 2)
+    k, v, mask = cache.update(key, *_kv(3, 2, 1.0))
+    assert mask is None and k.shape == (3, 2, 2, 4)
+    cache.commit(2)
+    cache.rows = torch.tensor([0, 2])
+    k, v, mask = cache.update(key, *_kv(2, 1, 2.0))
+    assert k.shape == (2, 2, 3, 4) and mask.tolist() == [[[[True, True, True]]], [[[True, True, True]]]]
+    cache.rows = None
+    cache.commit(1)
+    k, v, mask = cache.update(key, *_kv(3, 1, 3.0))
+    assert mask[:, 0, 0].tolist() == [[True, True, True, True], [True, True, False, True], [True, True, True, True]]
+    assert k[1, 0, :, 0].tolist() == [1.0, 1.0, 0.0, 3.0]
+
+
+def test_gap_in_a_slot_is_masked() -> None:
+    cache = KVCache("full")
+    cache.update(LayerKey("core", 0, 0), *_kv(1, 2, 1.0))
+    cache.commit(2)  # step 1's slot never saw these two positions (the tokens exited after one step)
+    _, _, mask = cache.update(LayerKey("core", 0, 1), *_kv(1, 1, 2.0))
+    assert mask[0, 0, 0].tolist() == [False, False, True]
+
+
+def test_latest_fill_copies_the_last_computed_step() -> None:
+    cache = KVCache("latest", max_length=4, batch_size=2)
+    for step in range(2):
+        cache.update(LayerKey("core", 0, step), *_kv(2, 1, 10.0 + step))
+    cache.fill_latest(torch.tensor([1]), last_step=1, num_steps=4, n_core_layers=1, n_tokens=1)
+    for step in (2, 3):
+        slot = cache.slots[LayerKey("core", 0, step)]
+        assert slot.k[1, 0, 0, 0].item() == 11.0 and slot.valid[:, 0].tolist() == [False, True]
+
+
+def test_crop_and_growth() -> None:
+    cache = KVCache()
+    key = LayerKey("prelude", 0)
+    for t in range(40):  # grows past its first 16 positions
+        cache.update(key, *_kv(1, 1, float(t)))
+        cache.commit(1)
+    assert cache.slots[key].k.shape[2] >= 40 and cache.get_seq_length() == 40
+    cache.crop(10)
+    k, _, mask = cache.update(key, *_kv(1, 1, 99.0))
+    assert k.shape[2] == 11 and mask is None and k[0, 0, :, 0].tolist() == [*map(float, range(10)), 99.0]
+    full = KVCache("full", max_length=4)
+    full.update(key, *_kv(1, 4, 1.0))
+    full.commit(4)
+    with pytest.raises(ValueError, match="holds 4 positions"):
+        full.update(key, *_kv(1, 1, 1.0))
+
+
+def test_reference_lookup_strings() -> None:
+    assert isinstance(cache_policy_from_lookup("full", 4), FullSharing)
+    assert isinstance(cache_policy_from_lookup("latest-m4", 4), LatestSharing)
+    assert cache_policy_from_lookup("latest-m4-compress-s4", 4) == CyclicSharing(1)
+    assert cache_policy_from_lookup("latest-m4-compress-s16", 4) == CyclicSharing(4)
+    with pytest.raises(ValueError, match="unsupported cache_lookup_strategy 'compress-anchor'"):
+        cache_policy_from_lookup("compress-anchor", 4)
