@@ -7,13 +7,14 @@ import it). Model arguments (lm-eval's `model_args` string or dict):
     num_steps=R          recurrence depth (default: the config's mean_recurrence)
     exit_criterion=NAME  per-token adaptive exit for generate_until (kl, minp-kl, entropy-diff, latent-diff, cosine,
     exit_threshold=X     argmax-stability; threshold default: the criterion's); log-likelihoods use fixed depth r
-    batch_size=N, max_length=N (default block_size), init_scale=1.0, seed=0, add_bos=True, device=cpu
+    batch_size=N, max_length=N (default block_size), init_scale=1.0, seed=0, add_bos=True, device (default:
+    cuda if available, else cpu)
 
 Python:
     import recurrent_depth.evaluation.lm_eval_adapter  # registers "recurrent_depth"
     lm_eval.simple_evaluate(model="recurrent_depth", model_args="pretrained=ckpt,num_steps=16", tasks=[...])
 Command line (lm-eval's own CLI, with the class registered first):
-    python -m recurrent_depth.evaluation.lm_eval_adapter --model recurrent_depth \\
+    python -m recurrent_depth.evaluation.lm_eval_adapter run --model recurrent_depth \\
         --model_args pretrained=ckpt,num_steps=16 --tasks my_task --include_path tasks/
 """
 
@@ -47,7 +48,7 @@ class RecurrentDepthLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, num_steps: int | None = None,
                  exit_criterion: str | None = None, exit_threshold: float | None = None, batch_size: int | str = 16,
                  max_length: int | None = None, init_scale: float = 1.0, seed: int = 0, add_bos: bool = True,
-                 device: str = "cpu", model: Any = None, tokenizer: Any = None, **unused: Any) -> None:
+                 device: str | None = None, model: Any = None, tokenizer: Any = None, **unused: Any) -> None:
         super().__init__()
         if model is None:
             if not pretrained:
@@ -62,6 +63,8 @@ class RecurrentDepthLM(TemplateLM):
         unknown = {k for k in unused if k not in ("trust_remote_code", "dtype", "parallelize")}
         if unknown:
             raise ValueError(f"unknown recurrent_depth model arguments {sorted(unknown)}")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI passes cuda by default
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self._device = torch.device(device)

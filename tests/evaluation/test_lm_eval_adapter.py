@@ -87,6 +87,12 @@ def test_adapter_methods_match_direct_computation(model, tokenizer) -> None:
     assert gens == greedy_decode(model, tokenizer, prompts, 3, 3, init_scale=0.0, stop=["\n"]).texts
 
 
+def test_adapter_device_defaults(model, tokenizer) -> None:
+    lm = RecurrentDepthLM(model=model, tokenizer=tokenizer, device="cuda")  # lm-eval's CLI default
+    assert lm.model.lm_head.weight.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to("cpu")
+
+
 def test_adapter_rejects_bad_arguments(model, tokenizer) -> None:
     with pytest.raises(ValueError, match="pretrained"):
         RecurrentDepthLM()
