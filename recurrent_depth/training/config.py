@@ -131,6 +131,7 @@ class RuntimeSection:
     dtype: str = "auto"
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     threads: int = 0  # torch CPU threads (0: torch's default)
+    compile: bool = False  # torch.compile each sandwich block (a one-off compile, then faster steps)
 
 
 @dataclass

@@ -29,7 +29,13 @@ from recurrent_depth.training import checkpoint as ckpt
 from recurrent_depth.training.config import ConfigError, TrainConfig, expand_path
 from recurrent_depth.training.depth_sampler import DepthSampler, make_sampler
 from recurrent_depth.training.optim import build_optimizer, lr_at
-from recurrent_depth.training.parallel import apply_activation_checkpointing, clip_grad_norm, gradient_sync, parallelize
+from recurrent_depth.training.parallel import (
+    apply_activation_checkpointing,
+    clip_grad_norm,
+    compile_blocks,
+    gradient_sync,
+    parallelize,
+)
 from recurrent_depth.training.step import IGNORE, forward_backward, initial_states, token_loss_sum
 
 
@@ -200,6 +206,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, rt: Runtime) -> TrainResul
     model.train()
     if cfg.depth.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.runtime.compile:
+        compile_blocks(model)
     sharded = cfg.runtime.parallel == "fsdp" and rt.distributed
     train_model = parallelize(model, cfg.runtime.parallel, rt)
     optimizer = build_optimizer(model, cfg.optim)

@@ -1,4 +1,4 @@
-"""Infrastructure applied TO the model from outside: activation checkpointing per recurrence, DDP, FSDP2.
+"""Infrastructure applied TO the model from outside: activation checkpointing per recurrence, compile, DDP, FSDP2.
 
     apply_activation_checkpointing(model)          # recompute each core iteration in backward
     train_model = parallelize(model, "fsdp", rt)   # fully_shard per block, then the root
@@ -31,6 +31,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
     core_step._checkpointed = True  # type: ignore[attr-defined]
     t.core_step = core_step
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile every sandwich block in place (per block, as torchtitan does: the recurrence loop stays in
+    Python, each block's kernels are fused; autograd and no-grad iterations get one graph each)."""
+    t = model.transformer
+    for block in [*t.prelude, *t.core_block, *t.coda]:
+        block.compile()
 
 
 def parallelize(model: nn.Module, mode: str, rt: Runtime) -> nn.Module:

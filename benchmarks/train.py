@@ -1,0 +1,221 @@
+"""Training-step speed and memory, against the reference implementation in the same run; prints JSON.
+
+    REFERENCE_DIR=/work/reference/recpre .venv/bin/python benchmarks/train.py [--repeats 3] [--threads 2]
+
+speed   `small` preset, batch 4 x 256 tokens, num_steps = (24, 8) (24 recurrences without autograd, 8 with):
+        tokens/s of our forward + backward and of our whole training step (+ gradient clipping and AdamW), eager and
+        with `runtime.compile` (torch.compile per sandwich block), and of the reference's forward + backward (its
+        `RavenForCausalLM` in train mode with `num_steps=tensor([24, 8])` and labels); best of `--repeats` each
+        after a warm-up.
+memory  peak memory of our training step at 64 sampled recurrences (56 + 8) against 8 (0 + 8), same k = 8: each in a
+        fresh process (one warm-up step, then the peak resident set of one measured step, via /proc clear_refs), and
+        the bytes autograd saves for backward (exact, from saved-tensor hooks).
+
+REFERENCE_DIR holds the reference's `raven_modeling_minimal.py` and `raven_config_minimal.py` (public repository
+seal-rg/recurrent-pretraining, folder recpre/; never copied into this repo); it needs transformers 4.5x, so it runs in
+its own process with REFERENCE_PYTHON (default .venv-tf4/bin/python) and the same thread count. Without REFERENCE_DIR
+only our figures are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH, SEQ, NUM_STEPS = 4, 256, (24, 8)
+SMALL = dict(n_embd=256, n_heads=4, vocab_size=4096, intermediate_size=704, block_size=1024, n_layers_in_prelude=2,
+             n_layers_in_recurrent_block=4, n_layers_in_coda=2, mean_recurrence=32, mean_backprop_depth=8)
+
+
+def _ids(vocab: int):
+    import torch
+
+    return torch.randint(4, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------------------ reference worker
+def reference_worker(spec: dict) -> dict:
+    """Runs inside REFERENCE_PYTHON: the reference's forward + backward at num_steps = (24, 8), best of N."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    pkg = Path(tempfile.mkdtemp()) / "raven_reference"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("raven_modeling_minimal.py", "raven_config_minimal.py"):
+        (pkg / name).symlink_to(Path(spec["reference_dir"]) / name)
+    sys.path.insert(0, str(pkg.parent))
+    from raven_reference.raven_config_minimal import RavenConfig
+    from raven_reference.raven_modeling_minimal import RavenForCausalLM
+
+    torch.manual_seed(0)
+    model = RavenForCausalLM(RavenConfig(**SMALL, padding_multiple=SMALL["vocab_size"])).train()
+    ids = _ids(SMALL["vocab_size"])
+    steps = torch.tensor(list(NUM_STEPS))
+    times = []
+    for i in range(spec["repeats"] + 1):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        model(ids, labels=ids, num_steps=steps).loss.backward()
+        if i:  # the first call is a warm-up
+            times.append(time.perf_counter() - start)
+    return {"seconds": min(times)}
+
+
+def run_reference(args: argparse.Namespace, repeats: int) -> float | None:
+    if not args.reference_dir:
+        return None
+    spec = dict(reference_dir=args.reference_dir, threads=args.threads, repeats=repeats)
+    proc = subprocess.run([args.reference_python, __file__, "--reference-worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+
+
+# ------------------------------------------------------------------------------------------------- ours
+class Ours:
+    """Our `small` model with the training loop's pieces: seeded s0, truncated forward/backward, clip, AdamW."""
+
+    def __init__(self, compile: bool = False) -> None:
+        import torch
+
+        from recurrent_depth import RecurrentDepthConfig, RecurrentDepthForCausalLM
+        from recurrent_depth.training.config import OptimSection
+        from recurrent_depth.training.optim import build_optimizer
+
+        torch.manual_seed(0)
+        self.model = RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name("small")).train()
+        self.optimizer = build_optimizer(self.model, OptimSection(lr=1e-4))
+        self.ids = _ids(self.model.config.vocab_size)
+        self.rows = torch.arange(BATCH)
+        if compile:
+            from recurrent_depth.training.parallel import compile_blocks
+
+            compile_blocks(self.model)
+
+    def forward_backward(self, num_steps: tuple[int, int] = NUM_STEPS) -> None:
+        import contextlib
+
+        from recurrent_depth.training.step import forward_backward, initial_states
+
+        self.model.zero_grad(set_to_none=True)
+        s0 = initial_states(self.model.config, self.rows, SEQ, 0, 0, self.ids.device)
+        forward_backward(self.model, self.ids, self.ids, s0, num_steps, 1.0 / self.ids.numel(),
+                         contextlib.nullcontext)
+
+    def train_step(self, num_steps: tuple[int, int] = NUM_STEPS) -> None:
+        from recurrent_depth.training.parallel import clip_grad_norm
+
+        self.forward_backward(num_steps)
+        clip_grad_norm(self.model, 1.0)
+        self.optimizer.step()
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def memory_worker(spec: dict) -> dict:
+    """Fresh process: one warm-up step at (0, 8), then peak RSS of one step at `num_steps` (and saved bytes)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    ours = Ours()
+    ours.train_step((0, 8))
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM)
+    before = _status_kb("VmRSS")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ours.train_step(tuple(spec["num_steps"]))
+    return {"peak_rss_mb": _status_kb("VmHWM") / 1024, "rss_before_mb": before / 1024,
+            "step_increase_mb": (_status_kb("VmHWM") - before) / 1024, "autograd_saved_mb": sum(saved) / 2**20}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_memory(args: argparse.Namespace, num_steps: tuple[int, int]) -> dict:
+    spec = dict(threads=args.threads, num_steps=list(num_steps))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
+    parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
+                                                                     str(REPO / ".venv-tf4" / "bin" / "python")))
+    parser.add_argument("--reference-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.reference_worker:
+        print(json.dumps(reference_worker(json.loads(args.reference_worker))))
+        return
+    if args.memory_worker:
+        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MKL_CBWR", "AUTO")
+    tokens = BATCH * SEQ
+    ours = Ours()  # eager, then the reference, then compiled: machine load changes slowly, the order spreads it
+    fb = best_seconds(ours.forward_backward, args.repeats)
+    step = best_seconds(ours.train_step, args.repeats)
+    ref = run_reference(args, args.repeats)
+    compiled = Ours(compile=True)
+    warm = time.perf_counter()
+    compiled.forward_backward()
+    compile_s = time.perf_counter() - warm
+    cfb = best_seconds(compiled.forward_backward, args.repeats)
+    cstep = best_seconds(compiled.train_step, args.repeats)
+    speed = {"preset": "small", "batch": BATCH, "seq_len": SEQ, "num_steps": list(NUM_STEPS), "threads": args.threads,
+             "ours_fwd_bwd_tokens_per_s": tokens / fb, "ours_train_step_tokens_per_s": tokens / step,
+             "ours_compiled_fwd_bwd_tokens_per_s": tokens / cfb,
+             "ours_compiled_train_step_tokens_per_s": tokens / cstep,
+             "compile_warmup_s": compile_s}
+    if ref is not None:
+        speed["reference_fwd_bwd_tokens_per_s"] = tokens / ref
+        speed["speedup_fwd_bwd_eager"] = ref / fb
+        speed["speedup_fwd_bwd_compiled"] = ref / cfb
+        speed["speedup_compiled_train_step_vs_reference_fwd_bwd"] = ref / cstep
+    m8, m64 = run_memory(args, (0, 8)), run_memory(args, (56, 8))
+    memory = {"steps_8": m8, "steps_64": m64,
+              "peak_rss_ratio_64_vs_8": m64["peak_rss_mb"] / m8["peak_rss_mb"],
+              "step_increase_ratio_64_vs_8": m64["step_increase_mb"] / max(m8["step_increase_mb"], 1e-9),
+              "autograd_saved_ratio_64_vs_8": m64["autograd_saved_mb"] / m8["autograd_saved_mb"]}
+    print(json.dumps({"speed": speed, "memory": memory}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
