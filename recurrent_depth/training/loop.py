@@ -151,9 +151,13 @@ class MetricsLog:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         kept = []
-        if self.path.is_file() and start_step > 0:
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+        if self.path.is_file() and start_step > 0:  # keep what the checkpoint covers; drop a line cut by a kill
+            for ln in self.path.read_text().splitlines():
+                try:
+                    if json.loads(ln).get("step", 0) <= start_step:
+                        kept.append(ln)
+                except json.JSONDecodeError:
+                    continue
         self.path.write_text("".join(ln + "\n" for ln in kept))
         if tensorboard:
             try:

@@ -142,3 +142,14 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path, corpus: Path, m
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5, msg=name)
     if mode == "fsdp":
         assert (out / "checkpoints" / "step_00000004" / "dcp" / ".metadata").is_file()
+
+
+def test_resumed_metrics_drop_steps_after_the_checkpoint_and_cut_lines(tmp_path: Path) -> None:
+    from recurrent_depth.runtime import Runtime
+    from recurrent_depth.training.loop import MetricsLog
+
+    lines = [json.dumps({"step": s, "loss": float(s)}) for s in range(1, 6)] + ['{"step": 6, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    log = MetricsLog(tmp_path, 3, Runtime(torch.device("cpu"), torch.float32), tensorboard=False)
+    log.write({"step": 4, "loss": 0.5})
+    assert losses(tmp_path) == {1: 1.0, 2: 2.0, 3: 3.0, 4: 0.5}
