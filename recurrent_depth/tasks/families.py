@@ -1,7 +1,7 @@
 """Four procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
 its difficulty level (so more recurrence can help on harder instances):
 
-- `addition`: "4821+379=" -> "5200". Most significant digit first, so the first answer digit depends on the whole
+- `addition`: "821+379=" -> "1200". Most significant digit first, so the first answer digit depends on the whole
   carry chain. Level: operand digits. CoT: the sum written least significant digit first, then the answer.
 - `variable_binding`: "c=b,a=3,d=7,b=a;c?" -> "3". Assignments in shuffled order form a forest; the query sits k
   hops above its root, so resolving it takes k lookups. Level: k. CoT: the variables visited, then the value.
@@ -43,8 +43,8 @@ class Addition(Task):
     symbols: ClassVar[str] = DIGITS + "+="
     step_sep: ClassVar[str] = ""
 
-    digits: tuple[int, int] = (1, 4)
-    ood_digits: tuple[int, int] = (5, 6)
+    digits: tuple[int, int] = (1, 3)  # learnable by the `tiny` preset in ~800 steps of 32 on a CPU
+    ood_digits: tuple[int, int] = (4, 5)
 
     def _validate(self) -> None:
         self._set_range("digits", 1, 20)
