@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
                    help="adaptive exit criterion for an exit-threshold sweep (kl, minp-kl, entropy-diff, "
                         "latent-diff, cosine, argmax-stability)")
     p.add_argument("--thresholds", default="1e-2,3e-3,1e-3,3e-4,1e-4", help="comma-separated exit thresholds")
+    p.add_argument("--kv-sharing", default="latest",
+                   help="KV cache policy under an exit: latest (exited tokens read from their last step), full "
+                        "(holes), or an integer k (k cyclic slots)")
     p.add_argument("--max-steps", type=int, default=None, help="depth cap of the exit sweep (default: max --steps)")
     p.add_argument("--batch-size", type=int, default=64, help="rows decoded together")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                              exit_criterion=args.exit_criterion, thresholds=thresholds, max_steps=args.max_steps,
                              meta=meta, seq_len=args.seq_len, max_blocks=args.max_blocks, method=args.method,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             init_scale=args.init_scale, seed=args.seed)
+                             init_scale=args.init_scale, seed=args.seed, kv_sharing=args.kv_sharing)
     if "depth_sweep" in summary:
         print("accuracy against test-time depth\n" + format_table(summary["depth_sweep"],
                                                                    ["num_steps", "accuracy", "n"]))

@@ -49,7 +49,8 @@ def run_evaluation(model, tokenizer, out_dir: str | Path, steps: Sequence[int], 
             **{k: v for k, v in decode.items() if k != "batch_size"}}
     summary: dict[str, Any] = {"meta": meta, "files": {}}
     if rows is not None:
-        tf_kw = {k: v for k, v in decode.items() if k != "max_new_tokens"} if method == "teacher_forced" else decode
+        greedy_only = ("max_new_tokens", "kv_sharing", "min_steps", "warm_start")
+        tf_kw = {k: v for k, v in decode.items() if k not in greedy_only} if method == "teacher_forced" else decode
         recs = depth_sweep(model, tokenizer, rows, steps, scorer=scorer, method=method, **tf_kw)
         summary["depth_sweep"] = [{k: r[k] for k in ("num_steps", "accuracy", "n")} for r in recs]
         summary["files"]["depth_sweep"] = _save(recs, out, "depth_sweep", meta, plot_depth_sweep, "accuracy")

@@ -88,11 +88,12 @@ def teacher_forced_hits(model, tokenizer, rows: Sequence[dict], num_steps: int, 
 def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, scorer: Scorer = exact_match,
                       exit_criterion=None, max_new_tokens: int | None = None, batch_size: int = 64,
                       add_bos: bool = True, init_scale: float = 1.0, seed: int = 0,
-                      keep_predictions: bool = False, method: str = "greedy") -> dict[str, Any]:
+                      keep_predictions: bool = False, method: str = "greedy", **engine: Any) -> dict[str, Any]:
     """Greedy exact-match accuracy on `rows` at depth `num_steps` (the cap, with an exit criterion).
 
     method: "greedy" decodes (any scorer, exit criteria); "teacher_forced" checks exact token match in one forward
     per row (`teacher_forced_hits`: same accuracy at fixed depth, several times faster; the scorer is not used).
+    engine: keywords for the inference engine's `generate` (kv_sharing, min_steps, warm_start), greedy only.
     Returns num_steps, accuracy, correct, n, mean_steps (per generated token), mean_new_tokens (generated tokens per
     row, <eos> included: the context a chain of thought spends), seconds, and accuracy_by_level (when rows carry a
     `level`); with keep_predictions, also predictions (list of str) and token_steps (steps per generated token).
@@ -101,14 +102,14 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, sc
     _check_rows(rows)
     start = time.perf_counter()
     if method == "teacher_forced":
-        if exit_criterion is not None or keep_predictions:
+        if exit_criterion is not None or keep_predictions or engine:
             raise ValueError("method='teacher_forced' runs fixed depth and makes no predictions; use 'greedy'")
         hits = teacher_forced_hits(model, tokenizer, rows, num_steps, batch_size, add_bos, init_scale, seed)
         mean_steps, new_tokens, out = float(num_steps), None, None
     elif method == "greedy":
         budget = max_new_tokens or default_max_new_tokens(tokenizer, rows)
         out = greedy_decode(model, tokenizer, [r["prompt"] for r in rows], num_steps, budget, exit_criterion,
-                            batch_size=batch_size, add_bos=add_bos, init_scale=init_scale, seed=seed)
+                            batch_size=batch_size, add_bos=add_bos, init_scale=init_scale, seed=seed, **engine)
         hits = [bool(scorer(pred, r["answer"])) for pred, r in zip(out.texts, rows)]
         mean_steps, new_tokens = out.mean_steps(), sum(map(len, out.tokens)) / len(out.tokens)
     else:
