@@ -3,6 +3,8 @@ its difficulty level (so more recurrence can help on harder instances):
 
 - `addition`: "821+379=" -> "1200". Most significant digit first, so the first answer digit depends on the whole
   carry chain. Level: operand digits. CoT: the sum written least significant digit first, then the answer.
+  `ood_digits=(3, 3), ood_min_carry=2` gives a carry-heavy hard split at trained lengths (more sequential carry
+  steps without unseen prompt lengths, which small models fail at for reasons other than depth).
 - `variable_binding`: "c=b,a=3,d=7,b=a;c?" -> "3". Assignments in shuffled order form a forest; the query sits k
   hops above its root, so resolving it takes k lookups. Level: k. CoT: the variables visited, then the value.
 - `tree_path`: "ab,cb,bd,de;a>e?" -> "bde". A random tree as shuffled undirected edges; the answer is the unique path
@@ -35,6 +37,17 @@ def _number(rng: random.Random, n_digits: int) -> int:
     return rng.randint(10 ** (n_digits - 1), 10**n_digits - 1)
 
 
+def longest_carry_run(a: int, b: int) -> int:
+    """The longest run of consecutive digit positions that emit a carry when adding a and b."""
+    run = best = carry = 0
+    while a or b:
+        carry = (a % 10 + b % 10 + carry) >= 10
+        run = run + 1 if carry else 0
+        best = max(best, run)
+        a, b = a // 10, b // 10
+    return best
+
+
 @dataclass(frozen=True)
 class Addition(Task):
     """Multi-digit addition; `digits` bounds each operand's digit count ((min, max), inclusive)."""
@@ -45,15 +58,22 @@ class Addition(Task):
 
     digits: tuple[int, int] = (1, 3)  # learnable by the `tiny` preset in ~800 steps of 32 on a CPU
     ood_digits: tuple[int, int] = (4, 5)
+    ood_min_carry: int = 0  # ood problems hold a run of at least this many consecutive carries
 
     def _validate(self) -> None:
         self._set_range("digits", 1, 20)
-        self._set_range("ood_digits", 1, 20)
+        lo, hi = self._set_range("ood_digits", 1, 20)
+        if not isinstance(self.ood_min_carry, int) or not 0 <= self.ood_min_carry <= hi:
+            raise ValueError(f"difficulty knob `ood_min_carry` must be an integer in [0, ood_digits max = {hi}], "
+                             f"got {self.ood_min_carry!r}")
 
     def _sample(self, rng: random.Random, ood: bool) -> Instance:
         lo, hi = self.ood_digits if ood else self.digits
-        na, nb = rng.randint(lo, hi), rng.randint(lo, hi)
-        a, b = _number(rng, na), _number(rng, nb)
+        while True:
+            na, nb = rng.randint(lo, hi), rng.randint(lo, hi)
+            a, b = _number(rng, na), _number(rng, nb)
+            if not ood or longest_carry_run(a, b) >= self.ood_min_carry:
+                break
         total = str(a + b)
         return Instance(f"{a}+{b}=", total, tuple(reversed(total)), max(na, nb))
 

@@ -165,3 +165,19 @@ def test_write_jsonl_round_trip(tmp_path) -> None:
     rows = get_task("tree_path").generate(5, "ood", seed=0)
     path = write_jsonl(rows, tmp_path / "sub" / "ood.jsonl")
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+
+
+def test_addition_carry_heavy_ood_split() -> None:
+    from recurrent_depth.tasks.families import longest_carry_run
+
+    assert longest_carry_run(999, 1) == 3 and longest_carry_run(123, 456) == 0 and longest_carry_run(15, 5) == 1
+    assert longest_carry_run(191, 19) == 2  # 1+9 carries, 9+1+1 carries, 1+0+1 does not
+    task = get_task("addition", ood_digits=(3, 3), ood_min_carry=2)
+    rows = task.generate(200, "ood", seed=0)
+    for r in rows:
+        a, b = map(int, r["prompt"].rstrip("=").split("+"))
+        assert longest_carry_run(a, b) >= 2 and len(str(a)) == len(str(b)) == 3 and r["answer"] == str(a + b)
+    train = {r["prompt"] for r in task.generate(3000, "train", seed=0)}
+    assert not train & {r["prompt"] for r in rows}
+    with pytest.raises(ValueError, match="ood_min_carry"):
+        get_task("addition", ood_digits=(2, 2), ood_min_carry=3)
