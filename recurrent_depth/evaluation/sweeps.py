@@ -57,7 +57,8 @@ def teacher_forced_hits(model, tokenizer, rows: Sequence[dict], num_steps: int, 
 
     Greedy decoding emits `answer <eos>` exactly when, given the true prefix, the argmax at every answer position
     is the next answer token and then <eos>; so this equals exact-match greedy accuracy at fixed depth (up to float
-    rounding and the draw of the initial state) at a fraction of the cost: one pass per row, no cache."""
+    rounding and the draw of the initial state) at a fraction of the cost: one pass per row, no cache. Exact for
+    per-character tokenizers; with a BPE, greedy output that spells the answer with other tokens counts as a miss."""
     device = model.lm_head.weight.device
     prefix = [tokenizer.bos_token_id] if add_bos else []
     prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
