@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -29,24 +29,31 @@ def run(args: argparse.Namespace) -> int:
 
     scale = replace(reproduce.FULL, **{k: v for k, v in {"steps": args.steps, "threads": args.threads}.items() if v})
     if args.source:
-        ckpt = latest_checkpoint(args.source)
-        if ckpt is None:
-            raise FileNotFoundError(f"no checkpoint under {args.source!r} (expected a reproduce run's arm folder)")
+        arm = Path(args.source)
         command = f"rdepth bundle --from {args.source}"
     else:
-        tmp = Path(args.out or DEFAULT_MODEL).parent / ".bundle-train"
+        arm = Path(args.out or DEFAULT_MODEL).parent / ".bundle-train" / "recurrent"
         tree = reproduce.train_tree(scale, reproduce.model_fields(scale), {"sampler": "poisson-lognormal-filling"},
                                     reproduce.task_data(scale), scale.steps, reproduce.task_seq_len(scale))
-        ckpt = Path(reproduce.train_arm("recurrent", tree, tmp, print)["checkpoint"])
+        reproduce.train_arm("recurrent", tree, arm.parent, print)
         command = "rdepth bundle" + (f" --steps {args.steps}" if args.steps else "")
+    ckpt = latest_checkpoint(arm)
+    train_cfg = arm / "config.json"
+    if ckpt is None or not train_cfg.is_file():
+        raise FileNotFoundError(f"no checkpoint and config.json under {str(arm)!r} (expected an `rdepth train` "
+                                "output folder, such as a reproduce run's `recurrent` folder)")
+    task = json.loads(train_cfg.read_text())["data"]["task"]
+    if not task.get("name"):
+        raise ValueError(f"{train_cfg} did not train on a built-in task; the demo needs one")
+    model_cfg = json.loads((ckpt / "config.json").read_text())
     keep = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json"}
     with atomic_folder(Path(args.out or DEFAULT_MODEL)) as folder:
         for f in ckpt.iterdir():
             if f.name in keep:
                 shutil.copy2(f, folder / f.name)
-        info = {"task": scale.task, "difficulty": scale.difficulty, "mean_recurrence": scale.mean_recurrence,
-                "command": command, "scale": asdict(scale)}
+        info = {"task": task["name"], "difficulty": task.get("difficulty", {}),
+                "mean_recurrence": model_cfg["mean_recurrence"], "command": command, "trained_by": str(train_cfg)}
         (folder / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
     size = sum(f.stat().st_size for f in Path(args.out or DEFAULT_MODEL).iterdir())
     print(f"bundled checkpoint written to {args.out or DEFAULT_MODEL} ({size / 1e6:.1f} MB)")

@@ -1,36 +1,77 @@
-"""`rdepth demo`: build the `debug` preset and show what test-time depth changes (r = 1, 4, 16)."""
+"""`rdepth demo` (what `make demo` runs): on the bundled checkpoint and its bundled reasoning task, accuracy against
+test-time depth as a table and a plot, and one generated answer with the recurrence steps each token took."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from recurrent_depth.config import RecurrentDepthConfig
-from recurrent_depth.model import RecurrentDepthForCausalLM
-
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help="show accuracy and outputs against test-time depth on the bundled defaults")
-    p.add_argument("--steps", default="1,4,16", help="comma-separated recurrence depths to compare")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random debug model")
+    p = sub.add_parser(name, help="accuracy against test-time depth on the bundled checkpoint and task",
+                       description=__doc__)
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled checkpoint)")
+    p.add_argument("--steps", default=None, help="comma-separated depths (default: 1,2,4,r̄,2r̄,4r̄; r̄ = training mean)")
+    p.add_argument("--n", type=int, default=200, help="problems per split")
+    p.add_argument("--out", default="demo-out", help="folder for the plot and records")
+    p.add_argument("--seed", type=int, default=7, help="seed for the generated problems")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    steps = [int(s) for s in args.steps.split(",")]
-    torch.manual_seed(args.seed)
-    model = RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name("debug")).eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(args.seed))
-    print(f"debug preset: {model.num_parameters():,} parameters; prompt of {ids.shape[1]} tokens; s0 = 0")
-    prev = None
-    with torch.no_grad():
-        for r in steps:
-            out = model(ids, num_steps=r, init_scale=0.0)
-            probs = out.logits[0, -1].softmax(-1)
-            line = f"r={r:>3}: next-token argmax {int(probs.argmax()):>4}  p={float(probs.max()):.4f}"
-            if prev is not None:
-                line += f"  |latent change vs previous r| = {float((out.latent_states - prev).norm()):.4f}"
-            print(line)
-            prev = out.latent_states
+    from recurrent_depth.assets import bundle_info, resolve_model
+    from recurrent_depth.data.tokenizer import load_tokenizer
+    from recurrent_depth.evaluation.plots import plot_depth_sweep
+    from recurrent_depth.evaluation.records import write_records
+    from recurrent_depth.evaluation.report import format_table
+    from recurrent_depth.evaluation.sweeps import depth_sweep
+    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.tasks import get_task
+
+    path = resolve_model(args.model)
+    info = bundle_info(path)
+    if "task" not in info:
+        raise ValueError(f"{path} has no bundle.json naming its task; give a checkpoint made by `rdepth bundle`")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model, tok = RecurrentDepthForCausalLM.from_pretrained(path), load_tokenizer(path)
+    mean = int(info["mean_recurrence"])
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else sorted({1, 2, 4, mean, 2 * mean, 4 * mean})
+    task = get_task(info["task"], **info.get("difficulty", {}))
+    print(f"bundled checkpoint {path} ({model.num_parameters():,} parameters, trained at mean depth {mean})")
+    print(f"task {task}; {args.n} problems per split\n")
+    records = {}
+    for split in ("test", "ood"):
+        rows = task.generate(args.n, split=split, seed=args.seed)
+        recs = depth_sweep(model, tok, rows, steps, method="teacher_forced")
+        for r in recs:
+            r["split"] = split
+        records[split] = recs
+        label = "in-distribution" if split == "test" else "harder, out-of-distribution"
+        print(f"{label} ({split}):")
+        print(format_table(recs, ["num_steps", "accuracy", "correct", "n"]))
+        print()
+    out = Path(args.out)
+    write_records(records["test"] + records["ood"], out, "demo_depth_sweep", {"model": str(path), "steps": steps})
+    plot = plot_depth_sweep(records, out / "depth.png", title=f"{task.name}: accuracy against test-time depth")
+    print(f"plot: {plot}")
+    _show_one(model, tok, task, args.seed, 4 * mean)
     return 0
+
+
+def _show_one(model, tok, task, seed: int, cap: int) -> None:
+    """Generate one hard-split answer with the KL exit and print each token with the steps it used."""
+    from recurrent_depth.inference.generate import generate
+
+    row = task.generate(1, split="ood", seed=seed + 1)[0]
+    ids = torch.tensor([[tok.bos_token_id] + tok(row["prompt"], add_special_tokens=False)["input_ids"]])
+    n_answer = len(tok(row["answer"], add_special_tokens=False)["input_ids"])
+    out = generate(model, ids, max_new_tokens=n_answer + 1, num_steps=cap, exit_criterion="kl",
+                   exit_threshold=5e-4, eos_token_id=tok.eos_token_id)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    shown = " ".join(f"{tok.decode([t])!r}:{int(s)}" for t, s in zip(new, out.steps[0].tolist()) if s > 0)
+    text = tok.decode(new, skip_special_tokens=True)
+    print(f"\none answer (KL exit at 5e-4, at most {cap} steps):\n  prompt  {row['prompt']}\n  answer  {text}"
+          f"   (expected {row['answer']}: {'correct' if task.score(text, row['answer']) else 'wrong'})\n"
+          f"  token:steps  {shown}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,8 @@ _RESET = "\033[0m"
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="generate from a checkpoint, showing the recurrence steps of every token",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (model files + tokenizer.json)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (model files + tokenizer.json); default: the bundled checkpoint")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a left-padded batch)")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt (no tokenizer needed)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
@@ -80,11 +80,12 @@ class _Printer:
 
 
 def run(args: argparse.Namespace) -> int:
+    from recurrent_depth.assets import resolve_model
     from recurrent_depth.inference.exit import parse_exit_spec
     from recurrent_depth.inference.generate import generate
     from recurrent_depth.model import RecurrentDepthForCausalLM
 
-    path = Path(args.model)
+    path = resolve_model(args.model)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {str(path)!r} is not a checkpoint folder")
     model = RecurrentDepthForCausalLM.from_pretrained(path).eval()

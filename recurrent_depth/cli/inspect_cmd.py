@@ -9,7 +9,6 @@ Writes PNG figures and a self-contained `index.html` (open it in a browser; it l
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -22,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p = sub.add_parser(name, help="per-token convergence, exit steps, logit lens and latent trajectories of a prompt",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="checkpoint folder (model files + tokenizer.json); required until a bundled default exists")
+                   help="checkpoint folder (model files + tokenizer.json); default: the bundled checkpoint")
     p.add_argument("--prompt", required=True, help="the text to inspect")
     p.add_argument("--num-steps", type=int, default=64, help="recurrence steps to run and record (default 64)")
     p.add_argument("--out", default="out/inspect", help="output folder for the figures and index.html")
@@ -56,14 +55,12 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from recurrent_depth.assets import resolve_model
     from recurrent_depth.data.tokenizer import load_tokenizer
     from recurrent_depth.inspection import inspect_prompt, write_report
     from recurrent_depth.model import RecurrentDepthForCausalLM
 
-    if args.model is None:
-        raise ValueError("--model is required: give a checkpoint folder (model files + tokenizer.json); "
-                         "there is no bundled default checkpoint yet")
-    model_dir = Path(args.model)
+    model_dir = resolve_model(args.model)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {str(model_dir)!r} is not a folder")
     if args.num_steps < 1:

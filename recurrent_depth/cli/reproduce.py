@@ -17,12 +17,17 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the scale's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=None, help="seed for data, models and depth draws")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-judge the claims and rewrite results.md and plots from --out's results.json")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from recurrent_depth.evaluation import reproduce
 
+    if args.report_only:
+        print(reproduce.rejudge(args.out) and f"rewrote {args.out}/results.md")
+        return 0
     scale = reproduce.QUICK if args.quick else reproduce.FULL
     overrides = {k: v for k, v in {"task": args.task, "steps": args.steps, "threads": args.threads,
                                    "seed": args.seed}.items() if v is not None}

@@ -22,7 +22,7 @@ from recurrent_depth.serving.protocol import Limits
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint folder (config.json + safetensors + tokenizer.json)")
+                   help="checkpoint folder (config.json, safetensors, tokenizer.json); default: the bundled checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype: auto = float32 on CPU, bfloat16 on CUDA")
@@ -53,11 +53,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def resolve_model_path(path: str | None) -> str:
-    """--model; without it, the bundled default checkpoint (not shipped yet: a clear error until it is)."""
-    if path:
-        return path
-    raise ValueError("no bundled default checkpoint is available yet: pass --model PATH (a checkpoint folder with "
-                     "config.json, model.safetensors and tokenizer.json)")
+    """--model; without it, the bundled default checkpoint (a clear error if this install has none)."""
+    from recurrent_depth.assets import resolve_model
+
+    return str(resolve_model(path))
 
 
 def load_for_serving(args: argparse.Namespace):

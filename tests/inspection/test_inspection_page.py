@@ -82,7 +82,6 @@ def test_page_matches_the_library(model_dir: Path) -> None:
 
 def test_cli_errors_name_the_problem(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cases = [
-        (["--prompt", "x"], "--model is required"),
         (["--model", str(tmp_path / "missing"), "--prompt", "x"], "is not a folder"),
         (["--model", str(tmp_path), "--prompt", "x"], "no tokenizer.json"),
         (["--model", str(model_dir), "--prompt", "x", "--threshold", "kl"], "expected NAME=VALUE"),
