@@ -48,8 +48,11 @@ def test_jsonl_answer_only_and_accuracy(tmp_path: Path, corpus: Path) -> None:
     from recurrent_depth.training.config import config_from_dict
 
     cfg = config_from_dict(tiny_tree(corpus, data={"kind": "jsonl", "paths": [str(path)], "val_fraction": 0.1},
-                                     train={"steps": 30, "batch_size": 8}, eval={"depths": [1, 2]}))
+                                     train={"steps": 30, "batch_size": 8}, eval={"depths": [1, 2]},
+                                     depth={"sampler": "fixed", "depth": 3, "activation_checkpointing": True}))
     result = train(cfg, tmp_path / "run")
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["n_no_grad"], r["n_grad"]) for r in rows} == {(1, 2)}  # fixed depth 3, backprop depth 2
     assert result.losses[-1] < result.losses[0]
     assert {"val_loss@1", "val_acc@1", "val_acc@2"} <= result.final_eval.keys()
     assert 0.0 <= result.final_eval["val_acc@2"] <= 1.0
@@ -61,8 +64,9 @@ def test_builtin_reasoning_task(tmp_path: Path, corpus: Path) -> None:
     cfg = config_from_dict(tiny_tree(corpus, data={"kind": "task", "paths": [],
                                                    "task": {"name": "addition", "difficulty": {"digits": [1, 2]},
                                                             "num_train": 64, "num_eval": 16}},
-                                     train={"steps": 4}))
+                                     train={"steps": 4}, depth={"sampler": "non-recurrent"}))
     result = train(cfg, tmp_path / "run")
+    assert all(json.loads(ln)["depth"] == 1 for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     assert "val_acc@1" in result.final_eval
     tok = load_tokenizer(result.checkpoint)
     assert set("0123456789+=") <= set(tok.get_vocab())
@@ -110,11 +114,14 @@ def test_resume_after_kill_is_bit_exact(tmp_path: Path, corpus: Path) -> None:
     assert res.returncode == 0, res.stderr
     resumed = losses(out)
 
-    from recurrent_depth.training.config import config_from_dict
-
-    reference = train(config_from_dict(tree), tmp_path / "uninterrupted").losses
+    # the uninterrupted run also in a fresh process: same environment (threads, MKL mode) as the other two
+    ref_out = tmp_path / "uninterrupted"
+    res = subprocess.run([*cmd[:-1], str(ref_out)], env=cli_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    reference = losses(ref_out)
     assert sorted(resumed) == list(range(1, steps + 1))
-    assert [resumed[s] for s in range(1, steps + 1)] == reference  # bit for bit (fp32 CPU)
+    assert resumed == reference  # bit for bit (fp32 CPU)
 
 
 @pytest.mark.distributed
