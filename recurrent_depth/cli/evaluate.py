@@ -17,7 +17,8 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="accuracy / perplexity against test-time depth and adaptive-exit thresholds",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint folder (model files + tokenizer.json)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (model files + tokenizer.json); default: the bundled checkpoint")
     src = p.add_argument_group("data (at least one)")
     src.add_argument("--data", default=None, help='JSONL file of {"prompt": str, "answer": str} lines')
     src.add_argument("--task", default=None, help="a built-in reasoning task (generated): "
@@ -102,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
     from recurrent_depth.evaluation.sweeps import exact_match
     from recurrent_depth.model import RecurrentDepthForCausalLM
 
-    if not args.model:
-        raise ValueError("--model is required (a checkpoint folder holding the model files and tokenizer.json)")
     if not any((args.data, args.task, args.text, args.corpus)):
         raise ValueError("give --data, --task, --text or --corpus")
     if args.data and args.task:
@@ -112,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     thresholds = _floats(args.thresholds, "--thresholds") if args.exit_criterion else []
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model)
+    from recurrent_depth.assets import resolve_model
+
+    model_dir = resolve_model(args.model)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model folder {str(model_dir)!r} not found")
     tokenizer = load_tokenizer(model_dir)
