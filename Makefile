@@ -26,7 +26,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # The README's picture of latent thought (rdepth inspect): `make readme-figure MODEL=<checkpoint folder>`.
-INSPECT_PROMPT ?= Question: Alice has 3 apples and buys 4 more. How many apples does she have? Answer: 7
+INSPECT_PROMPT ?= 879+457=1336
 readme-figure: $(STAMP)
 	$(VENV)/bin/rdepth inspect $(if $(MODEL),--model $(MODEL)) --prompt "$(INSPECT_PROMPT)" --num-steps 64 --out build/inspect
 	mkdir -p docs/images && cp build/inspect/overview.png docs/images/inspect-overview.png

@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the scale's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=None, help="seed for data, models and depth draws")
+    p.add_argument("--reuse", action="store_true",
+                   help="read back arms already trained in --out with the same config instead of retraining them")
     p.add_argument("--report-only", action="store_true",
                    help="re-judge the claims and rewrite results.md and plots from --out's results.json")
     return p
@@ -33,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
                                    "seed": args.seed}.items() if v is not None}
     if overrides.get("steps", 1) < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    reproduce.run(args.out, quick=args.quick, scale=replace(scale, **overrides))
+    reproduce.run(args.out, quick=args.quick, scale=replace(scale, **overrides), reuse=args.reuse)
     return 0
