@@ -61,14 +61,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _show_one(model, tok, task, seed: int, cap: int) -> None:
-    """Generate one hard-split answer with the KL exit and print each token with the steps it used."""
+    """Generate one in-distribution answer with the KL exit and print each token with the steps it used."""
     from recurrent_depth.inference.generate import generate
 
-    row = task.generate(1, split="ood", seed=seed + 1)[0]
+    row = task.generate(1, split="test", seed=seed + 1)[0]
     ids = torch.tensor([[tok.bos_token_id] + tok(row["prompt"], add_special_tokens=False)["input_ids"]])
     n_answer = len(tok(row["answer"], add_special_tokens=False)["input_ids"])
+    # `latest` KV sharing: a token that exited early is read from its last computed step at deeper steps (with
+    # `full` sharing it would leave holes there); s0 drawn as in training (init_scale 1), seeded.
     out = generate(model, ids, max_new_tokens=n_answer + 1, num_steps=cap, exit_criterion="kl",
-                   exit_threshold=5e-4, eos_token_id=tok.eos_token_id)
+                   exit_threshold=5e-4, eos_token_id=tok.eos_token_id, kv_sharing="latest", init_scale=1.0,
+                   generator=torch.Generator().manual_seed(seed))
     new = out.sequences[0, ids.shape[1]:].tolist()
     shown = " ".join(f"{tok.decode([t])!r}:{int(s)}" for t, s in zip(new, out.steps[0].tolist()) if s > 0)
     text = tok.decode(new, skip_special_tokens=True)
