@@ -39,14 +39,10 @@ def reference_worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    pkg = Path(tempfile.mkdtemp()) / "raven_reference"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    for name in ("raven_modeling_minimal.py", "raven_config_minimal.py"):
-        (pkg / name).symlink_to(Path(spec["reference_dir"]) / name)
-    sys.path.insert(0, str(pkg.parent))
-    from raven_reference.raven_modeling_minimal import RavenForCausalLM
+    from reference_import import import_reference
     from transformers import GenerationConfig
+
+    RavenForCausalLM = import_reference(spec["reference_dir"])[0].RavenForCausalLM
 
     model = RavenForCausalLM.from_pretrained(spec["checkpoint"], torch_dtype=torch.float32).eval()
     ids = torch.tensor(spec["prompt"])

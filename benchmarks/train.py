@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,14 +45,10 @@ def reference_worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    pkg = Path(tempfile.mkdtemp()) / "raven_reference"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    for name in ("raven_modeling_minimal.py", "raven_config_minimal.py"):
-        (pkg / name).symlink_to(Path(spec["reference_dir"]) / name)
-    sys.path.insert(0, str(pkg.parent))
-    from raven_reference.raven_config_minimal import RavenConfig
-    from raven_reference.raven_modeling_minimal import RavenForCausalLM
+    from reference_import import import_reference
+
+    modeling, config = import_reference(spec["reference_dir"])
+    RavenForCausalLM, RavenConfig = modeling.RavenForCausalLM, config.RavenConfig
 
     torch.manual_seed(0)
     model = RavenForCausalLM(RavenConfig(**SMALL, padding_multiple=SMALL["vocab_size"])).train()

@@ -12,15 +12,6 @@ from recurrent_depth.data.tokenizer import char_tokenizer, save_tokenizer
 from recurrent_depth.tasks import combined_alphabet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CI box is shared); restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer(combined_alphabet() + " .\n")

@@ -24,15 +24,6 @@ def make_converging_model(seed: int = 0, contraction: float = 0.05) -> Recurrent
     return model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids thread contention on a shared 2-core machine (10x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def debug_model() -> RecurrentDepthForCausalLM:
     return make_debug_model()
