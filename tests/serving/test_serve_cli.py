@@ -20,9 +20,24 @@ from recurrent_depth.cli.main import build_parser, main
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_serve_without_model_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+def test_serve_without_model_or_bundle_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    import recurrent_depth.assets as assets
+
+    monkeypatch.setattr(assets, "DEFAULT_MODEL", tmp_path / "no-bundle")
     assert main(["serve"]) == 2
     assert "pass --model PATH" in capsys.readouterr().err
+
+
+def test_serve_defaults_to_the_bundled_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import recurrent_depth.assets as assets
+    from recurrent_depth.cli.serve import resolve_model_path
+
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "config.json").write_text("{}")
+    monkeypatch.setattr(assets, "DEFAULT_MODEL", tmp_path / "bundle")
+    assert resolve_model_path(None) == str(tmp_path / "bundle")
+    assert resolve_model_path("elsewhere") == "elsewhere"
 
 
 def test_serve_rejects_bad_limits(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
