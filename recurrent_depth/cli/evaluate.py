@@ -10,7 +10,6 @@ adaptive exit, for a checkpoint folder (model + tokenizer.json). Writes JSON, CS
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -76,17 +75,10 @@ def read_jsonl_rows(path: str | Path, limit: int = 0) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data file {str(path)!r} not found")
+    from recurrent_depth.data.prompts import iter_jsonl_rows
+
     rows = []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{no}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                or not isinstance(row.get("answer"), str):
-            raise ValueError(f'{path}:{no}: expected {{"prompt": str, "answer": str}}, got {line[:80]!r}')
+    for row in iter_jsonl_rows(path):
         rows.append(row)
         if limit and len(rows) >= limit:
             break

@@ -8,7 +8,7 @@ teacher forcing (every answer token is the argmax <=> greedy decoding reproduces
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +19,28 @@ from recurrent_depth.data.loader import TokenDataset
 IGNORE = -100
 
 
+def iter_jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of one JSONL file, each checked to be an object with string `prompt` and `answer` (other keys kept;
+    blank lines skipped); errors name the file and line."""
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{no}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                or not isinstance(row.get("answer"), str):
+            raise ValueError(f'{path}:{no}: expected {{"prompt": str, "answer": str}}, got {line[:80]!r}')
+        yield row
+
+
 def read_jsonl(paths: Iterable[str | Path]) -> list[dict[str, str]]:
-    """Examples from JSONL files; each line an object with string `prompt` and `answer` (blank lines skipped)."""
+    """Examples from JSONL files or folders of them (prompt and answer only)."""
     out = []
     for path in map(Path, paths):
-        files = sorted(path.glob("**/*.jsonl")) if path.is_dir() else [path]
-        for f in files:
-            for no, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{f}:{no}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                        or not isinstance(row.get("answer"), str):
-                    raise ValueError(f'{f}:{no}: expected {{"prompt": str, "answer": str}}, got {line[:80]!r}')
-                out.append({"prompt": row["prompt"], "answer": row["answer"]})
+        for f in sorted(path.glob("**/*.jsonl")) if path.is_dir() else [path]:
+            out.extend({"prompt": row["prompt"], "answer": row["answer"]} for row in iter_jsonl_rows(f))
     if not out:
         raise ValueError("no prompt/answer examples found in the data paths")
     return out

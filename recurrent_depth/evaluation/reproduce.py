@@ -15,6 +15,7 @@ Then every arm is evaluated and `results.json` (with a `claims` list), `results.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -117,14 +118,14 @@ def train_arm(name: str, tree: dict[str, Any], out: Path, log: Log, reuse: bool 
 
 def arm_record(name: str, folder: Path, log: Log) -> dict[str, Any]:
     """Checkpoint, parameter count, training seconds and mean loss of the last 20 logged steps of a finished arm."""
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.model.checkpoint import read_config
     from recurrent_depth.training.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(folder)
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [x["loss"] for x in lines if "loss" in x][-20:] or [float("nan")]
-    rec = {"name": name, "checkpoint": str(ckpt), "params": RecurrentDepthForCausalLM.from_pretrained(ckpt)
-           .num_parameters(), "train_seconds": round(max(x.get("elapsed_s", 0.0) for x in lines), 1),
+    rec = {"name": name, "checkpoint": str(ckpt), "params": read_config(ckpt).estimate_params(),
+           "train_seconds": round(max(x.get("elapsed_s", 0.0) for x in lines), 1),
            "final_loss": sum(losses) / len(losses)}
     log(f"  trained {name}: {rec['params']:,} parameters, {rec['train_seconds']:.0f} s, "
         f"final loss {rec['final_loss']:.3f}")
@@ -159,10 +160,16 @@ def _cost(tree: dict[str, Any]) -> float:
 
 
 def _load(rec: dict[str, Any]) -> tuple[Any, Any]:
+    return _load_checkpoint(rec["checkpoint"])
+
+
+@functools.lru_cache(maxsize=4)
+def _load_checkpoint(path: str) -> tuple[Any, Any]:
+    """Model and tokenizer of an arm's checkpoint, read once however many evaluations use them."""
     from recurrent_depth.data.tokenizer import load_tokenizer
     from recurrent_depth.model import RecurrentDepthForCausalLM
 
-    return RecurrentDepthForCausalLM.from_pretrained(rec["checkpoint"]), load_tokenizer(rec["checkpoint"])
+    return RecurrentDepthForCausalLM.from_pretrained(path), load_tokenizer(path)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -172,16 +179,12 @@ def sweep_depths(mean: int, quick: bool) -> list[int]:
     return sorted(base)
 
 
-def accuracy(model: Any, tok: Any, rows: list[dict], r: int, **kw: Any) -> dict[str, Any]:
-    from recurrent_depth.evaluation.sweeps import evaluate_accuracy
-
-    return evaluate_accuracy(model, tok, rows, r, **kw)
-
-
 def eval_depths(rec: dict[str, Any], splits: dict[str, list[dict]], depths: list[int]) -> dict[str, list]:
     """Exact-match accuracy at every depth on every split (teacher-forced: equal to greedy at fixed depth)."""
+    from recurrent_depth.evaluation.sweeps import depth_sweep
+
     model, tok = _load(rec)
-    return {s: [accuracy(model, tok, rows, r, method="teacher_forced") for r in depths] for s, rows in splits.items()}
+    return {s: depth_sweep(model, tok, rows, depths, method="teacher_forced") for s, rows in splits.items()}
 
 
 def eval_exit(rec: dict[str, Any], rows: list[dict], scale: Scale) -> list[dict[str, Any]]:
@@ -193,10 +196,12 @@ def eval_exit(rec: dict[str, Any], rows: list[dict], scale: Scale) -> list[dict[
 
 def eval_cot(rec: dict[str, Any], task: Any, splits: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     """Greedy chain-of-thought decoding: accuracy of the final answer and the tokens written before it."""
+    from recurrent_depth.evaluation.sweeps import evaluate_accuracy
+
     model, tok = _load(rec)
     out = {}
     for split, rows in splits.items():
-        r = accuracy(model, tok, rows, 1, scorer=lambda pred, ans: task.score(task.extract_answer(pred),
+        r = evaluate_accuracy(model, tok, rows, 1, scorer=lambda pred, ans: task.score(task.extract_answer(pred),
                                                                               task.extract_answer(ans)),
                      max_new_tokens=max(len(tok(x["answer"])["input_ids"]) for x in rows) + 3)
         answer_tokens = sum(len(tok(task.extract_answer(x["answer"]))["input_ids"]) + 1 for x in rows) / len(rows)
@@ -308,12 +313,18 @@ def task_data(scale: Scale) -> dict[str, Any]:
             "task": {"name": scale.task, "difficulty": scale.difficulty, "num_train": scale.n_train, "num_eval": 64}}
 
 
-def task_seq_len(scale: Scale) -> int:
-    """Sequence length that fits the longest training and hard-split example."""
+EVAL_SEEDS = {"test": 1000, "ood": 1001}  # offsets from scale.seed for the evaluation rows
+
+
+def task_seq_len(scale: Scale, task: Any = None) -> int:
+    """Sequence length that fits the longest training example and the longest hard-split evaluation example (the
+    same rows `run` trains and evaluates on, so `rdepth bundle` retrains exactly the reproduce recipe)."""
     from recurrent_depth.tasks import get_task
 
-    task = get_task(scale.task, **scale.difficulty)
-    return max(_seq_len(task.generate(2000, split=s, seed=scale.seed)) for s in ("train", "ood"))
+    task = task or get_task(scale.task, **scale.difficulty)
+    train = task.generate(scale.n_train, split="train", seed=scale.seed)
+    ood = task.generate(scale.n_eval, split="ood", seed=scale.seed + EVAL_SEEDS["ood"])
+    return max(_seq_len(train), _seq_len(ood))
 
 
 def run(out_dir: str | Path, quick: bool = False, scale: Scale | None = None, log: Log = print,
@@ -329,11 +340,10 @@ def run(out_dir: str | Path, quick: bool = False, scale: Scale | None = None, lo
     torch.set_num_threads(scale.threads)
     started = time.perf_counter()
     task = get_task(scale.task, **scale.difficulty)
-    seeds = {"test": scale.seed + 1000, "ood": scale.seed + 1001}
+    seeds = {s: scale.seed + offset for s, offset in EVAL_SEEDS.items()}
     splits = {s: task.generate(scale.n_eval, split=s, seed=seed) for s, seed in seeds.items()}
     cot_rows = {s: task.generate(scale.n_eval, split=s, seed=seed, cot=True) for s, seed in seeds.items()}
-    train_rows = task.generate(scale.n_train, split="train", seed=scale.seed)
-    seq_len = max(_seq_len(train_rows), _seq_len(splits["ood"]))
+    seq_len = task_seq_len(scale, task)
     data = task_data(scale)
     mean, steps = scale.mean_recurrence, scale.steps
     log(f"[reproduce] task {scale.task} {task}; {scale.steps} steps x {scale.batch_size} sequences per arm; "
@@ -352,7 +362,7 @@ def run(out_dir: str | Path, quick: bool = False, scale: Scale | None = None, lo
                            out / "data" / "cot_train.jsonl")
     cot_data = {"kind": "jsonl", "paths": [str(cot_file)], "tokenizer": "char", "answer_only_loss": True,
                 "val_fraction": 0.01}
-    cot_len = max(_seq_len(cot_rows["ood"]), _seq_len(train_rows) * 3)
+    cot_len = max(_seq_len(cot_rows["ood"]), seq_len * 3)
     jobs["cot"] = train_tree(scale, model_fields(scale), {"sampler": "non-recurrent"}, cot_data, steps, cot_len)
     corpus = export_corpus(out / "data" / "corpus", max_chars=scale.text_max_chars)
     text_data = {"kind": "text", "paths": [str(corpus["train"].parent)], "glob": "*.txt",

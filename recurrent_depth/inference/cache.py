@@ -52,14 +52,11 @@ class FullSharing:
 
 
 @dataclass(frozen=True)
-class LatestSharing:
-    """One slot per layer invocation; exited tokens are read from their latest computed recurrence."""
+class LatestSharing(FullSharing):
+    """One slot per layer invocation, as `full`; exited tokens are read from their latest computed recurrence."""
 
     name: str = "latest"
     fills_exited: bool = True
-
-    def slot(self, key: LayerKey) -> LayerKey:
-        return key
 
 
 @dataclass(frozen=True)
