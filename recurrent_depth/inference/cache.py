@@ -132,6 +132,25 @@ class KVCache:
         """The slot a layer invocation reads and writes."""
         return self.policy.slot(key)
 
+    def reserve(self, key: LayerKey, batch: int, heads: int, head_dim: int, like: Tensor) -> _Slot:
+        """The bookkeeping of `update` for a write of one position by every row (`rows` must be None), without the
+        write itself: the fused decode (`recurrent_depth.inference.fused`) writes keys and values in place."""
+        if self.rows is not None:
+            raise ValueError("KVCache.reserve writes every row; rows is set")
+        start = self.seq_len
+        end = start + 1
+        slot = self.slots.get(self.policy.slot(key))
+        if slot is None or end > slot.k.shape[2]:
+            fake = like.new_empty(()).expand(batch, heads, 1, head_dim)
+            slot = self._slot(self.policy.slot(key), fake, fake, end)
+        if start > slot.written:
+            self._mark_holes(slot)
+        if slot.holes:
+            slot.valid[:, start:end] = True
+        if end > slot.written:
+            slot.written = end
+        return slot
+
     def update(self, key: LayerKey, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Write k, v (R, H, T, D) at [seq_len, seq_len + T) for the selected rows; return keys and values
         (R, H, S, D) with S = seq_len + T and a validity mask (R, 1, 1, S), or None when every position is valid."""

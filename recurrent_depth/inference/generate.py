@@ -85,8 +85,7 @@ def forward_rows(model: Any, input_ids: Tensor, cache: KVCache, *, num_steps: in
         e = t.embed(input_ids, ctx)
         s = initial_state.to(e.dtype) if initial_state is not None else t.initial_state(e, init_scale, generator)
         if criterion is None or isinstance(criterion, NoExit) or num_steps == 0:
-            for i in range(num_steps):
-                s = t.core_step(s, e, i, ctx)
+            s = t.core_steps(s, e, 0, num_steps, ctx)
             hidden, latents = t.decode(s, ctx)
             steps = torch.full((R,), num_steps, dtype=torch.long, device=e.device)
             result = RowsResult(_head(model, hidden, all_logits), steps, s, latents)

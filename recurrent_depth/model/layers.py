@@ -46,6 +46,7 @@ class AttentionContext:
     mask: Tensor | None = None
     cache: KVStore | None = None
     _factors: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
+    fused: dict = field(default_factory=dict, init=False, repr=False)  # per-forward scratch of the fused decode
 
     def rope_factors(self) -> tuple[Tensor, Tensor]:
         """(C, S), each (B or 1, T, 1, 1, D/2, 2), so that pairs rotate as x * C + x.flip(-1) * S: the same

@@ -40,6 +40,7 @@ class RecurrentDepthModel(nn.Module):
         self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.emb_scale = math.sqrt(cfg.n_embd)
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.block_size, cfg.rope_base), persistent=False)
+        self.fused_decode = True  # one-token CPU decoding through the fused C++ op when it applies
 
     def reset_rope(self) -> None:
         """Recompute the RoPE table (after building on the meta device and materialising with `to_empty`)."""
@@ -49,9 +50,7 @@ class RecurrentDepthModel(nn.Module):
     def embed(self, input_ids: Tensor, ctx: AttentionContext) -> Tensor:
         """Token ids (B, T) -> prelude output e (B, T, d), the input re-injected at every recurrence."""
         x = self.wte(input_ids) * self.emb_scale
-        for j, block in enumerate(self.prelude):
-            x = block(x, LayerKey("prelude", j), ctx)
-        return x
+        return self._blocks(self.prelude, "prelude", x, ctx)
 
     def initial_state(self, e: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """s0 like e: truncated normal (std sqrt(2/(5d)) * init_scale, cut at ±3σ) times sqrt(d); zeros if scale 0."""
@@ -64,28 +63,56 @@ class RecurrentDepthModel(nn.Module):
 
     def core_step(self, state: Tensor, e: Tensor, step: int, ctx: AttentionContext) -> Tensor:
         """One recurrence: s_{i+1} = Core(Adapter(concat[s_i, e])); `step` is i (0-based), naming cache slots."""
+        if self._fused_core(state, ctx):
+            return self._fused_steps(state, e, step, 1, ctx)
         x = self.adapter(torch.cat([state, e], dim=-1))
-        for j, block in enumerate(self.core_block):
-            x = block(x, LayerKey("core", j, step), ctx)
-        return x
+        return self._blocks(self.core_block, "core", x, ctx, step)
+
+    def core_steps(self, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx: AttentionContext) -> Tensor:
+        """`n_steps` recurrences from step `first_step`, under the caller's grad mode: `core_step` in a loop (which
+        training may wrap, for activation checkpointing), or one fused call for one-token CPU decoding."""
+        if n_steps > 0 and self._fused_core(state, ctx):
+            return self._fused_steps(state, e, first_step, n_steps, ctx)
+        for i in range(first_step, first_step + n_steps):
+            state = self.core_step(state, e, i, ctx)
+        return state
+
+    def _fused_core(self, state: Tensor, ctx: AttentionContext) -> bool:
+        if not (self.fused_decode and state.shape[1] == 1 and ctx.cache is not None):
+            return False
+        from recurrent_depth.inference import fused
+
+        return fused.applicable(state, ctx, self.core_block) and self.adapter.weight.dtype == torch.float32
+
+    def _fused_steps(self, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx: AttentionContext) -> Tensor:
+        from recurrent_depth.inference import fused
+
+        return fused.run_blocks(self.core_block, "core", state, ctx, first_step, self.cfg.n_heads, self.cfg.norm_eps,
+                                e=e, adapter=self.adapter.weight, n_steps=n_steps)
 
     def decode(self, state: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
         """Final state s_r -> (hidden y = ln_f(Coda(ln_f(s_r))), latents z = ln_f(s_r))."""
         z = self.ln_f(state)
-        y = z
-        for j, block in enumerate(self.coda):
-            y = block(y, LayerKey("coda", j), ctx)
-        return self.ln_f(y), z
+        return self.ln_f(self._blocks(self.coda, "coda", z, ctx)), z
+
+    def _blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext, step: int = 0) -> Tensor:
+        """Run one stage's sandwich blocks; one-token decoding on the CPU takes the fused path when it applies
+        (`recurrent_depth.inference.fused`), everything else the modules themselves."""
+        if self.fused_decode and x.shape[1] == 1 and ctx.cache is not None:
+            from recurrent_depth.inference import fused
+
+            if fused.applicable(x, ctx, blocks):
+                return fused.run_blocks(blocks, part, x, ctx, step, self.cfg.n_heads, self.cfg.norm_eps)
+        for j, block in enumerate(blocks):
+            x = block(x, LayerKey(part, j, step), ctx)
+        return x
 
     def recur(self, state: Tensor, e: Tensor, n_no_grad: int, n_grad: int, ctx: AttentionContext,
               first_step: int = 0) -> Tensor:
         """n_no_grad recurrences without autograd, then n_grad with it (truncated backprop through depth)."""
         with torch.no_grad():
-            for i in range(first_step, first_step + n_no_grad):
-                state = self.core_step(state, e, i, ctx)
-        for i in range(first_step + n_no_grad, first_step + n_no_grad + n_grad):
-            state = self.core_step(state, e, i, ctx)
-        return state
+            state = self.core_steps(state, e, first_step, n_no_grad, ctx)
+        return self.core_steps(state, e, first_step + n_no_grad, n_grad, ctx)
 
     # ------------------------------------------------------------------------------------------ attention
     def attention_context(self, input_ids: Tensor, attention_mask: Tensor | None = None,

@@ -1,0 +1,150 @@
+"""Fused CPU decode: one C++ call per stage (prelude, core step, coda) for one new token per row.
+
+Batch-1 decoding of a recurrent-depth model is a long chain of tiny operations: at r = 32 a token runs 128 core-layer
+calls, each about forty small tensor ops whose dispatch costs more than their arithmetic. `torch.ops.rdepth.blocks`
+(csrc/fused_blocks.cpp) runs a whole stage's sandwich blocks in one call: the matrix products stay in ATen (MKL), the
+norms, RoPE, KV write, attention and gating are plain loops. It applies when:
+
+    one query token per row (T = 1), fp32 on the CPU, no autograd, and a `KVCache` that every row writes
+    (`cache.rows is None`): fixed-depth decoding, speculative drafting, adaptive exit until the first row exits.
+
+Anything else runs the eager network. The library is built on first use with the system C++ compiler
+(`torch.utils.cpp_extension`, cached under ~/.cache/torch_extensions); without a compiler, or with
+RDEPTH_FUSED=0 in the environment, decoding stays eager. Results match the eager network to float rounding
+(different summation order), not bit for bit; `model.transformer.fused_decode = False` turns the path off per model.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from recurrent_depth.inference.cache import KVCache
+from recurrent_depth.model.layers import AttentionContext, LayerKey
+
+_SOURCE = Path(__file__).with_name("csrc") / "fused_blocks.cpp"
+_lock = threading.Lock()
+_state: dict[str, Any] = {"loaded": None, "error": None}
+
+
+def available() -> bool:
+    """Whether the fused library is (or can be) loaded; builds it on the first call."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    with _lock:
+        if _state["loaded"] is None:
+            _state["loaded"] = _load()
+    return _state["loaded"]
+
+
+def load_error() -> str | None:
+    """Why the library could not be loaded (None if it loaded or was not tried)."""
+    return _state["error"]
+
+
+def _load() -> bool:
+    if os.environ.get("RDEPTH_FUSED", "1") == "0":
+        _state["error"] = "disabled by RDEPTH_FUSED=0"
+        return False
+    if hasattr(torch.ops, "rdepth") and hasattr(torch.ops.rdepth, "blocks"):
+        return True
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name=f"rdepth_fused_blocks_{_cpu_tag()}", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+             is_python_module=False, verbose=False)
+        torch.ops.rdepth.blocks  # noqa: B018  (raises if the op did not register)
+        return True
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: stay eager, say why once
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"recurrent_depth: fused CPU decode unavailable, decoding eagerly ({_state['error'][:300]})",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
+# -march=native: the library is built for the machine it runs on; the build folder's name carries a digest of the
+# CPU's model and flags, so a home directory shared between different machines never loads a foreign build.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+
+
+def _cpu_tag() -> str:
+    import hashlib
+    import platform
+
+    info = platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    return hashlib.sha256(info.encode()).hexdigest()[:12]
+
+
+def _weights(blocks: Any) -> list[Tensor]:
+    out: list[Tensor] = []
+    for b in blocks:
+        a = b.attn
+        bias = a.qk_bias.reshape(2, -1) if a.qk_bias is not None else _EMPTY
+        out += [b.norm_1.weight, a.Wqkv.weight, bias, a.proj.weight, b.norm_2.weight, b.norm_3.weight,
+                b.mlp.fc.weight, b.mlp.proj.weight, b.norm_4.weight]
+    return out
+
+
+_EMPTY = torch.empty(0)
+
+
+def applicable(x: Tensor, ctx: AttentionContext, blocks: Any) -> bool:
+    """Whether `run_blocks` may take this call (see the module docstring). Blocks with forward hooks (or global
+    module hooks) run eagerly, so that hooks keep firing."""
+    cache = ctx.cache
+    return (x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and isinstance(cache, KVCache) and cache.rows is None and not _hooked(blocks) and available())
+
+
+def _hooked(blocks: Any) -> bool:
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(b._forward_hooks or b._forward_pre_hooks for b in blocks)
+
+
+def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: int, n_heads: int, eps: float,
+               e: Tensor | None = None, adapter: Tensor | None = None, n_steps: int = 1) -> Tensor:
+    """Run `blocks` (one stage's sandwich blocks) on x (B, 1, d) through the fused op; the caller checked
+    `applicable`. With `adapter` (and `e`), x is the core's state and the op runs `n_steps` recurrences (steps
+    step .. step + n_steps - 1), each the blocks on adapter([x, e]). Cache bookkeeping (slots, holes, validity) is
+    the cache's own, as in `KVCache.update`."""
+    cache: KVCache = ctx.cache  # type: ignore[assignment]
+    B, _, d = x.shape
+    D = d // n_heads
+    start = cache.seq_len
+    scratch = ctx.fused
+    weights = scratch.get(part)
+    if weights is None:  # gathered once per forward (not per recurrence): parameters may change between forwards
+        weights = scratch[part] = _weights(blocks)
+        if "rope" not in scratch:
+            scratch["rope"] = ctx.rope.reshape(ctx.rope.shape[0], D // 2, 2).contiguous()
+            scratch["pad"] = None if ctx.mask is None else ctx.mask[:, 0, 0, : start + 1]
+    pad = scratch["pad"]
+    kslots, vslots, masks = [], [], []
+    for i in range(step, step + n_steps):
+        for j in range(len(blocks)):
+            slot = cache.reserve(LayerKey(part, j, i), B, n_heads, D, x)
+            kslots.append(slot.k)
+            vslots.append(slot.v)
+            valid = slot.valid[:, : start + 1] if slot.holes else None
+            if pad is not None:
+                valid = pad if valid is None else valid & pad
+            masks.append(_EMPTY if valid is None else valid.contiguous())
+    x2 = x.reshape(B, d).contiguous()
+    e2 = None if e is None else e.reshape(B, d).contiguous()
+    out = torch.ops.rdepth.blocks(x2, e2, adapter, n_steps, weights, kslots, vslots, start, masks, scratch["rope"], eps,
+                                  n_heads)
+    return out.view(B, 1, d)

@@ -1,0 +1,164 @@
+"""The fused CPU decode (`recurrent_depth.inference.fused`) against the eager network: same logits to float rounding,
+same tokens and steps, through padding, KV policies, adaptive exit (holes in the cache) and speculative decoding."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from recurrent_depth.inference import fused
+from recurrent_depth.inference.cache import KVCache
+from recurrent_depth.inference.exit import make_exit_criterion
+from recurrent_depth.inference.generate import forward_rows, generate
+from tests.inference.conftest import make_converging_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library() -> None:
+    assert fused.available(), f"the fused decode library did not build: {fused.load_error()}"
+
+
+@contextlib.contextmanager
+def _fused(model, on: bool, counter: list[int] | None = None):
+    """Switch the model's fused decode on or off; count the fused calls into `counter`."""
+    original = fused.run_blocks
+
+    def counting(*args, **kwargs):
+        counter.append(args[1])  # the stage: prelude, core or coda
+        return original(*args, **kwargs)
+
+    model.transformer.fused_decode = on
+    if counter is not None:
+        fused.run_blocks = counting
+    try:
+        yield
+    finally:
+        model.transformer.fused_decode = True
+        fused.run_blocks = original
+
+
+def _padded(seed: int = 0, batch: int = 3, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(4, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _teacher_forced(model, ids, mask, new, *, policy, num_steps, criterion=None):
+    """Logits and steps of a prefill plus one forward per token of `new` (B, n), fed regardless of the logits."""
+    B, T0 = ids.shape
+    cache = KVCache(policy, max_length=T0 + new.shape[1], batch_size=B)
+    full = torch.ones(B, T0 + new.shape[1], dtype=torch.long)
+    full[:, :T0] = mask
+    logits, steps = [], []
+    res = forward_rows(model, ids, cache, num_steps=num_steps, attention_mask=full[:, :T0], criterion=criterion)
+    logits.append(res.logits)
+    steps.append(res.steps)
+    for p in range(new.shape[1]):
+        res = forward_rows(model, new[:, p: p + 1], cache, num_steps=num_steps,
+                           attention_mask=full[:, : T0 + p + 1], criterion=criterion)
+        logits.append(res.logits)
+        steps.append(res.steps)
+    return torch.stack(logits, 1), torch.stack(steps, 1)
+
+
+@pytest.mark.parametrize("policy", ["full", "latest", 2, 1])
+def test_fused_decode_matches_eager_with_padding(debug_model, policy) -> None:
+    ids, mask = _padded(0)
+    new = torch.randint(4, 256, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), _fused(debug_model, False):
+        eager, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=5)
+    calls: list[int] = []
+    with torch.inference_mode(), _fused(debug_model, True, calls):
+        fast, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=5)
+    assert calls == ["prelude", "core", "coda"] * 5  # every decode token: prelude, 5 core steps in one call, coda
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["full", "latest", 1])
+def test_fused_decode_matches_eager_with_adaptive_exit(policy) -> None:
+    """Rows exit at different steps: deeper cache slots get holes, which the fused path must mask as eager does."""
+    converging_model = make_converging_model(contraction=0.6)  # slow enough convergence for varied exits
+    ids = torch.randint(4, 256, (3, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    new = torch.randint(4, 256, (3, 6), generator=torch.Generator().manual_seed(3))
+    crit = make_exit_criterion("kl", 1e-4)
+    with torch.inference_mode(), _fused(converging_model, False):
+        eager, eager_steps = _teacher_forced(converging_model, ids, mask, new, policy=policy, num_steps=12,
+                                             criterion=crit)
+    calls: list[int] = []
+    with torch.inference_mode(), _fused(converging_model, True, calls):
+        fast, fast_steps = _teacher_forced(converging_model, ids, mask, new, policy=policy, num_steps=12,
+                                           criterion=crit)
+    assert calls, "the fused path was never taken"
+    assert fast_steps.tolist() == eager_steps.tolist()
+    assert len(set(eager_steps[:, 1:].flatten().tolist())) > 1  # rows did exit at different depths
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_generate_gives_eager_tokens(debug_model) -> None:
+    ids, mask = _padded(4)
+    with _fused(debug_model, False):
+        eager = generate(debug_model, ids, mask, max_new_tokens=8, num_steps=6)
+        eager_spec = generate(debug_model, ids, mask, max_new_tokens=8, num_steps=6, draft_steps=2, lookahead=3)
+    calls: list[int] = []
+    with _fused(debug_model, True, calls):
+        fast = generate(debug_model, ids, mask, max_new_tokens=8, num_steps=6)
+        fast_spec = generate(debug_model, ids, mask, max_new_tokens=8, num_steps=6, draft_steps=2, lookahead=3)
+    assert calls
+    assert fast.sequences.tolist() == eager.sequences.tolist()
+    assert fast_spec.sequences.tolist() == eager_spec.sequences.tolist() == eager.sequences.tolist()
+
+
+def test_fused_path_is_skipped_where_it_does_not_apply(debug_model) -> None:
+    """Autograd, hooked blocks and multi-token forwards run the modules themselves."""
+    ids = torch.randint(4, 256, (1, 1))
+    calls: list[int] = []
+    with _fused(debug_model, True, calls):
+        cache = KVCache("full", max_length=4, batch_size=1)
+        debug_model(ids, num_steps=2, use_cache=True, cache=cache)  # grad mode on: eager
+        assert not calls
+        seen: list[int] = []
+        hook = debug_model.transformer.core_block[0].register_forward_hook(lambda *a: seen.append(1))
+        try:
+            with torch.inference_mode():
+                debug_model(ids, num_steps=2, use_cache=True, cache=KVCache("full", max_length=4, batch_size=1))
+        finally:
+            hook.remove()
+        assert seen == [1, 1] and "core" not in calls  # the hooked stage ran its modules; the others fused
+        with torch.inference_mode():
+            debug_model(ids, num_steps=2, use_cache=True, cache=KVCache("full", max_length=4, batch_size=1))
+        assert calls
+
+
+def test_fused_op_rejects_bad_arguments(debug_model) -> None:
+    d, H = debug_model.config.n_embd, debug_model.config.n_heads
+    weights = fused._weights(debug_model.transformer.core_block[:1])
+    slot = torch.zeros(1, H, 4, d // H)
+    rope = torch.zeros(1, d // H // 2, 2)
+    args = dict(x=torch.zeros(1, d), e=None, adapter=None, n_steps=1, weights=weights, kslots=[slot], vslots=[slot],
+                pos=0, masks=[fused._EMPTY], rope=rope, eps=1e-6, n_heads=H)
+    torch.ops.rdepth.blocks(*args.values())  # well-formed: runs
+    for change, message in [(dict(x=torch.zeros(d)), "x must be"),
+                            (dict(x=torch.zeros(1, d, dtype=torch.float64)), "x must be a contiguous fp32"),
+                            (dict(weights=weights[:8]), "9 weights per block"),
+                            (dict(kslots=[slot, slot]), "one k slot"),
+                            (dict(pos=4), "C > pos"),
+                            (dict(masks=[torch.ones(1, 3, dtype=torch.bool)]), "a mask must be"),
+                            (dict(n_steps=2), "one k slot"),
+                            (dict(rope=torch.zeros(1, 3, 2)), "rope must be")]:
+        with pytest.raises(RuntimeError, match=f"rdepth.blocks: .*{message}"):
+            torch.ops.rdepth.blocks(*{**args, **change}.values())
+
+
+def test_fused_can_be_disabled_by_environment(monkeypatch) -> None:
+    saved = dict(fused._state)
+    monkeypatch.setenv("RDEPTH_FUSED", "0")
+    try:
+        assert fused._load() is False
+        assert "RDEPTH_FUSED=0" in fused.load_error()
+    finally:
+        fused._state.update(saved)
