@@ -210,9 +210,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, rt: Runtime) -> TrainResul
     model.train()
     if cfg.depth.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if cfg.runtime.compile:
-        compile_blocks(model)
     sharded = cfg.runtime.parallel == "fsdp" and rt.distributed
+    if cfg.runtime.compile:
+        compile_blocks(model, fuse_core=not sharded)
     train_model = parallelize(model, cfg.runtime.parallel, rt)
     optimizer = build_optimizer(model, cfg.optim)
     start = 0

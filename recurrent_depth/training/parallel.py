@@ -33,12 +33,22 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     t.core_step = core_step
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module, fuse_core: bool = True) -> None:
     """torch.compile every sandwich block in place (per block, as torchtitan does: the recurrence loop stays in
-    Python, each block's kernels are fused; autograd and no-grad iterations get one graph each)."""
+    Python, each block's kernels are fused; autograd and no-grad iterations get one graph each).
+
+    With `fuse_core` (not for FSDP, whose sharded parameters only gather inside each block's own forward), the
+    recurrence also runs the whole core step (adapter + all core blocks) as one compiled graph with the adapter's
+    input half hoisted out of the loop and RoPE on contiguous halves (`recurrent_depth.training.fused`); the
+    per-block graphs remain for what that path does not cover (masks, caches, autocast). Call it after
+    `apply_activation_checkpointing`, whose per-recurrence recompute the fused path keeps."""
     t = model.transformer
     for block in [*t.prelude, *t.core_block, *t.coda]:
         block.compile()
+    if fuse_core:
+        from recurrent_depth.training.fused import install_fused_recurrence
+
+        install_fused_recurrence(model, checkpoint_steps=getattr(t.core_step, "_checkpointed", False))
 
 
 def parallelize(model: nn.Module, mode: str, rt: Runtime) -> nn.Module:

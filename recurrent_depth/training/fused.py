@@ -1,0 +1,133 @@
+"""A faster training recurrence for `runtime.compile`: the whole core step (adapter + every core block) as one
+torch.compile graph, with two rearrangements that change no value beyond float reassociation.
+
+    install_fused_recurrence(model)      # model.transformer.recur now runs the fused, compiled step
+
+1. The adapter reads concat[s, e] (d + d -> d); its e half, e @ A_e^T, is the same at every recurrence, so it is
+   computed once per forward (with autograd: its gradient is summed over the steps, then one product back) and each
+   step only multiplies s by A_s. The concat copy disappears too.
+2. RoPE rotates interleaved pairs (x[2i], x[2i+1]) of every head; a flip over pairs of two compiles to scalar code
+   on CPU (the rotation's backward most of all). Here the rows of `Wqkv` (and the q/k bias) that produce q and k are
+   read in the order [even dims | odd dims] of every head, so that RoPE works on two contiguous halves (vectorised)
+   with the same products and sums. Attention scores are dot products over the head dim, and q and k share the
+   order, so only the order of that sum changes. v and the output keep their layout.
+
+No parameter changes shape or layout: the permuted views are taken inside the graph's forward (once per forward, not
+per step), and autograd routes their gradients back to the checkpoint's parameters.
+
+The fused path covers what training runs: fp32, no KV cache, no padding mask, causal attention over the tokens
+themselves, no autocast. Anything else (evaluation with padding, bf16 autocast on a GPU, a cache) falls back to
+the model's own recurrence. Inference never goes through here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _pair_order(n_heads: int, head_dim: int) -> Tensor:
+    """Row order of Wqkv's q and k parts that lists each head's even dims, then its odd dims."""
+    half = torch.arange(0, head_dim, 2)
+    per_head = torch.cat([half, half + 1])  # (D,)
+    heads = (torch.arange(n_heads)[:, None] * head_dim + per_head).reshape(-1)  # (H*D,)
+    n = n_heads * head_dim
+    return torch.cat([heads, heads + n, torch.arange(2 * n, 3 * n)])  # q, k permuted; v as is
+
+
+class FusedCore(nn.Module):
+    """The core recurrence of a `RecurrentDepthModel`, computed from its own parameters (holds no state of its own
+    beyond an index buffer): `forward(state, ep, cos, sin, weights)` is one recurrence."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.t = [transformer]  # a list: not a submodule (no parameters registered twice)
+        cfg = transformer.cfg
+        self.n_heads, self.head_dim, self.d = cfg.n_heads, cfg.head_dim, cfg.n_embd
+        self.eps = cfg.norm_eps
+        self.register_buffer("order", _pair_order(cfg.n_heads, cfg.head_dim), persistent=False)
+
+    # ---------------------------------------------------------------------------------- once per forward
+    def prepare(self, e: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor, list[tuple]]:
+        """(ep = e A_e^T, cos, sin (1 or B, T, 1, D/2), per-block weights with Wqkv rows and qk bias in pair order)."""
+        t = self.t[0]
+        ep = F.linear(e, t.adapter.weight[:, self.d:])
+        cos, sin = rope[..., 0].contiguous(), rope[..., 1].contiguous()  # (., T, 1, D/2); contiguous: vectorised
+        weights = []
+        for block in t.core_block:
+            attn = block.attn
+            wqkv = attn.Wqkv.weight.index_select(0, self.order.to(attn.Wqkv.weight.device))
+            bias = None
+            if attn.qk_bias is not None:  # (2, 1, H, D) -> pair order within every head
+                b = attn.qk_bias
+                bias = torch.cat([b[..., 0::2], b[..., 1::2]], dim=-1)[:, 0]  # (2, H, D)
+            weights.append((block.norm_1.weight, wqkv, bias, attn.proj.weight, block.norm_2.weight,
+                            block.norm_3.weight, block.mlp.fc.weight, block.mlp.proj.weight, block.norm_4.weight))
+        return ep, cos, sin, weights
+
+    # ------------------------------------------------------------------------------------- one recurrence
+    def forward(self, state: Tensor, ep: Tensor, cos: Tensor, sin: Tensor, weights: list[tuple],
+                adapter_s: Tensor) -> Tensor:
+        x = F.linear(state, adapter_s) + ep
+        for w in weights:
+            x = self._block(x, cos, sin, *w)
+        return x
+
+    def _block(self, x: Tensor, cos: Tensor, sin: Tensor, n1: Tensor, wqkv: Tensor, bias: Tensor | None,
+               wproj: Tensor, n2: Tensor, n3: Tensor, wfc: Tensor, wmlp: Tensor, n4: Tensor) -> Tensor:
+        B, T, d = x.shape
+        H, D, eps = self.n_heads, self.head_dim, self.eps
+        h = F.rms_norm(x, (d,), n1, eps)
+        qkv = F.linear(h, wqkv).view(B, T, 3, H, D)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]
+        if bias is not None:
+            qk = qk + bias
+        a, b = qk[..., : D // 2], qk[..., D // 2:]  # even dims, odd dims (B, T, 2, H, D/2)
+        c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # (., T, 1, 1, D/2)
+        qk = torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+        q, k = qk.unbind(dim=2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=T > 1)
+        x = F.rms_norm(F.linear(y.transpose(1, 2).reshape(B, T, d), wproj) + x, (d,), n2, eps)
+        gate, up = F.linear(F.rms_norm(x, (d,), n3, eps), wfc).chunk(2, dim=-1)
+        return F.rms_norm(F.linear(F.silu(gate) * up, wmlp) + x, (d,), n4, eps)
+
+
+def _applies(state: Tensor, ctx) -> bool:
+    """Whether the fused step computes what the model would: fp32, no cache, no mask, no autocast."""
+    return (state.dtype == torch.float32 and ctx.mask is None and ctx.cache is None and state.shape[1] > 1
+            and not torch.is_autocast_enabled(state.device.type))
+
+
+def install_fused_recurrence(model: nn.Module, compile: bool = True, checkpoint_steps: bool = False) -> FusedCore:
+    """Replace `model.transformer.recur` (on this instance) by the fused recurrence; `compile` wraps the step in
+    torch.compile (one graph with autograd, one without), `checkpoint_steps` recomputes each step with autograd in
+    backward (activation checkpointing per recurrence). Returns the FusedCore."""
+    t = model.transformer
+    if getattr(t.recur, "_fused", False):
+        return t.recur._core
+    core = FusedCore(t).to(t.wte.weight.device)
+    step = torch.compile(core, dynamic=False) if compile else core
+    original = t.recur
+    d = t.cfg.n_embd
+
+    def recur(state: Tensor, e: Tensor, n_no_grad: int, n_grad: int, ctx, first_step: int = 0) -> Tensor:
+        if not _applies(state, ctx):
+            return original(state, e, n_no_grad, n_grad, ctx, first_step)
+        ep, cos, sin, weights = core.prepare(e, ctx.rope)
+        adapter_s = t.adapter.weight[:, :d]
+        with torch.no_grad():
+            for _ in range(n_no_grad):
+                state = step(state, ep, cos, sin, weights, adapter_s)
+        for _ in range(n_grad):
+            if checkpoint_steps and torch.is_grad_enabled():
+                state = checkpoint(step, state, ep, cos, sin, weights, adapter_s, use_reentrant=False)
+            else:
+                state = step(state, ep, cos, sin, weights, adapter_s)
+        return state
+
+    recur._fused = True  # type: ignore[attr-defined]
+    recur._core = core  # type: ignore[attr-defined]
+    t.recur = recur
+    return core
