@@ -132,16 +132,16 @@ class KVCache:
         """The slot a layer invocation reads and writes."""
         return self.policy.slot(key)
 
-    def reserve(self, key: LayerKey, batch: int, heads: int, head_dim: int, like: Tensor) -> _Slot:
-        """The bookkeeping of `update` for a write of one position by every row (`rows` must be None), without the
-        write itself: the fused decode (`recurrent_depth.inference.fused`) writes keys and values in place."""
+    def reserve(self, key: LayerKey, batch: int, heads: int, head_dim: int, like: Tensor, n_tokens: int = 1) -> _Slot:
+        """The bookkeeping of `update` for a write of `n_tokens` positions by every row (`rows` must be None), without
+        the write itself: the fused forward (`recurrent_depth.inference.fused`) writes keys and values in place."""
         if self.rows is not None:
             raise ValueError("KVCache.reserve writes every row; rows is set")
         start = self.seq_len
-        end = start + 1
+        end = start + n_tokens
         slot = self.slots.get(self.policy.slot(key))
         if slot is None or end > slot.k.shape[2]:
-            fake = like.new_empty(()).expand(batch, heads, 1, head_dim)
+            fake = like.new_empty(()).expand(batch, heads, n_tokens, head_dim)
             slot = self._slot(self.policy.slot(key), fake, fake, end)
         if start > slot.written:
             self._mark_holes(slot)

@@ -1,12 +1,13 @@
-"""Fused CPU decode: one C++ call per stage (prelude, core step, coda) for one new token per row.
+"""Fused CPU decode: one C++ call per stage (prelude, all core recurrences, coda) for a few new tokens per row.
 
 Batch-1 decoding of a recurrent-depth model is a long chain of tiny operations: at r = 32 a token runs 128 core-layer
 calls, each about forty small tensor ops whose dispatch costs more than their arithmetic. `torch.ops.rdepth.blocks`
 (csrc/fused_blocks.cpp) runs a whole stage's sandwich blocks in one call: the matrix products stay in ATen (MKL), the
 norms, RoPE, KV write, attention and gating are plain loops. It applies when:
 
-    one query token per row (T = 1), fp32 on the CPU, no autograd, and a `KVCache` that every row writes
-    (`cache.rows is None`): fixed-depth decoding, speculative drafting, adaptive exit until the first row exits.
+    at most MAX_TOKENS (64) new tokens per row, fp32 on the CPU, no autograd, and a `KVCache` that every row writes
+    (`cache.rows is None`): decoding and short prefills at fixed depth, speculative drafting and verification,
+    adaptive exit until the first row exits, HF `generate` with our cache.
 
 Anything else runs the eager network. The library is built on first use with the system C++ compiler
 (`torch.utils.cpp_extension`, cached under ~/.cache/torch_extensions); without a compiler, or with
@@ -99,12 +100,16 @@ def _weights(blocks: Any) -> list[Tensor]:
 _EMPTY = torch.empty(0)
 
 
+MAX_TOKENS = 64  # longer forwards (long prompts) run eagerly: their attention is better served by SDPA's kernels
+
+
 def applicable(x: Tensor, ctx: AttentionContext, blocks: Any) -> bool:
     """Whether `run_blocks` may take this call (see the module docstring). Blocks with forward hooks (or global
     module hooks) run eagerly, so that hooks keep firing."""
     cache = ctx.cache
-    return (x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and isinstance(cache, KVCache) and cache.rows is None and not _hooked(blocks) and available())
+    return (x.shape[1] <= MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and isinstance(cache, KVCache) and cache.rows is None
+            and not _hooked(blocks) and available())
 
 
 def _hooked(blocks: Any) -> bool:
@@ -117,34 +122,35 @@ def _hooked(blocks: Any) -> bool:
 
 def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: int, n_heads: int, eps: float,
                e: Tensor | None = None, adapter: Tensor | None = None, n_steps: int = 1) -> Tensor:
-    """Run `blocks` (one stage's sandwich blocks) on x (B, 1, d) through the fused op; the caller checked
+    """Run `blocks` (one stage's sandwich blocks) on x (B, T, d) through the fused op; the caller checked
     `applicable`. With `adapter` (and `e`), x is the core's state and the op runs `n_steps` recurrences (steps
     step .. step + n_steps - 1), each the blocks on adapter([x, e]). Cache bookkeeping (slots, holes, validity) is
     the cache's own, as in `KVCache.update`."""
     cache: KVCache = ctx.cache  # type: ignore[assignment]
-    B, _, d = x.shape
+    B, T, d = x.shape
     D = d // n_heads
     start = cache.seq_len
+    S = start + T
     scratch = ctx.fused
     weights = scratch.get(part)
     if weights is None:  # gathered once per forward (not per recurrence): parameters may change between forwards
         weights = scratch[part] = _weights(blocks)
         if "rope" not in scratch:
-            scratch["rope"] = ctx.rope.reshape(ctx.rope.shape[0], D // 2, 2).contiguous()
-            scratch["pad"] = None if ctx.mask is None else ctx.mask[:, 0, 0, : start + 1]
+            scratch["rope"] = ctx.rope.reshape(ctx.rope.shape[0], T, D // 2, 2).contiguous()
+            # the forward's own mask (padding; causal within the new tokens is the op's), per token: (B, T, S)
+            scratch["pad"] = None if ctx.mask is None else ctx.mask[:, 0, :, :S]
     pad = scratch["pad"]
     kslots, vslots, masks = [], [], []
     for i in range(step, step + n_steps):
         for j in range(len(blocks)):
-            slot = cache.reserve(LayerKey(part, j, i), B, n_heads, D, x)
+            slot = cache.reserve(LayerKey(part, j, i), B, n_heads, D, x, T)
             kslots.append(slot.k)
             vslots.append(slot.v)
-            valid = slot.valid[:, : start + 1] if slot.holes else None
+            valid = slot.valid[:, :S] if slot.holes else None  # (B, S): positions some row never wrote
             if pad is not None:
-                valid = pad if valid is None else valid & pad
+                valid = pad if valid is None else valid[:, None, :] & pad
             masks.append(_EMPTY if valid is None else valid.contiguous())
-    x2 = x.reshape(B, d).contiguous()
-    e2 = None if e is None else e.reshape(B, d).contiguous()
-    out = torch.ops.rdepth.blocks(x2, e2, adapter, n_steps, weights, kslots, vslots, start, masks, scratch["rope"], eps,
-                                  n_heads)
-    return out.view(B, 1, d)
+    x = x.contiguous()
+    e = None if e is None else e.contiguous()
+    return torch.ops.rdepth.blocks(x, e, adapter, n_steps, weights, kslots, vslots, start, masks, scratch["rope"],
+                                   eps, n_heads)

@@ -40,7 +40,7 @@ class RecurrentDepthModel(nn.Module):
         self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.emb_scale = math.sqrt(cfg.n_embd)
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.block_size, cfg.rope_base), persistent=False)
-        self.fused_decode = True  # one-token CPU decoding through the fused C++ op when it applies
+        self.fused_decode = True  # cached CPU inference through the fused C++ op when it applies
 
     def reset_rope(self) -> None:
         """Recompute the RoPE table (after building on the meta device and materialising with `to_empty`)."""
@@ -70,7 +70,7 @@ class RecurrentDepthModel(nn.Module):
 
     def core_steps(self, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx: AttentionContext) -> Tensor:
         """`n_steps` recurrences from step `first_step`, under the caller's grad mode: `core_step` in a loop (which
-        training may wrap, for activation checkpointing), or one fused call for one-token CPU decoding."""
+        training may wrap, for activation checkpointing), or one fused call for cached CPU inference."""
         if n_steps > 0 and self._fused_core(state, ctx):
             return self._fused_steps(state, e, first_step, n_steps, ctx)
         for i in range(first_step, first_step + n_steps):
@@ -78,7 +78,7 @@ class RecurrentDepthModel(nn.Module):
         return state
 
     def _fused_core(self, state: Tensor, ctx: AttentionContext) -> bool:
-        if not (self.fused_decode and state.shape[1] == 1 and ctx.cache is not None):
+        if not (self.fused_decode and ctx.cache is not None):
             return False
         from recurrent_depth.inference import fused
 
@@ -96,9 +96,9 @@ class RecurrentDepthModel(nn.Module):
         return self.ln_f(self._blocks(self.coda, "coda", z, ctx)), z
 
     def _blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext, step: int = 0) -> Tensor:
-        """Run one stage's sandwich blocks; one-token decoding on the CPU takes the fused path when it applies
+        """Run one stage's sandwich blocks; cached CPU inference of a few tokens takes the fused path when it applies
         (`recurrent_depth.inference.fused`), everything else the modules themselves."""
-        if self.fused_decode and x.shape[1] == 1 and ctx.cache is not None:
+        if self.fused_decode and ctx.cache is not None:
             from recurrent_depth.inference import fused
 
             if fused.applicable(x, ctx, blocks):

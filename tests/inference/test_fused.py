@@ -47,8 +47,9 @@ def _padded(seed: int = 0, batch: int = 3, length: int = 7) -> tuple[torch.Tenso
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def _teacher_forced(model, ids, mask, new, *, policy, num_steps, criterion=None):
-    """Logits and steps of a prefill plus one forward per token of `new` (B, n), fed regardless of the logits."""
+def _teacher_forced(model, ids, mask, new, *, policy, num_steps, criterion=None, chunk=1):
+    """Logits and steps of a prefill plus one forward per `chunk` tokens of `new` (B, n), fed regardless of the
+    logits (last-position logits of each forward)."""
     B, T0 = ids.shape
     cache = KVCache(policy, max_length=T0 + new.shape[1], batch_size=B)
     full = torch.ones(B, T0 + new.shape[1], dtype=torch.long)
@@ -57,9 +58,10 @@ def _teacher_forced(model, ids, mask, new, *, policy, num_steps, criterion=None)
     res = forward_rows(model, ids, cache, num_steps=num_steps, attention_mask=full[:, :T0], criterion=criterion)
     logits.append(res.logits)
     steps.append(res.steps)
-    for p in range(new.shape[1]):
-        res = forward_rows(model, new[:, p: p + 1], cache, num_steps=num_steps,
-                           attention_mask=full[:, : T0 + p + 1], criterion=criterion)
+    for p in range(0, new.shape[1], chunk):
+        piece = new[:, p: p + chunk]
+        res = forward_rows(model, piece, cache, num_steps=num_steps,
+                           attention_mask=full[:, : T0 + p + piece.shape[1]], criterion=criterion)
         logits.append(res.logits)
         steps.append(res.steps)
     return torch.stack(logits, 1), torch.stack(steps, 1)
@@ -74,7 +76,7 @@ def test_fused_decode_matches_eager_with_padding(debug_model, policy) -> None:
     calls: list[int] = []
     with torch.inference_mode(), _fused(debug_model, True, calls):
         fast, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=5)
-    assert calls == ["prelude", "core", "coda"] * 5  # every decode token: prelude, 5 core steps in one call, coda
+    assert calls == ["prelude", "core", "coda"] * 6  # prefill and each token: prelude, 5 core steps in one call, coda
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
 
 
@@ -134,22 +136,46 @@ def test_fused_path_is_skipped_where_it_does_not_apply(debug_model) -> None:
         assert calls
 
 
+@pytest.mark.parametrize("policy", ["full", 1])
+def test_fused_multi_token_forwards_match_eager(debug_model, policy) -> None:
+    """Several new tokens per forward after a cached past (causal within the chunk, padding, holes-free)."""
+    ids, mask = _padded(5)
+    new = torch.randint(4, 256, (3, 9), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode(), _fused(debug_model, False):
+        eager, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=4, chunk=3)
+    calls: list[int] = []
+    with torch.inference_mode(), _fused(debug_model, True, calls):
+        fast, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=4, chunk=3)
+    assert calls == ["prelude", "core", "coda"] * 4
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_long_prompts_prefill_eagerly(debug_model) -> None:
+    ids = torch.randint(4, 256, (1, fused.MAX_TOKENS + 1), generator=torch.Generator().manual_seed(7))
+    calls: list[int] = []
+    with _fused(debug_model, True, calls):
+        generate(debug_model, ids, max_new_tokens=2, num_steps=2)
+    assert calls == ["prelude", "core", "coda"]  # the prompt's forward was eager, the one decode step fused
+
+
 def test_fused_op_rejects_bad_arguments(debug_model) -> None:
     d, H = debug_model.config.n_embd, debug_model.config.n_heads
     weights = fused._weights(debug_model.transformer.core_block[:1])
     slot = torch.zeros(1, H, 4, d // H)
-    rope = torch.zeros(1, d // H // 2, 2)
-    args = dict(x=torch.zeros(1, d), e=None, adapter=None, n_steps=1, weights=weights, kslots=[slot], vslots=[slot],
-                pos=0, masks=[fused._EMPTY], rope=rope, eps=1e-6, n_heads=H)
+    rope = torch.zeros(1, 1, d // H // 2, 2)
+    args = dict(x=torch.zeros(1, 1, d), e=None, adapter=None, n_steps=1, weights=weights, kslots=[slot],
+                vslots=[slot], pos=0, masks=[fused._EMPTY], rope=rope, eps=1e-6, n_heads=H)
     torch.ops.rdepth.blocks(*args.values())  # well-formed: runs
-    for change, message in [(dict(x=torch.zeros(d)), "x must be"),
-                            (dict(x=torch.zeros(1, d, dtype=torch.float64)), "x must be a contiguous fp32"),
+    for change, message in [(dict(x=torch.zeros(1, d)), "x must be"),
+                            (dict(x=torch.zeros(1, 1, d, dtype=torch.float64)), "x must be a contiguous fp32"),
                             (dict(weights=weights[:8]), "9 weights per block"),
                             (dict(kslots=[slot, slot]), "one k slot"),
-                            (dict(pos=4), "C > pos"),
+                            (dict(pos=4), "C >= pos"),
+                            (dict(pos=-1), "pos must be"),
                             (dict(masks=[torch.ones(1, 3, dtype=torch.bool)]), "a mask must be"),
                             (dict(n_steps=2), "one k slot"),
-                            (dict(rope=torch.zeros(1, 3, 2)), "rope must be")]:
+                            (dict(adapter=torch.zeros(d, 2 * d)), "adapter needs e"),
+                            (dict(rope=torch.zeros(1, 1, 3, 2)), "rope must be")]:
         with pytest.raises(RuntimeError, match=f"rdepth.blocks: .*{message}"):
             torch.ops.rdepth.blocks(*{**args, **change}.values())
 

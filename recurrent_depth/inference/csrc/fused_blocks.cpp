@@ -1,6 +1,7 @@
-// Fused decode of sandwich blocks for one new token per row (T = 1), fp32 on the CPU.
+// Fused forward of sandwich blocks for a few new tokens per row with a KV cache (decoding: T = 1; short prefills and
+// speculative verification: T > 1), fp32 on the CPU.
 //
-// One call runs a stage of the network on x (B, d): the prelude's or the coda's blocks, or `n_steps` recurrences of
+// One call runs a stage of the network on x (B, T, d): the prelude's or the coda's blocks, or `n_steps` recurrences of
 // the core (adapter, then its blocks, repeated). Everything runs here in plain loops: RMSNorm, q/k bias,
 // interleaved-pair RoPE, the KV write, masked softmax attention over the cached positions, the SiLU gate, residuals,
 // and, for a few rows, the matrix-vector products (more rows go to ATen's GEMM), so a decode token costs a handful
@@ -9,18 +10,20 @@
 // network when no compiler is available.
 //
 // Arguments:
-//   x        (B, d) input of the first block, or with `adapter` (d, 2d) and `e` (B, d) the state of the core: each
-//            of the n_steps recurrences runs the blocks on adapter([x, e])
+//   x        (B, T, d) input of the first block, or with `adapter` (d, 2d) and `e` (B, T, d) the state of the core:
+//            each of the n_steps recurrences runs the blocks on adapter([x, e])
 //   weights  9 tensors per block: norm_1 (d), Wqkv (3d, d), qk_bias (2, H*D) or empty, attn.proj (d, d), norm_2 (d),
 //            norm_3 (d), mlp.fc (2I, d), mlp.proj (d, I), norm_4 (d)
-//   kslots, vslots  one (B, H, C, D) cache slot per (step, block), step-major; the new key and value are written at
-//            position `pos`
-//   masks    one per (step, block): empty (every position 0..pos visible) or a (B, pos + 1) bool tensor of visible
-//            keys
-//   rope     (B or 1, D/2, 2) cos/sin of each row's position
+//   kslots, vslots  one (B, H, C, D) cache slot per (step, block), step-major; token t's key and value are written
+//            at position pos + t, and it attends causally to positions 0 .. pos + t
+//   masks    one per (step, block): empty (every such position visible), or a bool tensor of visible keys, (B, S)
+//            for all tokens of a row or (B, T, S) per token, S = pos + T; a token always sees itself
+//   rope     (B or 1, T, D/2, 2) cos/sin of each token's position
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -51,10 +54,11 @@ inline float exp_approx(float x) {
   return p * scale;
 }  // at most this many rows: our matrix-vector loops; more: ATen's GEMM
 
-// y (B, N) = x (B, K) @ W^T with W (N, K) row-major: four weight rows at a time, each read once for all B rows.
-void linear_rows(const float* x, const float* W, float* y, int64_t B, int64_t N, int64_t K) {
-  int64_t n = 0;
-  for (; n + 4 <= N; n += 4) {
+// y[:, n0:n1] = x (B, K) @ W[n0:n1]^T with W (N, K) row-major and y (B, N): four weight rows at a time, each read
+// once for all B rows.
+void linear_rows(const float* x, const float* W, float* y, int64_t B, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
     const float* w0 = W + n * K;
     const float* w1 = w0 + K;
     const float* w2 = w1 + K;
@@ -77,7 +81,7 @@ void linear_rows(const float* x, const float* W, float* y, int64_t B, int64_t N,
       yb[3] = a3;
     }
   }
-  for (; n < N; ++n) {
+  for (; n < n1; ++n) {
     const float* w0 = W + n * K;
     for (int64_t b = 0; b < B; ++b) {
       const float* xb = x + b * K;
@@ -89,14 +93,21 @@ void linear_rows(const float* x, const float* W, float* y, int64_t B, int64_t N,
   }
 }
 
-// out (B, N) = in (B, K) @ W^T
+// out (B, N) = in (B, K) @ W^T; the weight rows are split across ATen's intra-op threads (torch.set_num_threads).
 void linear(const at::Tensor& in, const at::Tensor& W, at::Tensor& out) {
-  const int64_t B = in.size(0);
-  if (B <= kGemmRows) {
-    linear_rows(in.data_ptr<float>(), W.data_ptr<float>(), out.data_ptr<float>(), B, W.size(0), W.size(1));
-  } else {
+  const int64_t B = in.size(0), N = W.size(0), K = W.size(1);
+  if (B > kGemmRows) {
     at::mm_out(out, in, W.t());
+    return;
   }
+  const float* x = in.data_ptr<float>();
+  const float* w = W.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t blocks = (N + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));  // about 256 KB of weights per task
+  at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
+    linear_rows(x, w, y, B, N, K, lo * 4, std::min(hi * 4, N));
+  });
 }
 
 void rms_norm_rows(const float* in, const float* w, float* out, int64_t rows, int64_t d, double eps) {
@@ -128,8 +139,9 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
                   at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads) {
   check_f32(x_arg, "x");
   check_f32(rope, "rope");
-  TORCH_CHECK(x_arg.dim() == 2, "rdepth.blocks: x must be (B, d)");
+  TORCH_CHECK(x_arg.dim() == 3, "rdepth.blocks: x must be (B, T, d)");
   TORCH_CHECK(n_steps >= 1, "rdepth.blocks: n_steps must be at least 1");
+  TORCH_CHECK(pos >= 0, "rdepth.blocks: pos must be >= 0");
   const int64_t L = static_cast<int64_t>(weights.size()) / 9;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 9 * L && L >= 1, "rdepth.blocks: expected 9 weights per block");
   TORCH_CHECK(static_cast<int64_t>(kslots.size()) == n_steps * L &&
@@ -137,12 +149,14 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
                   static_cast<int64_t>(masks.size()) == n_steps * L,
               "rdepth.blocks: expected one k slot, one v slot and one mask per step and block");
   TORCH_CHECK(adapter.has_value() || n_steps == 1, "rdepth.blocks: several steps need the core's adapter");
-  const int64_t B = x_arg.size(0), d = x_arg.size(1), H = n_heads, D = d / n_heads, S = pos + 1;
+  const int64_t B = x_arg.size(0), T = x_arg.size(1), d = x_arg.size(2), R = B * T;
+  const int64_t H = n_heads, D = d / n_heads, S = pos + T;
   const int64_t half = D / 2;
-  TORCH_CHECK(H >= 1 && D * H == d && D % 2 == 0, "rdepth.blocks: n_heads must divide d into even head sizes");
-  TORCH_CHECK(rope.dim() == 3 && (rope.size(0) == 1 || rope.size(0) == B) && rope.size(1) == half &&
-                  rope.size(2) == 2,
-              "rdepth.blocks: rope must be (B or 1, D/2, 2)");
+  TORCH_CHECK(T >= 1 && H >= 1 && D * H == d && D % 2 == 0,
+              "rdepth.blocks: n_heads must divide d into even head sizes");
+  TORCH_CHECK(rope.dim() == 4 && (rope.size(0) == 1 || rope.size(0) == B) && rope.size(1) == T &&
+                  rope.size(2) == half && rope.size(3) == 2,
+              "rdepth.blocks: rope must be (B or 1, T, D/2, 2)");
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + 9 * l;
     for (int j = 0; j < 9; ++j) {
@@ -153,45 +167,44 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
                     w[6].size(1) == d && w[7].size(0) == d && w[7].size(1) * 2 == w[6].size(0),
                 "rdepth.blocks: block weights do not fit d = ", d);
   }
-  const at::Tensor* cat_in = nullptr;
   at::Tensor xe;
   if (adapter.has_value()) {
     TORCH_CHECK(e.has_value() && e->sizes() == x_arg.sizes(), "rdepth.blocks: the adapter needs e shaped like x");
     check_f32(*e, "e");
     check_f32(*adapter, "adapter");
     TORCH_CHECK(adapter->size(0) == d && adapter->size(1) == 2 * d, "rdepth.blocks: adapter must be (d, 2d)");
-    xe = at::empty({B, 2 * d}, x_arg.options());  // [state | e]
+    xe = at::empty({R, 2 * d}, x_arg.options());  // [state | e]
     float* xep = xe.data_ptr<float>();
     const float* ep = e->data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < d; ++i) xep[b * 2 * d + d + i] = ep[b * d + i];
-    cat_in = &xe;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = 0; i < d; ++i) xep[r * 2 * d + d + i] = ep[r * d + i];
   }
   for (int64_t i = 0; i < n_steps * L; ++i) {
     const at::Tensor& ks = kslots[i];
     const at::Tensor& vs = vslots[i];
     check_f32(ks, "k slot");
     check_f32(vs, "v slot");
-    TORCH_CHECK(ks.dim() == 4 && ks.size(0) == B && ks.size(1) == H && ks.size(3) == D && ks.size(2) > pos &&
+    TORCH_CHECK(ks.dim() == 4 && ks.size(0) == B && ks.size(1) == H && ks.size(3) == D && ks.size(2) >= S &&
                     vs.sizes() == ks.sizes(),
-                "rdepth.blocks: cache slots must be (B, H, C > pos, D)");
+                "rdepth.blocks: cache slots must be (B, H, C >= pos + T, D)");
     const at::Tensor& mask = masks[i];
     if (mask.numel() > 0) {
-      TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 2 &&
-                      mask.size(0) == B && mask.size(1) == S,
-                  "rdepth.blocks: a mask must be a contiguous (B, pos + 1) bool tensor");
+      TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.size(0) == B &&
+                      ((mask.dim() == 2 && mask.size(1) == S) ||
+                       (mask.dim() == 3 && mask.size(1) == T && mask.size(2) == S)),
+                  "rdepth.blocks: a mask must be a contiguous bool tensor (B, pos + T) or (B, T, pos + T)");
     }
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t I = weights[6].size(0) / 2;
 
-  at::Tensor x = x_arg.clone();  // the residual stream (B, d)
-  at::Tensor h = at::empty({B, d}, x.options());
-  at::Tensor y = at::empty({B, d}, x.options());
-  at::Tensor o = at::empty({B, d}, x.options());
-  at::Tensor qkv = at::empty({B, 3 * d}, x.options());
-  at::Tensor gu = at::empty({B, 2 * I}, x.options());
-  at::Tensor a = at::empty({B, I}, x.options());
+  at::Tensor x = x_arg.reshape({R, d}).clone();  // the residual stream (R = B * T rows, d)
+  at::Tensor h = at::empty({R, d}, x.options());
+  at::Tensor y = at::empty({R, d}, x.options());
+  at::Tensor o = at::empty({R, d}, x.options());
+  at::Tensor qkv = at::empty({R, 3 * d}, x.options());
+  at::Tensor gu = at::empty({R, 2 * I}, x.options());
+  at::Tensor a = at::empty({R, I}, x.options());
   std::vector<float> scores(S);
   float* xp = x.data_ptr<float>();
   float* hp = h.data_ptr<float>();
@@ -203,10 +216,10 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
   const float* rp = rope.data_ptr<float>();
 
   for (int64_t step = 0; step < n_steps; ++step) {
-    if (cat_in != nullptr) {  // x = adapter([x, e])
+    if (adapter.has_value()) {  // x = adapter([x, e])
       float* xep = xe.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < d; ++i) xep[b * 2 * d + i] = xp[b * d + i];
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; i < d; ++i) xep[r * 2 * d + i] = xp[r * d + i];
       linear(xe, *adapter, x);
     }
     for (int64_t l = 0; l < L; ++l) {
@@ -214,99 +227,108 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
       const at::Tensor& ks = kslots[step * L + l];
       const at::Tensor& vs = vslots[step * L + l];
       const at::Tensor& mask = masks[step * L + l];
-      const bool has_mask = mask.numel() > 0;
+      const bool* mp = mask.numel() > 0 ? mask.data_ptr<bool>() : nullptr;
+      const bool mask_per_token = mp != nullptr && mask.dim() == 3;
       const int64_t C = ks.size(2);
 
       // attention half: x = norm_2(attn(norm_1(x)) + x)
-      rms_norm_rows(xp, w[0].data_ptr<float>(), hp, B, d, eps);
-      linear(h, w[1], qkv);  // (B, 3d): q | k | v
+      rms_norm_rows(xp, w[0].data_ptr<float>(), hp, R, d, eps);
+      linear(h, w[1], qkv);  // (R, 3d): q | k | v
       const bool has_bias = w[2].numel() > 0;
       const float* bias = has_bias ? w[2].data_ptr<float>() : nullptr;
       float* kc = ks.data_ptr<float>();
       float* vc = vs.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {
-        float* q = qp + b * 3 * d;
-        float* k = q + d;
-        const float* v = q + 2 * d;
-        const float* cs = rp + (rope.size(0) == 1 ? 0 : b) * half * 2;
-        if (has_bias) {
-          for (int64_t i = 0; i < d; ++i) {
-            q[i] += bias[i];
-            k[i] += bias[d + i];
-          }
-        }
-        for (int64_t hh = 0; hh < H; ++hh) {
-          for (int64_t i = 0; i < half; ++i) {
-            const float c = cs[2 * i], s = cs[2 * i + 1];
-            float* qq = q + hh * D + 2 * i;
-            float* kk = k + hh * D + 2 * i;
-            const float q0 = qq[0], q1 = qq[1], k0 = kk[0], k1 = kk[1];
-            qq[0] = q0 * c + q1 * (-s);
-            qq[1] = q1 * c + q0 * s;
-            kk[0] = k0 * c + k1 * (-s);
-            kk[1] = k1 * c + k0 * s;
-          }
-          float* kdst = kc + ((b * H + hh) * C + pos) * D;
-          float* vdst = vc + ((b * H + hh) * C + pos) * D;
-          for (int64_t i = 0; i < D; ++i) {
-            kdst[i] = k[hh * D + i];
-            vdst[i] = v[hh * D + i];
-          }
-        }
-        const bool* mrow = has_mask ? mask.data_ptr<bool>() + b * S : nullptr;
-        for (int64_t hh = 0; hh < H; ++hh) {
-          const float* qh = q + hh * D;
-          const float* kbase = kc + (b * H + hh) * C * D;
-          const float* vbase = vc + (b * H + hh) * C * D;
-          float m = -INFINITY;
-          for (int64_t s = 0; s < S; ++s) {
-            if (mrow && !mrow[s]) {
-              scores[s] = -INFINITY;
-              continue;
+      for (int64_t b = 0; b < B; ++b) {  // bias, RoPE and the cache write of every new token first
+        for (int64_t t = 0; t < T; ++t) {
+          float* q = qp + (b * T + t) * 3 * d;
+          float* k = q + d;
+          const float* v = q + 2 * d;
+          const float* cs = rp + ((rope.size(0) == 1 ? 0 : b) * T + t) * half * 2;
+          if (has_bias) {
+            for (int64_t i = 0; i < d; ++i) {
+              q[i] += bias[i];
+              k[i] += bias[d + i];
             }
-            const float* kr = kbase + s * D;
-            float dot = 0.f;
+          }
+          for (int64_t hh = 0; hh < H; ++hh) {
+            for (int64_t i = 0; i < half; ++i) {
+              const float c = cs[2 * i], sn = cs[2 * i + 1];
+              float* qq = q + hh * D + 2 * i;
+              float* kk = k + hh * D + 2 * i;
+              const float q0 = qq[0], q1 = qq[1], k0 = kk[0], k1 = kk[1];
+              qq[0] = q0 * c + q1 * (-sn);
+              qq[1] = q1 * c + q0 * sn;
+              kk[0] = k0 * c + k1 * (-sn);
+              kk[1] = k1 * c + k0 * sn;
+            }
+            float* kdst = kc + ((b * H + hh) * C + pos + t) * D;
+            float* vdst = vc + ((b * H + hh) * C + pos + t) * D;
+            for (int64_t i = 0; i < D; ++i) {
+              kdst[i] = k[hh * D + i];
+              vdst[i] = v[hh * D + i];
+            }
+          }
+        }
+      }
+      for (int64_t b = 0; b < B; ++b) {  // causal attention: token t sees keys 0 .. pos + t (itself always)
+        for (int64_t t = 0; t < T; ++t) {
+          const float* q = qp + (b * T + t) * 3 * d;
+          const int64_t own = pos + t;
+          const bool* mrow = mp == nullptr ? nullptr : mp + (mask_per_token ? (b * T + t) : b) * S;
+          for (int64_t hh = 0; hh < H; ++hh) {
+            const float* qh = q + hh * D;
+            const float* kbase = kc + (b * H + hh) * C * D;
+            const float* vbase = vc + (b * H + hh) * C * D;
+            float m = -INFINITY;
+            for (int64_t s = 0; s <= own; ++s) {
+              if (mrow && !mrow[s] && s != own) {
+                scores[s] = -INFINITY;
+                continue;
+              }
+              const float* kr = kbase + s * D;
+              float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < D; ++i) dot += qh[i] * kr[i];
-            scores[s] = dot * scale;
-            if (scores[s] > m) m = scores[s];
-          }
-          float total = 0.f;
-          float* sc = scores.data();
+              for (int64_t i = 0; i < D; ++i) dot += qh[i] * kr[i];
+              scores[s] = dot * scale;
+              if (scores[s] > m) m = scores[s];
+            }
+            float total = 0.f;
+            float* sc = scores.data();
 #pragma omp simd reduction(+ : total)
-          for (int64_t s = 0; s < S; ++s) {
-            const float p = (sc[s] == -INFINITY) ? 0.f : exp_approx(sc[s] - m);
-            sc[s] = p;
-            total += p;
-          }
-          float* out = yp + b * d + hh * D;
-          for (int64_t i = 0; i < D; ++i) out[i] = 0.f;
-          for (int64_t s = 0; s < S; ++s) {
-            const float p = scores[s] / total;
-            if (p == 0.f) continue;
-            const float* vr = vbase + s * D;
+            for (int64_t s = 0; s <= own; ++s) {
+              const float p = (sc[s] == -INFINITY) ? 0.f : exp_approx(sc[s] - m);
+              sc[s] = p;
+              total += p;
+            }
+            float* out = yp + (b * T + t) * d + hh * D;
+            for (int64_t i = 0; i < D; ++i) out[i] = 0.f;
+            for (int64_t s = 0; s <= own; ++s) {
+              const float p = sc[s] / total;
+              if (p == 0.f) continue;
+              const float* vr = vbase + s * D;
 #pragma omp simd
-            for (int64_t i = 0; i < D; ++i) out[i] += p * vr[i];
+              for (int64_t i = 0; i < D; ++i) out[i] += p * vr[i];
+            }
           }
         }
       }
       linear(y, w[3], o);
-      add_rms_norm_rows(op, xp, w[4].data_ptr<float>(), hp, xp, B, d, eps);
+      add_rms_norm_rows(op, xp, w[4].data_ptr<float>(), hp, xp, R, d, eps);
 
       // MLP half: x = norm_4(mlp(norm_3(x)) + x)
-      rms_norm_rows(xp, w[5].data_ptr<float>(), hp, B, d, eps);
-      linear(h, w[6], gu);  // (B, 2I): gate | up
-      for (int64_t b = 0; b < B; ++b) {
-        const float* g = gp + b * 2 * I;
-        float* ab = ap + b * I;
+      rms_norm_rows(xp, w[5].data_ptr<float>(), hp, R, d, eps);
+      linear(h, w[6], gu);  // (R, 2I): gate | up
+      for (int64_t r = 0; r < R; ++r) {
+        const float* g = gp + r * 2 * I;
+        float* ar = ap + r * I;
 #pragma omp simd
-        for (int64_t i = 0; i < I; ++i) ab[i] = (g[i] / (1.f + exp_approx(-g[i]))) * g[I + i];
+        for (int64_t i = 0; i < I; ++i) ar[i] = (g[i] / (1.f + exp_approx(-g[i]))) * g[I + i];
       }
       linear(a, w[7], o);
-      add_rms_norm_rows(op, xp, w[8].data_ptr<float>(), hp, xp, B, d, eps);
+      add_rms_norm_rows(op, xp, w[8].data_ptr<float>(), hp, xp, R, d, eps);
     }
   }
-  return x;
+  return x.view({B, T, d});
 }
 
 }  // namespace
