@@ -71,7 +71,7 @@ def _load() -> bool:
 
 # -march=native: the library is built for the machine it runs on; the build folder's name carries a digest of the
 # CPU's model and flags, so a home directory shared between different machines never loads a foreign build.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
 
 
 def _cpu_tag() -> str:

@@ -31,7 +31,10 @@
 
 namespace {
 
-constexpr int64_t kGemmRows = 4;
+#ifndef RDEPTH_GEMM_ROWS
+#define RDEPTH_GEMM_ROWS 16
+#endif
+constexpr int64_t kGemmRows = RDEPTH_GEMM_ROWS;  // at most this many rows: our loops; more: ATen's GEMM
 
 // exp(x) for x in float range, arithmetic only so that loops over it vectorise: x = n ln2 + r (Cody-Waite split),
 // exp(r) by a degree-6 polynomial (Cephes' expf coefficients), times 2^n built in the exponent bits. Within about
@@ -52,33 +55,91 @@ inline float exp_approx(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
-}  // at most this many rows: our matrix-vector loops; more: ATen's GEMM
+}
 
-// y[:, n0:n1] = x (B, K) @ W[n0:n1]^T with W (N, K) row-major and y (B, N): four weight rows at a time, each read
-// once for all B rows.
+// y[:, n0:n1] = x (B, K) @ W[n0:n1]^T with W (N, K) row-major and y (B, N): R_ weight rows at a time (kept in L1
+// while every x row passes over them), so each weight is read from memory once for all B rows.
 void linear_rows(const float* x, const float* W, float* y, int64_t B, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
+  for (; n + 8 <= n1; n += 8) {
     const float* w0 = W + n * K;
     const float* w1 = w0 + K;
     const float* w2 = w1 + K;
     const float* w3 = w2 + K;
-    for (int64_t b = 0; b < B; ++b) {
+    const float* w4 = w3 + K;
+    const float* w5 = w4 + K;
+    const float* w6 = w5 + K;
+    const float* w7 = w6 + K;
+    int64_t b = 0;
+    for (; b + 2 <= B; b += 2) {  // two x rows against the eight weight rows: 16 independent accumulators
+      const float* xa = x + b * K;
+      const float* xc = xa + K;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f, a5 = 0.f, a6 = 0.f, a7 = 0.f;
+      float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f, c4 = 0.f, c5 = 0.f, c6 = 0.f, c7 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7, c0, c1, c2, c3, c4, c5, c6, c7)
+      for (int64_t k = 0; k < K; ++k) {
+        const float xv = xa[k], xw = xc[k];
+        const float v0 = w0[k], v1 = w1[k], v2 = w2[k], v3 = w3[k], v4 = w4[k], v5 = w5[k], v6 = w6[k], v7 = w7[k];
+        a0 += xv * v0;
+        a1 += xv * v1;
+        a2 += xv * v2;
+        a3 += xv * v3;
+        a4 += xv * v4;
+        a5 += xv * v5;
+        a6 += xv * v6;
+        a7 += xv * v7;
+        c0 += xw * v0;
+        c1 += xw * v1;
+        c2 += xw * v2;
+        c3 += xw * v3;
+        c4 += xw * v4;
+        c5 += xw * v5;
+        c6 += xw * v6;
+        c7 += xw * v7;
+      }
+      float* ya = y + b * N + n;
+      float* yc = ya + N;
+      ya[0] = a0;
+      ya[1] = a1;
+      ya[2] = a2;
+      ya[3] = a3;
+      ya[4] = a4;
+      ya[5] = a5;
+      ya[6] = a6;
+      ya[7] = a7;
+      yc[0] = c0;
+      yc[1] = c1;
+      yc[2] = c2;
+      yc[3] = c3;
+      yc[4] = c4;
+      yc[5] = c5;
+      yc[6] = c6;
+      yc[7] = c7;
+    }
+    for (; b < B; ++b) {
       const float* xb = x + b * K;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f, a5 = 0.f, a6 = 0.f, a7 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
       for (int64_t k = 0; k < K; ++k) {
         const float xv = xb[k];
         a0 += xv * w0[k];
         a1 += xv * w1[k];
         a2 += xv * w2[k];
         a3 += xv * w3[k];
+        a4 += xv * w4[k];
+        a5 += xv * w5[k];
+        a6 += xv * w6[k];
+        a7 += xv * w7[k];
       }
       float* yb = y + b * N + n;
       yb[0] = a0;
       yb[1] = a1;
       yb[2] = a2;
       yb[3] = a3;
+      yb[4] = a4;
+      yb[5] = a5;
+      yb[6] = a6;
+      yb[7] = a7;
     }
   }
   for (; n < n1; ++n) {
@@ -103,10 +164,10 @@ void linear(const at::Tensor& in, const at::Tensor& W, at::Tensor& out) {
   const float* x = in.data_ptr<float>();
   const float* w = W.data_ptr<float>();
   float* y = out.data_ptr<float>();
-  const int64_t blocks = (N + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));  // about 256 KB of weights per task
+  const int64_t blocks = (N + 7) / 8;
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1));  // about 256 KB of weights per task
   at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
-    linear_rows(x, w, y, B, N, K, lo * 4, std::min(hi * 4, N));
+    linear_rows(x, w, y, B, N, K, lo * 8, std::min(hi * 8, N));
   });
 }
 
@@ -331,11 +392,25 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
   return x.view({B, T, d});
 }
 
+// x (B, K) @ W^T through the same matrix-vector path the blocks use (tests and benchmarks)
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& W) {
+  check_f32(x, "x");
+  check_f32(W, "W");
+  TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "rdepth.linear: x (B, K) and W (N, K)");
+  at::Tensor out = at::empty({x.size(0), W.size(0)}, x.options());
+  linear(x, W, out);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rdepth, m) {
+  m.def("linear(Tensor x, Tensor W) -> Tensor");
   m.def("blocks(Tensor x, Tensor? e, Tensor? adapter, int n_steps, Tensor[] weights, Tensor[] kslots, "
         "Tensor[] vslots, int pos, Tensor[] masks, Tensor rope, float eps, int n_heads) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(rdepth, CPU, m) { m.impl("blocks", &blocks); }
+TORCH_LIBRARY_IMPL(rdepth, CPU, m) {
+  m.impl("blocks", &blocks);
+  m.impl("linear", &linear_op);
+}
