@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--scenarios", default="small,medium,batch16,kv,adaptive")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, both sides")
     parser.add_argument("--repeats", type=int, default=2, help="alternating timed runs per side (best kept)")
-    parser.add_argument("--medium-new-tokens", type=int, default=16)
+    parser.add_argument("--medium-new-tokens", type=int, default=64)
     parser.add_argument("--batch-new-tokens", type=int, default=8)
     parser.add_argument("--adaptive-new-tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="fewer tokens: a smoke run")

@@ -188,3 +188,13 @@ def test_fused_can_be_disabled_by_environment(monkeypatch) -> None:
         assert "RDEPTH_FUSED=0" in fused.load_error()
     finally:
         fused._state.update(saved)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 17])
+def test_fused_matrix_vector_kernel_matches_linear(rows) -> None:
+    """The op's own products (up to 16 rows; ATen's GEMM above), including weight-row counts that leave remainders."""
+    g = torch.Generator().manual_seed(rows)
+    for n_out, n_in in [(13, 40), (64, 32), (200, 96)]:
+        x, w = torch.randn(rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g)
+        torch.testing.assert_close(torch.ops.rdepth.linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5,
+                                   atol=1e-5)
