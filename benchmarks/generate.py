@@ -264,18 +264,71 @@ def scenario_adaptive(args: argparse.Namespace) -> dict:
             "runs": rows}
 
 
+def scenario_trained(args: argparse.Namespace) -> dict:
+    """The bundled trained checkpoint (the reproduce run's recurrent arm, `addition`) on its task's test problems,
+    one prompt at a time (batch 1, the latency case), greedy from a zero state with at most r = 32 recurrences:
+    fixed depth against adaptive exit and self-speculative decoding."""
+    import torch
+
+    from recurrent_depth.assets import bundle_info, resolve_model
+    from recurrent_depth.data.tokenizer import load_tokenizer
+    from recurrent_depth.inference.generate import generate
+    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.tasks import get_task
+
+    path = resolve_model(None)
+    info = bundle_info(path)
+    model, tok = RecurrentDepthForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    task = get_task(info["task"], **info.get("difficulty", {}))
+    rows = task.generate(args.trained_prompts, split="test", seed=11)
+    prompts = [torch.tensor([[tok.bos_token_id] + tok(r["prompt"], add_special_tokens=False)["input_ids"]])
+               for r in rows]
+    budget = max(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows) + 1
+    runs = {"fixed_r32": {}, "kl_5e-4": dict(exit_criterion="kl", exit_threshold=5e-4),
+            "kl_5e-4_latest": dict(exit_criterion="kl", exit_threshold=5e-4, kv_sharing="latest"),
+            "kl_1e-4": dict(exit_criterion="kl", exit_threshold=1e-4),
+            "latent-diff_0.03": dict(exit_criterion="latent-diff", exit_threshold=0.03),
+            "speculative_draft8_look4": dict(draft_steps=8, lookahead=4),
+            "speculative_draft4_look4": dict(draft_steps=4, lookahead=4)}
+    generate(model, prompts[0], max_new_tokens=2, num_steps=32)  # warm-up (and the fused op's build)
+    results: dict = {}
+    fixed_answers: list[list[int]] = []
+    for name, kw in runs.items():
+        seconds, tokens, steps, correct, agree = 0.0, 0, 0, 0, 0
+        for i, (ids, row) in enumerate(zip(prompts, rows)):
+            start = time.perf_counter()
+            out = generate(model, ids, max_new_tokens=budget, num_steps=32, eos_token_id=tok.eos_token_id, **kw)
+            seconds += time.perf_counter() - start
+            new = out.sequences[0, ids.shape[1]:].tolist()
+            answer = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
+            tokens += len(answer)
+            steps += int(out.steps[0, : len(answer)].sum())  # speculative: the verified depth, 32
+            correct += int(task.score(tok.decode(answer, skip_special_tokens=True), row["answer"]))
+            if name == "fixed_r32":
+                fixed_answers.append(answer)
+            agree += int(answer == fixed_answers[i])
+        results[name] = {"tokens_per_s": tokens / seconds, "mean_steps_per_token": steps / tokens,
+                         "accuracy": correct / len(rows), "same_answer_as_fixed": agree / len(rows)}
+    base = results["fixed_r32"]["tokens_per_s"]
+    for row in results.values():
+        row["speedup_vs_fixed"] = row["tokens_per_s"] / base
+    return {"model": f"bundled checkpoint ({info['task']}, trained at mean depth {info['mean_recurrence']})",
+            "prompts": len(rows), "max_steps": 32, "runs": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-worker", help=argparse.SUPPRESS)
     parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
     parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
                                                                      str(REPO / ".venv-tf4" / "bin" / "python")))
-    parser.add_argument("--scenarios", default="small,medium,batch16,kv,adaptive")
+    parser.add_argument("--scenarios", default="small,medium,batch16,kv,adaptive,trained")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, both sides")
     parser.add_argument("--repeats", type=int, default=2, help="alternating timed runs per side (best kept)")
     parser.add_argument("--medium-new-tokens", type=int, default=64)
     parser.add_argument("--batch-new-tokens", type=int, default=8)
     parser.add_argument("--adaptive-new-tokens", type=int, default=32)
+    parser.add_argument("--trained-prompts", type=int, default=50, help="task problems in the `trained` scenario")
     parser.add_argument("--quick", action="store_true", help="fewer tokens: a smoke run")
     args = parser.parse_args()
     if args.reference_worker:
@@ -287,6 +340,7 @@ def main() -> None:
     small_new = 64
     if args.quick:
         small_new, args.medium_new_tokens, args.batch_new_tokens, args.adaptive_new_tokens = 8, 4, 3, 8
+        args.trained_prompts = 5
         args.repeats = 1
     report: dict = {"threads": args.threads, "torch": torch.__version__, "reference": bool(args.reference_dir)}
     with torch.inference_mode():
@@ -301,6 +355,8 @@ def main() -> None:
                 report["kv"] = scenario_kv(args)
             elif name == "adaptive":
                 report["adaptive"] = scenario_adaptive(args)
+            elif name == "trained":
+                report["trained"] = scenario_trained(args)
             else:
                 raise SystemExit(f"unknown scenario {name!r}; valid: small, medium, batch16, kv, adaptive")
             print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)
