@@ -209,7 +209,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
     min_steps: recurrences every token runs before its first exit check.
     warm_start: True (or "latent"): each new token starts from the previous token's final normalised state
         ln_f(s) (latent chain of thought); "raw": from the raw core output (the reference's adaptive path).
-    kv_sharing: "full", "latest" or an integer k (see `recurrent_depth.inference.cache`).
+    kv_sharing: "full", "latest" or an integer k (see `recurrent_depth.inference.cache`). With an exit criterion
+        prefer "latest" or k: under "full" a token that exited early is invisible at deeper recurrence steps.
     draft_steps / lookahead: self-speculative decoding (greedy): draft `lookahead` tokens with `draft_steps`
         recurrences, verify them in one pass at `num_steps` (`recurrent_depth.inference.speculative`).
     do_sample, temperature, top_k, top_p, min_p, generator: sampling (`Sampler`); greedy when do_sample is False.
