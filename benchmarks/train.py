@@ -4,7 +4,9 @@
 
 speed   `small` preset, batch 4 x 256 tokens, num_steps = (24, 8) (24 recurrences without autograd, 8 with):
         tokens/s of our forward + backward and of our whole training step (+ gradient clipping and AdamW), eager and
-        with `runtime.compile` (torch.compile per sandwich block), and of the reference's forward + backward (its
+        with `runtime.compile` (the fused core step of recurrent_depth/training/fused.py as one compiled graph, the
+        other blocks compiled one by one), forward + backward also with torch.compile per sandwich block only (the
+        earlier `runtime.compile`), and of the reference's forward + backward (its
         `RavenForCausalLM` in train mode with `num_steps=tensor([24, 8])` and labels); best of `--repeats` each
         after a warm-up.
 memory  peak memory of our training step at 64 sampled recurrences (56 + 8) against 8 (0 + 8), same k = 8: each in a
@@ -79,7 +81,7 @@ def run_reference(args: argparse.Namespace, repeats: int) -> float | None:
 class Ours:
     """Our `small` model with the training loop's pieces: seeded s0, truncated forward/backward, clip, AdamW."""
 
-    def __init__(self, compile: bool = False) -> None:
+    def __init__(self, compile: bool | str = False) -> None:
         import torch
 
         from recurrent_depth import RecurrentDepthConfig, RecurrentDepthForCausalLM
@@ -91,10 +93,10 @@ class Ours:
         self.optimizer = build_optimizer(self.model, OptimSection(lr=1e-4))
         self.ids = _ids(self.model.config.vocab_size)
         self.rows = torch.arange(BATCH)
-        if compile:
+        if compile:  # True: runtime.compile (fused core step); "blocks": each sandwich block compiled on its own
             from recurrent_depth.training.parallel import compile_blocks
 
-            compile_blocks(self.model)
+            compile_blocks(self.model, fuse_core=compile != "blocks")
 
     def forward_backward(self, num_steps: tuple[int, int] = NUM_STEPS) -> None:
         import contextlib
@@ -194,15 +196,21 @@ def main() -> None:
     compile_s = time.perf_counter() - warm
     cfb = best_seconds(compiled.forward_backward, args.repeats)
     cstep = best_seconds(compiled.train_step, args.repeats)
+    del compiled
+    blocks = Ours(compile="blocks")
+    bfb = best_seconds(blocks.forward_backward, args.repeats)
+    del blocks
     speed = {"preset": "small", "batch": BATCH, "seq_len": SEQ, "num_steps": list(NUM_STEPS), "threads": args.threads,
              "ours_fwd_bwd_tokens_per_s": tokens / fb, "ours_train_step_tokens_per_s": tokens / step,
              "ours_compiled_fwd_bwd_tokens_per_s": tokens / cfb,
              "ours_compiled_train_step_tokens_per_s": tokens / cstep,
+             "ours_compiled_per_block_fwd_bwd_tokens_per_s": tokens / bfb,
              "compile_warmup_s": compile_s}
     if ref is not None:
         speed["reference_fwd_bwd_tokens_per_s"] = tokens / ref
         speed["speedup_fwd_bwd_eager"] = ref / fb
         speed["speedup_fwd_bwd_compiled"] = ref / cfb
+        speed["speedup_fwd_bwd_compiled_per_block"] = ref / bfb
         speed["speedup_compiled_train_step_vs_reference_fwd_bwd"] = ref / cstep
     m8, m64 = run_memory(args, (0, 8)), run_memory(args, (56, 8))
     memory = {"steps_8": m8, "steps_64": m64,

@@ -131,7 +131,9 @@ class RuntimeSection:
     dtype: str = "auto"
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     threads: int = 0  # torch CPU threads (0: torch's default)
-    compile: bool = False  # torch.compile each sandwich block (a one-off compile, then faster steps)
+    # torch.compile: the core step as one fused graph (fp32, no FSDP; training/fused.py), other blocks one by one;
+    # a one-off warm-up (about a minute on a CPU), then faster steps (BENCHMARKS.md, Training step)
+    compile: bool = False
 
 
 @dataclass

@@ -45,6 +45,16 @@ def compile_blocks(model: nn.Module, fuse_core: bool = True) -> None:
     t = model.transformer
     for block in [*t.prelude, *t.core_block, *t.coda]:
         block.compile()
+    if not getattr(t.attention_context, "_eager_rope", False):
+        attention_context = t.attention_context
+
+        def with_rope_factors(*args, **kwargs):
+            ctx = attention_context(*args, **kwargs)
+            ctx.rope_factors()  # cached on ctx before the first compiled block: no recompile when it appears
+            return ctx
+
+        with_rope_factors._eager_rope = True  # type: ignore[attr-defined]
+        t.attention_context = with_rope_factors
     if fuse_core:
         from recurrent_depth.training.fused import install_fused_recurrence
 
