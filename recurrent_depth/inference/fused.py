@@ -59,6 +59,7 @@ def _load() -> bool:
         from torch.utils.cpp_extension import load
 
         load(name=f"rdepth_fused_blocks_{_cpu_tag()}", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+             extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
         torch.ops.rdepth.blocks  # noqa: B018  (raises if the op did not register)
         return True
@@ -71,7 +72,8 @@ def _load() -> bool:
 
 # -march=native: the library is built for the machine it runs on; the build folder's name carries a digest of the
 # CPU's model and flags, so a home directory shared between different machines never loads a foreign build.
-_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
+# -fopenmp: ATen's parallel_for is a header template over OpenMP, serial without it.
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 
 
 def _cpu_tag() -> str:
