@@ -198,3 +198,18 @@ def test_fused_matrix_vector_kernel_matches_linear(rows) -> None:
         x, w = torch.randn(rows, n_in, generator=g), torch.randn(n_out, n_in, generator=g)
         torch.testing.assert_close(torch.ops.rdepth.linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_fused_kernel_splits_large_products_over_threads() -> None:
+    """Products of at least 256 KiB of weights per task run on several threads; the result must not change."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 512, generator=g), torch.randn(2050, 512, generator=g)  # 4 MiB: several tasks
+    one = torch.ops.rdepth.linear(x, w)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = torch.ops.rdepth.linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(two, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert torch.equal(one, two)  # each output is one thread's dot product either way
