@@ -133,19 +133,21 @@ class KVCache:
         return self.policy.slot(key)
 
     def reserve(self, key: LayerKey, batch: int, heads: int, head_dim: int, like: Tensor, n_tokens: int = 1) -> _Slot:
-        """The bookkeeping of `update` for a write of `n_tokens` positions by every row (`rows` must be None), without
-        the write itself: the fused forward (`recurrent_depth.inference.fused`) writes keys and values in place."""
-        if self.rows is not None:
-            raise ValueError("KVCache.reserve writes every row; rows is set")
+        """The bookkeeping of `update` for a write of `n_tokens` positions by `batch` rows (the cache's `rows`, or all
+        rows), without the write itself: the fused forward (`recurrent_depth.inference.fused`) writes keys and values
+        in place."""
         start = self.seq_len
         end = start + n_tokens
         slot = self.slots.get(self.policy.slot(key))
         if slot is None or end > slot.k.shape[2]:
             fake = like.new_empty(()).expand(batch, heads, n_tokens, head_dim)
             slot = self._slot(self.policy.slot(key), fake, fake, end)
-        if start > slot.written:
+        rows = self.rows
+        if start > slot.written or rows is not None:
             self._mark_holes(slot)
-        if slot.holes:
+        if rows is not None:
+            slot.valid[rows, start:end] = True
+        elif slot.holes:
             slot.valid[:, start:end] = True
         if end > slot.written:
             slot.written = end

@@ -5,9 +5,9 @@ calls, each about forty small tensor ops whose dispatch costs more than their ar
 (csrc/fused_blocks.cpp) runs a whole stage's sandwich blocks in one call: the matrix products stay in ATen (MKL), the
 norms, RoPE, KV write, attention and gating are plain loops. It applies when:
 
-    at most MAX_TOKENS (64) new tokens per row, fp32 on the CPU, no autograd, and a `KVCache` that every row writes
-    (`cache.rows is None`): decoding and short prefills at fixed depth, speculative drafting and verification,
-    adaptive exit until the first row exits, HF `generate` with our cache.
+    at most MAX_TOKENS (64) new tokens per row, fp32 on the CPU, no autograd, and a `KVCache` (all of its rows or
+    the subset `cache.rows`): decoding and short prefills, speculative drafting and verification, the rows still
+    iterating under adaptive exit, HF `generate` with our cache.
 
 Anything else runs the eager network. The library is built on first use with the system C++ compiler
 (`torch.utils.cpp_extension`, cached under ~/.cache/torch_extensions); without a compiler, or with
@@ -110,8 +110,7 @@ def applicable(x: Tensor, ctx: AttentionContext, blocks: Any) -> bool:
     module hooks) run eagerly, so that hooks keep firing."""
     cache = ctx.cache
     return (x.shape[1] <= MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and isinstance(cache, KVCache) and cache.rows is None
-            and not _hooked(blocks) and available())
+            and not torch.is_grad_enabled() and isinstance(cache, KVCache) and not _hooked(blocks) and available())
 
 
 def _hooked(blocks: Any) -> bool:
@@ -142,17 +141,21 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
             # the forward's own mask (padding; causal within the new tokens is the op's), per token: (B, T, S)
             scratch["pad"] = None if ctx.mask is None else ctx.mask[:, 0, :, :S]
     pad = scratch["pad"]
+    rows = cache.rows
     kslots, vslots, masks = [], [], []
     for i in range(step, step + n_steps):
         for j in range(len(blocks)):
             slot = cache.reserve(LayerKey(part, j, i), B, n_heads, D, x, T)
             kslots.append(slot.k)
             vslots.append(slot.v)
-            valid = slot.valid[:, :S] if slot.holes else None  # (B, S): positions some row never wrote
+            if slot.holes:  # (B, S): positions some row never wrote
+                valid = slot.valid[:, :S] if rows is None else slot.valid[rows, :S]
+            else:
+                valid = None
             if pad is not None:
                 valid = pad if valid is None else valid[:, None, :] & pad
             masks.append(_EMPTY if valid is None else valid.contiguous())
     x = x.contiguous()
     e = None if e is None else e.contiguous()
     return torch.ops.rdepth.blocks(x, e, adapter, n_steps, weights, kslots, vslots, start, masks, scratch["rope"],
-                                   eps, n_heads)
+                                   eps, n_heads, rows)

@@ -26,7 +26,8 @@ def _fused(model, on: bool, counter: list[int] | None = None):
     original = fused.run_blocks
 
     def counting(*args, **kwargs):
-        counter.append(args[1])  # the stage: prelude, core or coda
+        subset = args[3].cache.rows is not None  # ctx.cache.rows: a subset of the batch's rows
+        counter.append(args[1] + ("[rows]" if subset else ""))  # the stage: prelude, core or coda
         return original(*args, **kwargs)
 
     model.transformer.fused_decode = on
@@ -96,9 +97,27 @@ def test_fused_decode_matches_eager_with_adaptive_exit(policy) -> None:
         fast, fast_steps = _teacher_forced(converging_model, ids, mask, new, policy=policy, num_steps=12,
                                            criterion=crit)
     assert calls, "the fused path was never taken"
+    assert "core[rows]" in calls  # rows still iterating after others exited ran fused too
     assert fast_steps.tolist() == eager_steps.tolist()
     assert len(set(eager_steps[:, 1:].flatten().tolist())) > 1  # rows did exit at different depths
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_generate_with_eos_and_exit_gives_eager_tokens() -> None:
+    """Rows that stop at EOS leave the batch (cache.rows), rows exit at different depths: tokens and steps as eager."""
+    model = make_converging_model(contraction=0.6)
+    ids, mask = _padded(8)
+    kw = dict(max_new_tokens=8, num_steps=12, exit_criterion="kl", exit_threshold=1e-4, kv_sharing="latest")
+    probe = generate(model, ids, mask, **kw)
+    eos = int(probe.sequences[0, ids.shape[1] + 2])  # a token row 0 emits: that row stops early
+    with _fused(model, False):
+        eager = generate(model, ids, mask, eos_token_id=eos, **kw)
+    calls: list[str] = []
+    with _fused(model, True, calls):
+        fast = generate(model, ids, mask, eos_token_id=eos, **kw)
+    assert "core[rows]" in calls
+    assert fast.sequences.tolist() == eager.sequences.tolist()
+    assert fast.steps.tolist() == eager.steps.tolist()
 
 
 def test_fused_generate_gives_eager_tokens(debug_model) -> None:
@@ -164,7 +183,7 @@ def test_fused_op_rejects_bad_arguments(debug_model) -> None:
     slot = torch.zeros(1, H, 4, d // H)
     rope = torch.zeros(1, 1, d // H // 2, 2)
     args = dict(x=torch.zeros(1, 1, d), e=None, adapter=None, n_steps=1, weights=weights, kslots=[slot],
-                vslots=[slot], pos=0, masks=[fused._EMPTY], rope=rope, eps=1e-6, n_heads=H)
+                vslots=[slot], pos=0, masks=[fused._EMPTY], rope=rope, eps=1e-6, n_heads=H, rows=None)
     torch.ops.rdepth.blocks(*args.values())  # well-formed: runs
     for change, message in [(dict(x=torch.zeros(1, d)), "x must be"),
                             (dict(x=torch.zeros(1, 1, d, dtype=torch.float64)), "x must be a contiguous fp32"),
@@ -175,7 +194,9 @@ def test_fused_op_rejects_bad_arguments(debug_model) -> None:
                             (dict(masks=[torch.ones(1, 3, dtype=torch.bool)]), "a mask must be"),
                             (dict(n_steps=2), "one k slot"),
                             (dict(adapter=torch.zeros(d, 2 * d)), "adapter needs e"),
-                            (dict(rope=torch.zeros(1, 1, 3, 2)), "rope must be")]:
+                            (dict(rope=torch.zeros(1, 1, 3, 2)), "rope must be"),
+                            (dict(rows=torch.tensor([1])), "outside the cache"),
+                            (dict(rows=torch.tensor([0, 0])), "rows must be")]:
         with pytest.raises(RuntimeError, match=f"rdepth.blocks: .*{message}"):
             torch.ops.rdepth.blocks(*{**args, **change}.values())
 

@@ -19,6 +19,8 @@
 //   masks    one per (step, block): empty (every such position visible), or a bool tensor of visible keys, (B, S)
 //            for all tokens of a row or (B, T, S) per token, S = pos + T; a token always sees itself
 //   rope     (B or 1, T, D/2, 2) cos/sin of each token's position
+//   rows     optional (B,) int64: x row b reads and writes cache row rows[b] (a subset of a larger batch: rows still
+//            iterating under adaptive exit, rows still generating); without it x row b is cache row b
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -200,7 +202,8 @@ void check_f32(const at::Tensor& t, const char* name) {
 
 at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, const c10::optional<at::Tensor>& adapter,
                   int64_t n_steps, at::TensorList weights, at::TensorList kslots, at::TensorList vslots, int64_t pos,
-                  at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads) {
+                  at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads,
+                  const c10::optional<at::Tensor>& rows) {
   check_f32(x_arg, "x");
   check_f32(rope, "rope");
   TORCH_CHECK(x_arg.dim() == 3, "rdepth.blocks: x must be (B, T, d)");
@@ -243,14 +246,24 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
     for (int64_t r = 0; r < R; ++r)
       for (int64_t i = 0; i < d; ++i) xep[r * 2 * d + d + i] = ep[r * d + i];
   }
+  const int64_t* rowp = nullptr;  // x row b lives in cache row rowp[b] (all rows in order without `rows`)
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->device().is_cpu() && rows->scalar_type() == at::kLong && rows->is_contiguous() &&
+                    rows->dim() == 1 && rows->size(0) == B,
+                "rdepth.blocks: rows must be a contiguous int64 tensor of B cache row indices");
+    rowp = rows->data_ptr<int64_t>();
+  }
   for (int64_t i = 0; i < n_steps * L; ++i) {
     const at::Tensor& ks = kslots[i];
     const at::Tensor& vs = vslots[i];
     check_f32(ks, "k slot");
     check_f32(vs, "v slot");
-    TORCH_CHECK(ks.dim() == 4 && ks.size(0) == B && ks.size(1) == H && ks.size(3) == D && ks.size(2) >= S &&
-                    vs.sizes() == ks.sizes(),
+    TORCH_CHECK(ks.dim() == 4 && (rowp != nullptr || ks.size(0) == B) && ks.size(1) == H && ks.size(3) == D &&
+                    ks.size(2) >= S && vs.sizes() == ks.sizes(),
                 "rdepth.blocks: cache slots must be (B, H, C >= pos + T, D)");
+    for (int64_t b = 0; rowp != nullptr && b < B; ++b) {
+      TORCH_CHECK(rowp[b] >= 0 && rowp[b] < ks.size(0), "rdepth.blocks: a row index is outside the cache");
+    }
     const at::Tensor& mask = masks[i];
     if (mask.numel() > 0) {
       TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.size(0) == B &&
@@ -325,8 +338,9 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
               kk[0] = k0 * c + k1 * (-sn);
               kk[1] = k1 * c + k0 * sn;
             }
-            float* kdst = kc + ((b * H + hh) * C + pos + t) * D;
-            float* vdst = vc + ((b * H + hh) * C + pos + t) * D;
+            const int64_t cb = rowp != nullptr ? rowp[b] : b;
+            float* kdst = kc + ((cb * H + hh) * C + pos + t) * D;
+            float* vdst = vc + ((cb * H + hh) * C + pos + t) * D;
             for (int64_t i = 0; i < D; ++i) {
               kdst[i] = k[hh * D + i];
               vdst[i] = v[hh * D + i];
@@ -341,8 +355,9 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
           const bool* mrow = mp == nullptr ? nullptr : mp + (mask_per_token ? (b * T + t) : b) * S;
           for (int64_t hh = 0; hh < H; ++hh) {
             const float* qh = q + hh * D;
-            const float* kbase = kc + (b * H + hh) * C * D;
-            const float* vbase = vc + (b * H + hh) * C * D;
+            const int64_t cb = rowp != nullptr ? rowp[b] : b;
+            const float* kbase = kc + (cb * H + hh) * C * D;
+            const float* vbase = vc + (cb * H + hh) * C * D;
             float m = -INFINITY;
             for (int64_t s = 0; s <= own; ++s) {
               if (mrow && !mrow[s] && s != own) {
@@ -410,7 +425,7 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& W) {
 TORCH_LIBRARY(rdepth, m) {
   m.def("linear(Tensor x, Tensor W) -> Tensor");
   m.def("blocks(Tensor x, Tensor? e, Tensor? adapter, int n_steps, Tensor[] weights, Tensor[] kslots, "
-        "Tensor[] vslots, int pos, Tensor[] masks, Tensor rope, float eps, int n_heads) -> Tensor");
+        "Tensor[] vslots, int pos, Tensor[] masks, Tensor rope, float eps, int n_heads, Tensor? rows=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rdepth, CPU, m) {
