@@ -17,6 +17,10 @@ Scenarios (each a key of the JSON output):
   kv         KV-cache bytes per sharing policy at r = 32 (`small`, 32 + 64 tokens).
   adaptive   a converging stub (`small` with a contracting recurrence): fixed depth vs KL exit vs self-speculative
              decoding: tokens/s, mean steps per token, agreement with fixed-depth greedy.
+  adaptive_batch  the stub with 8 prompts at once: fixed depth and per-row exit, fused CPU path against the eager
+             modules in the same run (tokens/s, and whether tokens and steps agree).
+  trained    the bundled trained checkpoint on its task, one prompt at a time: fixed depth vs exit criteria vs
+             speculative decoding (tokens/s, steps per token, accuracy, agreement with fixed depth).
 """
 
 from __future__ import annotations
@@ -264,6 +268,38 @@ def scenario_adaptive(args: argparse.Namespace) -> dict:
             "runs": rows}
 
 
+def scenario_adaptive_batch(args: argparse.Namespace) -> dict:
+    """The converging stub with a batch of 8 different prompts, r <= 32: fixed depth and per-row exit, through the
+    fused CPU path and through the eager modules (`fused_decode = False`) in the same run."""
+    model = build("small", converging=True)
+    ids = prompt_ids(model.config.vocab_size, 8, 32)
+    new = args.adaptive_new_tokens // 2
+    runs = {"fixed_r32": {}, "kl_5e-4_latest": dict(exit_criterion="kl", exit_threshold=5e-4, kv_sharing="latest"),
+            "latent-diff_0.03": dict(exit_criterion="latent-diff", exit_threshold=0.03)}
+    rows: dict = {}
+    for name, kw in runs.items():
+        row: dict = {}
+        outs = {}
+        for path, fused_on in (("eager", False), ("fused", True)):
+            model.transformer.fused_decode = fused_on
+            seconds, outs[path] = time_ours(model, ids, repeats=args.repeats, max_new_tokens=new, num_steps=32, **kw)
+            row[f"{path}_tokens_per_s"] = 8 * new / seconds
+        model.transformer.fused_decode = True
+        row["fused_vs_eager"] = row["fused_tokens_per_s"] / row["eager_tokens_per_s"]
+        row["mean_steps"] = float(outs["fused"].steps.float().mean())
+        row["same_tokens_and_steps"] = bool(torch_equal(outs["fused"].sequences, outs["eager"].sequences)
+                                            and torch_equal(outs["fused"].steps, outs["eager"].steps))
+        rows[name] = row
+    return {"model": "small preset, adapter state half x0.3 (converging stub)", "batch": 8, "num_steps": 32,
+            "new_tokens": new, "runs": rows}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 def scenario_trained(args: argparse.Namespace) -> dict:
     """The bundled trained checkpoint (the reproduce run's recurrent arm, `addition`) on its task's test problems,
     one prompt at a time (batch 1, the latency case), greedy from a zero state with at most r = 32 recurrences:
@@ -322,7 +358,7 @@ def main() -> None:
     parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
     parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
                                                                      str(REPO / ".venv-tf4" / "bin" / "python")))
-    parser.add_argument("--scenarios", default="small,medium,batch16,kv,adaptive,trained")
+    parser.add_argument("--scenarios", default="small,medium,batch16,kv,adaptive,adaptive_batch,trained")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, both sides")
     parser.add_argument("--repeats", type=int, default=2, help="alternating timed runs per side (best kept)")
     parser.add_argument("--medium-new-tokens", type=int, default=64)
@@ -355,6 +391,8 @@ def main() -> None:
                 report["kv"] = scenario_kv(args)
             elif name == "adaptive":
                 report["adaptive"] = scenario_adaptive(args)
+            elif name == "adaptive_batch":
+                report["adaptive_batch"] = scenario_adaptive_batch(args)
             elif name == "trained":
                 report["trained"] = scenario_trained(args)
             else:
