@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
                    help="checkpoint folder (model files + tokenizer.json); default: the bundled checkpoint")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a left-padded batch)")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt (no tokenizer needed)")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not put the tokenizer's BOS before each --prompt (training rows start with it)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--num-steps", type=int, default=None, help="recurrences per token (default: mean_recurrence)")
     p.add_argument("--exit", default=None, metavar="NAME[:THRESHOLD]",
@@ -135,10 +137,16 @@ def _encode(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, tor
         raise ValueError("give --prompt TEXT (or --prompt-ids 1,2,3)")
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json in {args.model!r}: use --prompt-ids")
-    enc = tokenizer(args.prompt, return_tensors="pt", padding=True)
-    if enc["input_ids"].shape[1] == 0:
+    from recurrent_depth.data.tokenizer import encode_prompt
+
+    rows = [encode_prompt(tokenizer, text, add_bos=not args.no_bos) for text in args.prompt]
+    if min(len(r) for r in rows) == 0:
         raise ValueError("the prompt encodes to no tokens")
-    return enc["input_ids"], enc["attention_mask"]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left padding
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
 
 
 def _report(args: argparse.Namespace, tokenizer: Any, new: list[int], steps: list[int], num_steps: int,

@@ -3,6 +3,8 @@
 - `char_tokenizer(alphabet)`: one token per character, for the procedural reasoning tasks (exact, tiny vocab).
 - `train_bpe(texts, vocab_size)`: a byte-level BPE trained on the user's corpus with `tokenizers` (nothing fetched).
 - `load_tokenizer(folder)` / `save_tokenizer(tok, folder)`.
+- `encode_prompt(tok, text)`: a prompt's ids as training saw them, with the tokenizer's BOS in front (our training
+  rows start with <bos>; a model reads a prompt without it as a different input).
 
 Special tokens are always ids 0.. in this order: <pad>, <bos>, <eos>, <unk>.
 """
@@ -68,3 +70,12 @@ def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
     tok.add_special_tokens({"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"})
     tok.padding_side = "left"
     return tok
+
+
+def encode_prompt(tok: PreTrainedTokenizerFast, text: str, add_bos: bool = True) -> list[int]:
+    """`text`'s token ids, preceded by the tokenizer's BOS when it has one (and `add_bos`); never twice."""
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    bos = tok.bos_token_id
+    if add_bos and bos is not None and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return ids

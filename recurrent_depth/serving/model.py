@@ -84,7 +84,11 @@ class ServedModel:
         return tuple(dict.fromkeys(([] if eos is None else [int(eos)]) + list(self.eos_ids)))
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        """A text prompt's ids with the tokenizer's BOS in front, as training rows start (token-id prompts are
+        taken as given)."""
+        from recurrent_depth.data.tokenizer import encode_prompt
+
+        return encode_prompt(self.tokenizer, text)
 
     def tokenize_chat(self, text: str) -> list[int]:
         """A rendered conversation: the template already placed any special tokens."""

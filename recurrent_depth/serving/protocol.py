@@ -289,6 +289,8 @@ def _prompts(prompt: Any, tokenize, vocab_size: int) -> list[list[int]]:
     out = []
     for item in items:
         if isinstance(item, str):
+            if not item:
+                raise _bad("prompt", "is empty (no text)")
             ids = tokenize(item)
         elif isinstance(item, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in item):
             ids = item

@@ -47,7 +47,7 @@ def test_completion_reports_recurrence_steps(client: openai.OpenAI) -> None:
     assert r.usage.completion_tokens == len(choice.recurrence_steps) >= 1
     assert choice.recurrence_steps == [3] * r.usage.completion_tokens
     assert r.usage.recurrence_steps == 3 * r.usage.completion_tokens
-    assert r.usage.prompt_tokens == len("hello there")
+    assert r.usage.prompt_tokens == 1 + len("hello there")  # <bos> + one token per character
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
@@ -275,7 +275,7 @@ def test_several_prompts_and_choices(client: openai.OpenAI) -> None:
                                   extra_body={"num_steps": 2})
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert r.choices[0].text == r.choices[1].text  # greedy: the choices of one prompt agree
-    assert r.usage.prompt_tokens == 4
+    assert r.usage.prompt_tokens == 6  # <bos> + 2 characters, twice
     assert r.usage.completion_tokens == sum(len(c.recurrence_steps) for c in r.choices)
     ids = client.completions.create(model=MODEL_ID, prompt=[[5, 6, 7]], max_tokens=2, extra_body={"num_steps": 1})
     assert ids.usage.prompt_tokens == 3
