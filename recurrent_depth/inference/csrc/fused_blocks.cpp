@@ -27,6 +27,9 @@
 
 #include <algorithm>
 #include <cmath>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -59,7 +62,32 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
-// y[:, n0:n1] = x (B, K) @ W[n0:n1]^T with W (N, K) row-major and y (B, N): R_ weight rows at a time (kept in L1
+#ifdef __AVX512F__
+// y[b0:b0+4, n:n+4] = x[b0:b0+4] @ W[n:n+4]^T for K a multiple of 16: sixteen 512-bit accumulators, each weight and
+// x vector loaded once per 16 products, one horizontal sum per output at the end.
+inline void block4x4(const float* x, const float* W, float* y, int64_t N, int64_t K, int64_t b0, int64_t n) {
+  __m512 acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  const float* w = W + n * K;
+  const float* xs = x + b0 * K;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + K + k);
+    const __m512 w2 = _mm512_loadu_ps(w + 2 * K + k), w3 = _mm512_loadu_ps(w + 3 * K + k);
+    for (int i = 0; i < 4; ++i) {
+      const __m512 xv = _mm512_loadu_ps(xs + i * K + k);
+      acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(xv, w2, acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(xv, w3, acc[i][3]);
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) y[(b0 + i) * N + n + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+#endif
+
+// y[:, n0:n1] = x (B, K) @ W[n0:n1]^T with W (N, K) row-major and y (B, N): eight weight rows at a time (kept in L1
 // while every x row passes over them), so each weight is read from memory once for all B rows.
 void linear_rows(const float* x, const float* W, float* y, int64_t B, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   int64_t n = n0;
@@ -73,6 +101,14 @@ void linear_rows(const float* x, const float* W, float* y, int64_t B, int64_t N,
     const float* w6 = w5 + K;
     const float* w7 = w6 + K;
     int64_t b = 0;
+#ifdef __AVX512F__
+    if (K % 16 == 0) {
+      for (; b + 4 <= B; b += 4) {  // four x rows at a time against each half of the block
+        block4x4(x, W, y, N, K, b, n);
+        block4x4(x, W, y, N, K, b, n + 4);
+      }
+    }
+#endif
     for (; b + 2 <= B; b += 2) {  // two x rows against the eight weight rows: 16 independent accumulators
       const float* xa = x + b * K;
       const float* xc = xa + K;
