@@ -287,17 +287,11 @@ def scenario_adaptive_batch(args: argparse.Namespace) -> dict:
         model.transformer.fused_decode = True
         row["fused_vs_eager"] = row["fused_tokens_per_s"] / row["eager_tokens_per_s"]
         row["mean_steps"] = float(outs["fused"].steps.float().mean())
-        row["same_tokens_and_steps"] = bool(torch_equal(outs["fused"].sequences, outs["eager"].sequences)
-                                            and torch_equal(outs["fused"].steps, outs["eager"].steps))
+        row["same_tokens_and_steps"] = (outs["fused"].sequences.tolist() == outs["eager"].sequences.tolist()
+                                        and outs["fused"].steps.tolist() == outs["eager"].steps.tolist())
         rows[name] = row
     return {"model": "small preset, adapter state half x0.3 (converging stub)", "batch": 8, "num_steps": 32,
             "new_tokens": new, "runs": rows}
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return torch.equal(a, b)
 
 
 def scenario_trained(args: argparse.Namespace) -> dict:
@@ -307,7 +301,7 @@ def scenario_trained(args: argparse.Namespace) -> dict:
     import torch
 
     from recurrent_depth.assets import bundle_info, resolve_model
-    from recurrent_depth.data.tokenizer import load_tokenizer
+    from recurrent_depth.data.tokenizer import encode_prompt, load_tokenizer
     from recurrent_depth.inference.generate import generate
     from recurrent_depth.model import RecurrentDepthForCausalLM
     from recurrent_depth.tasks import get_task
@@ -317,8 +311,7 @@ def scenario_trained(args: argparse.Namespace) -> dict:
     model, tok = RecurrentDepthForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
     task = get_task(info["task"], **info.get("difficulty", {}))
     rows = task.generate(args.trained_prompts, split="test", seed=11)
-    prompts = [torch.tensor([[tok.bos_token_id] + tok(r["prompt"], add_special_tokens=False)["input_ids"]])
-               for r in rows]
+    prompts = [torch.tensor([encode_prompt(tok, r["prompt"])]) for r in rows]
     budget = max(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows) + 1
     runs = {"fixed_r32": {}, "kl_5e-4": dict(exit_criterion="kl", exit_threshold=5e-4),
             "kl_5e-4_latest": dict(exit_criterion="kl", exit_threshold=5e-4, kv_sharing="latest"),

@@ -62,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _show_one(model, tok, task, seed: int, cap: int) -> None:
     """Generate one in-distribution answer with the KL exit and print each token with the steps it used."""
+    from recurrent_depth.data.tokenizer import encode_prompt
     from recurrent_depth.inference.generate import generate
 
     row = task.generate(1, split="test", seed=seed + 1)[0]
-    ids = torch.tensor([[tok.bos_token_id] + tok(row["prompt"], add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([encode_prompt(tok, row["prompt"])])
     n_answer = len(tok(row["answer"], add_special_tokens=False)["input_ids"])
     # `latest` KV sharing: a token that exited early is read from its last computed step at deeper steps (with
     # `full` sharing it would leave holes there); s0 drawn as in training (init_scale 1), seeded.

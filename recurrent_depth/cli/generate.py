@@ -137,16 +137,12 @@ def _encode(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, tor
         raise ValueError("give --prompt TEXT (or --prompt-ids 1,2,3)")
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer.json in {args.model!r}: use --prompt-ids")
-    from recurrent_depth.data.tokenizer import encode_prompt
+    from recurrent_depth.data.tokenizer import encode_prompt, left_pad
 
     rows = [encode_prompt(tokenizer, text, add_bos=not args.no_bos) for text in args.prompt]
     if min(len(r) for r in rows) == 0:
         raise ValueError("the prompt encodes to no tokens")
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left padding
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+    return left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
 
 def _report(args: argparse.Namespace, tokenizer: Any, new: list[int], steps: list[int], num_steps: int,

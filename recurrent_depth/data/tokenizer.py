@@ -5,6 +5,7 @@
 - `load_tokenizer(folder)` / `save_tokenizer(tok, folder)`.
 - `encode_prompt(tok, text)`: a prompt's ids as training saw them, with the tokenizer's BOS in front (our training
   rows start with <bos>; a model reads a prompt without it as a different input).
+- `left_pad(rows, pad_id)`: token-id lists as a left-padded batch (ids, attention mask) for `generate`.
 
 Special tokens are always ids 0.. in this order: <pad>, <bos>, <eos>, <unk>.
 """
@@ -15,6 +16,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -79,3 +81,15 @@ def encode_prompt(tok: PreTrainedTokenizerFast, text: str, add_bos: bool = True)
     if add_bos and bos is not None and ids[:1] != [bos]:
         ids = [bos, *ids]
     return ids
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (ids, attention_mask), both (B, longest) int64, padded on the left (what `generate` takes)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids, mask

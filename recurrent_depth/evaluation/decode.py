@@ -40,15 +40,12 @@ class DecodeOutput:
 def _decode_batch(model, seqs: list[list[int]], pad_id: int, eos_id: int,
                   **engine: Any) -> tuple[list[list[int]], list[list[int]]]:
     """Engine generation for one batch of token-id lists: (new tokens up to and with eos, steps per token)."""
+    from recurrent_depth.data.tokenizer import left_pad
     from recurrent_depth.inference.generate import generate
 
     device = model.lm_head.weight.device
-    B, L = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, L - len(s):] = torch.tensor(s)
-        mask[i, L - len(s):] = 1
+    ids, mask = left_pad(seqs, pad_id)
+    L = ids.shape[1]
     out = generate(model, ids.to(device), mask.to(device), eos_token_id=eos_id, **engine)
     new = out.sequences[:, L:].tolist()
     steps = out.steps.tolist()

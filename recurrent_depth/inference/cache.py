@@ -132,48 +132,37 @@ class KVCache:
         """The slot a layer invocation reads and writes."""
         return self.policy.slot(key)
 
-    def reserve(self, key: LayerKey, batch: int, heads: int, head_dim: int, like: Tensor, n_tokens: int = 1) -> _Slot:
-        """The bookkeeping of `update` for a write of `n_tokens` positions by `batch` rows (the cache's `rows`, or all
-        rows), without the write itself: the fused forward (`recurrent_depth.inference.fused`) writes keys and values
-        in place."""
-        start = self.seq_len
-        end = start + n_tokens
-        slot = self.slots.get(self.policy.slot(key))
-        if slot is None or end > slot.k.shape[2]:
-            fake = like.new_empty(()).expand(batch, heads, n_tokens, head_dim)
-            slot = self._slot(self.policy.slot(key), fake, fake, end)
+    def reserve(self, key: LayerKey, like: Tensor) -> _Slot:
+        """The bookkeeping of a write of T positions [seq_len, seq_len + T) by the selected rows, without the write:
+        the slot (allocated or grown as needed), its holes and validity. `like` gives the write's shape (R, H, T, D),
+        dtype and device: the keys themselves (`update`) or an expanded scalar (the fused forward,
+        `recurrent_depth.inference.fused`, which writes keys and values in place)."""
+        start, end = self.seq_len, self.seq_len + like.shape[2]
+        slot = self._slot(self.policy.slot(key), like, end)
         rows = self.rows
         if start > slot.written or rows is not None:
-            self._mark_holes(slot)
+            self._mark_holes(slot)  # positions [written, start) never written, or only some rows written
         if rows is not None:
             slot.valid[rows, start:end] = True
         elif slot.holes:
             slot.valid[:, start:end] = True
-        if end > slot.written:
-            slot.written = end
+        slot.written = max(slot.written, end)
         return slot
 
     def update(self, key: LayerKey, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Write k, v (R, H, T, D) at [seq_len, seq_len + T) for the selected rows; return keys and values
         (R, H, S, D) with S = seq_len + T and a validity mask (R, 1, 1, S), or None when every position is valid."""
-        T = k.shape[2]
-        start, end = self.seq_len, self.seq_len + T
-        slot = self._slot(self.policy.slot(key), k, v, end)
+        start, end = self.seq_len, self.seq_len + k.shape[2]
+        slot = self.reserve(key, k)
         rows = self.rows
-        if start > slot.written or rows is not None:
-            self._mark_holes(slot)  # positions [written, start) never written, or only some rows written
         if rows is None:
             slot.k[:, :, start:end] = k
             slot.v[:, :, start:end] = v
             ks, vs = slot.k[:, :, :end], slot.v[:, :, :end]
-            if slot.holes:
-                slot.valid[:, start:end] = True
         else:
             slot.k[rows, :, start:end] = k
             slot.v[rows, :, start:end] = v
-            slot.valid[rows, start:end] = True
             ks, vs = slot.k[rows, :, :end], slot.v[rows, :, :end]
-        slot.written = max(slot.written, end)
         if not slot.holes:
             return ks, vs, None
         valid = slot.valid[:, :end] if rows is None else slot.valid[rows, :end]
@@ -211,7 +200,7 @@ class KVCache:
                 continue
             k_src, v_src = src.k[rows, :, start:end], src.v[rows, :, start:end]
             for i in range(last_step + 1, num_steps):
-                dst = self._slot(self.policy.slot(LayerKey("core", j, i)), src.k, src.v, end)
+                dst = self._slot(self.policy.slot(LayerKey("core", j, i)), src.k, end)
                 self._mark_holes(dst)  # only some rows are filled
                 dst.k[rows, :, start:end] = k_src
                 dst.v[rows, :, start:end] = v_src
@@ -227,16 +216,18 @@ class KVCache:
         return sum(s.k.nbytes + s.v.nbytes for key, s in self.slots.items() if key.part == "core")
 
     # -------------------------------------------------------------------------------------------- storage
-    def _slot(self, key: LayerKey, k: Tensor, v: Tensor, end: int) -> _Slot:
+    def _slot(self, key: LayerKey, like: Tensor, end: int) -> _Slot:
+        """The slot `key` with room for `end` positions, allocated (shaped and typed after `like`, (R, H, T, D)) or
+        grown as needed."""
         slot = self.slots.get(key)
         if slot is None:
-            _, H, _, D = k.shape
-            B = self._batch_size(k)
+            _, H, _, D = like.shape
+            B = self._batch_size(like)
             if self.max_length is not None and end > self.max_length:
                 raise ValueError(f"KV cache holds {self.max_length} positions, a write reaches {end}")
             cap = self.max_length if self.max_length is not None else max(end, 16)
-            slot = _Slot(k.new_zeros(B, H, cap, D), v.new_zeros(B, H, cap, D),
-                         torch.zeros(B, cap, dtype=torch.bool, device=k.device))
+            slot = _Slot(like.new_zeros(B, H, cap, D), like.new_zeros(B, H, cap, D),
+                         torch.zeros(B, cap, dtype=torch.bool, device=like.device))
             self.slots[key] = slot
             self.peak_bytes = max(self.peak_bytes, self.nbytes())
         elif end > slot.k.shape[2]:

@@ -2,10 +2,12 @@
 
 Batch-1 decoding of a recurrent-depth model is a long chain of tiny operations: at r = 32 a token runs 128 core-layer
 calls, each about forty small tensor ops whose dispatch costs more than their arithmetic. `torch.ops.rdepth.blocks`
-(csrc/fused_blocks.cpp) runs a whole stage's sandwich blocks in one call: the matrix products stay in ATen (MKL), the
-norms, RoPE, KV write, attention and gating are plain loops. It applies when:
+(csrc/fused_blocks.cpp) runs a whole stage's sandwich blocks in one call: matrix products of up to 16 rows are its
+own loops over the weights (ATen's GEMM above), the norms, RoPE, KV write, attention and gating are plain loops. It
+applies when:
 
-    at most MAX_TOKENS (64) new tokens per row, fp32 on the CPU, no autograd, and a `KVCache` (all of its rows or
+    a stage with at least one block, at most MAX_TOKENS (64) new tokens per row, fp32 activations and weights on
+    the CPU, no autograd, no module hooks, and a `KVCache` (all of its rows or
     the subset `cache.rows`): decoding and short prefills, speculative drafting and verification, the rows still
     iterating under adaptive exit, HF `generate` with our cache.
 
@@ -107,10 +109,10 @@ MAX_TOKENS = 64  # longer forwards (long prompts) run eagerly: their attention i
 
 def applicable(x: Tensor, ctx: AttentionContext, blocks: Any) -> bool:
     """Whether `run_blocks` may take this call (see the module docstring). Blocks with forward hooks (or global
-    module hooks) run eagerly, so that hooks keep firing."""
-    cache = ctx.cache
-    return (x.shape[1] <= MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and isinstance(cache, KVCache) and not _hooked(blocks) and available())
+    module hooks) run eagerly, so that hooks keep firing; an empty stage has nothing to fuse."""
+    return (len(blocks) > 0 and x.shape[1] <= MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu"
+            and blocks[0].attn.Wqkv.weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and isinstance(ctx.cache, KVCache) and not _hooked(blocks) and available())
 
 
 def _hooked(blocks: Any) -> bool:
@@ -142,10 +144,11 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
             scratch["pad"] = None if ctx.mask is None else ctx.mask[:, 0, :, :S]
     pad = scratch["pad"]
     rows = cache.rows
+    like = x.new_empty(()).expand(B, n_heads, T, D)  # the shape of one layer's new keys, for the cache's bookkeeping
     kslots, vslots, masks = [], [], []
     for i in range(step, step + n_steps):
         for j in range(len(blocks)):
-            slot = cache.reserve(LayerKey(part, j, i), B, n_heads, D, x, T)
+            slot = cache.reserve(LayerKey(part, j, i), like)
             kslots.append(slot.k)
             vslots.append(slot.v)
             if slot.holes:  # (B, S): positions some row never wrote

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,46 +64,51 @@ class RecurrentDepthModel(nn.Module):
 
     def core_step(self, state: Tensor, e: Tensor, step: int, ctx: AttentionContext) -> Tensor:
         """One recurrence: s_{i+1} = Core(Adapter(concat[s_i, e])); `step` is i (0-based), naming cache slots."""
-        if self._fused_core(state, ctx):
-            return self._fused_steps(state, e, step, 1, ctx)
+        fused = self._fused(state, ctx, self.core_block)
+        if fused is not None:
+            return self._fused_core(fused, state, e, step, 1, ctx)
         x = self.adapter(torch.cat([state, e], dim=-1))
-        return self._blocks(self.core_block, "core", x, ctx, step)
+        return self._eager_blocks(self.core_block, "core", x, ctx, step)
 
     def core_steps(self, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx: AttentionContext) -> Tensor:
         """`n_steps` recurrences from step `first_step`, under the caller's grad mode: `core_step` in a loop (which
         training may wrap, for activation checkpointing), or one fused call for cached CPU inference."""
-        if n_steps > 0 and self._fused_core(state, ctx):
-            return self._fused_steps(state, e, first_step, n_steps, ctx)
+        fused = self._fused(state, ctx, self.core_block) if n_steps > 0 else None
+        if fused is not None:
+            return self._fused_core(fused, state, e, first_step, n_steps, ctx)
         for i in range(first_step, first_step + n_steps):
             state = self.core_step(state, e, i, ctx)
         return state
-
-    def _fused_core(self, state: Tensor, ctx: AttentionContext) -> bool:
-        if not (self.fused_decode and ctx.cache is not None):
-            return False
-        from recurrent_depth.inference import fused
-
-        return fused.applicable(state, ctx, self.core_block) and self.adapter.weight.dtype == torch.float32
-
-    def _fused_steps(self, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx: AttentionContext) -> Tensor:
-        from recurrent_depth.inference import fused
-
-        return fused.run_blocks(self.core_block, "core", state, ctx, first_step, self.cfg.n_heads, self.cfg.norm_eps,
-                                e=e, adapter=self.adapter.weight, n_steps=n_steps)
 
     def decode(self, state: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
         """Final state s_r -> (hidden y = ln_f(Coda(ln_f(s_r))), latents z = ln_f(s_r))."""
         z = self.ln_f(state)
         return self.ln_f(self._blocks(self.coda, "coda", z, ctx)), z
 
-    def _blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext, step: int = 0) -> Tensor:
-        """Run one stage's sandwich blocks; cached CPU inference of a few tokens takes the fused path when it applies
-        (`recurrent_depth.inference.fused`), everything else the modules themselves."""
-        if self.fused_decode and ctx.cache is not None:
-            from recurrent_depth.inference import fused
+    # ------------------------------------------------------------------------------------------ stage runners
+    def _fused(self, x: Tensor, ctx: AttentionContext, blocks: nn.ModuleList) -> Any:
+        """The fused-op module (`recurrent_depth.inference.fused`) when this stage's call may take it, else None:
+        cached CPU inference of a few tokens (see `fused.applicable`)."""
+        if not (self.fused_decode and ctx.cache is not None):
+            return None
+        from recurrent_depth.inference import fused
 
-            if fused.applicable(x, ctx, blocks):
-                return fused.run_blocks(blocks, part, x, ctx, step, self.cfg.n_heads, self.cfg.norm_eps)
+        return fused if fused.applicable(x, ctx, blocks) else None
+
+    def _fused_core(self, fused: Any, state: Tensor, e: Tensor, first_step: int, n_steps: int,
+                    ctx: AttentionContext) -> Tensor:
+        return fused.run_blocks(self.core_block, "core", state, ctx, first_step, self.cfg.n_heads, self.cfg.norm_eps,
+                                e=e, adapter=self.adapter.weight, n_steps=n_steps)
+
+    def _blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext) -> Tensor:
+        """Run the prelude's or the coda's blocks: fused when the call may take it, else the modules themselves."""
+        fused = self._fused(x, ctx, blocks)
+        if fused is not None:
+            return fused.run_blocks(blocks, part, x, ctx, 0, self.cfg.n_heads, self.cfg.norm_eps)
+        return self._eager_blocks(blocks, part, x, ctx)
+
+    @staticmethod
+    def _eager_blocks(blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext, step: int = 0) -> Tensor:
         for j, block in enumerate(blocks):
             x = block(x, LayerKey(part, j, step), ctx)
         return x

@@ -234,3 +234,18 @@ def test_fused_kernel_splits_large_products_over_threads() -> None:
         torch.set_num_threads(threads)
     torch.testing.assert_close(two, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-4)
     assert torch.equal(one, two)  # each output is one thread's dot product either way
+
+
+def test_stages_without_blocks_run_without_the_fused_op() -> None:
+    """A model with no prelude and no coda layers: those stages are empty (nothing to fuse), the core still fuses."""
+    from tests.inference.conftest import make_debug_model
+
+    model = make_debug_model(n_layers_in_prelude=0, n_layers_in_coda=0)
+    ids = torch.randint(4, 256, (2, 5), generator=torch.Generator().manual_seed(9))
+    with _fused(model, False):
+        eager = generate(model, ids, max_new_tokens=4, num_steps=3)
+    calls: list[str] = []
+    with _fused(model, True, calls):
+        fast = generate(model, ids, max_new_tokens=4, num_steps=3)
+    assert calls == ["core"] * 4
+    assert fast.sequences.tolist() == eager.sequences.tolist()

@@ -36,10 +36,7 @@
 
 namespace {
 
-#ifndef RDEPTH_GEMM_ROWS
-#define RDEPTH_GEMM_ROWS 16
-#endif
-constexpr int64_t kGemmRows = RDEPTH_GEMM_ROWS;  // at most this many rows: our loops; more: ATen's GEMM
+constexpr int64_t kGemmRows = 16;  // at most this many rows: our loops; more: ATen's GEMM
 
 // exp(x) for x in float range, arithmetic only so that loops over it vectorise: x = n ln2 + r (Cody-Waite split),
 // exp(r) by a degree-6 polynomial (Cephes' expf coefficients), times 2^n built in the exponent bits. Within about
@@ -289,6 +286,14 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
                 "rdepth.blocks: rows must be a contiguous int64 tensor of B cache row indices");
     rowp = rows->data_ptr<int64_t>();
   }
+  int64_t row_end = B;  // one past the largest cache row read or written
+  if (rowp != nullptr) {
+    row_end = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(rowp[b] >= 0, "rdepth.blocks: a row index is outside the cache");
+      row_end = std::max(row_end, rowp[b] + 1);
+    }
+  }
   for (int64_t i = 0; i < n_steps * L; ++i) {
     const at::Tensor& ks = kslots[i];
     const at::Tensor& vs = vslots[i];
@@ -297,9 +302,7 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
     TORCH_CHECK(ks.dim() == 4 && (rowp != nullptr || ks.size(0) == B) && ks.size(1) == H && ks.size(3) == D &&
                     ks.size(2) >= S && vs.sizes() == ks.sizes(),
                 "rdepth.blocks: cache slots must be (B, H, C >= pos + T, D)");
-    for (int64_t b = 0; rowp != nullptr && b < B; ++b) {
-      TORCH_CHECK(rowp[b] >= 0 && rowp[b] < ks.size(0), "rdepth.blocks: a row index is outside the cache");
-    }
+    TORCH_CHECK(row_end <= ks.size(0), "rdepth.blocks: a row index is outside the cache");
     const at::Tensor& mask = masks[i];
     if (mask.numel() > 0) {
       TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.size(0) == B &&
