@@ -1,14 +1,16 @@
 """Training-step speed and memory, against the reference implementation in the same run; prints JSON.
 
-    REFERENCE_DIR=/work/reference/recpre .venv/bin/python benchmarks/train.py [--repeats 3] [--threads 2]
+    REFERENCE_DIR=/work/reference/recpre .venv/bin/python benchmarks/train.py [--repeats 5] [--threads 1]
 
 speed   `small` preset, batch 4 x 256 tokens, num_steps = (24, 8) (24 recurrences without autograd, 8 with):
         tokens/s of our forward + backward and of our whole training step (+ gradient clipping and AdamW), eager and
         with `runtime.compile` (the fused core step of recurrent_depth/training/fused.py as one compiled graph, the
         other blocks compiled one by one), forward + backward also with torch.compile per sandwich block only (the
-        earlier `runtime.compile`), and of the reference's forward + backward (its
-        `RavenForCausalLM` in train mode with `num_steps=tensor([24, 8])` and labels); best of `--repeats` each
-        after a warm-up.
+        earlier `runtime.compile`), and of the reference's forward + backward (its `RavenForCausalLM` in train mode
+        with `num_steps=tensor([24, 8])` and labels). After a warm-up of each, the contenders take turns, one step
+        each per round, for `--repeats` rounds (the reference in its own process, waiting while ours run): load
+        from other jobs drifts slowly, so each round compares like with like. Reported: best step of each, and
+        the median over rounds of the reference's step time over ours (`*_median_round_ratio`).
 memory  peak memory of our training step at 64 sampled recurrences (56 + 8) against 8 (0 + 8), same k = 8: each in a
         fresh process (one warm-up step, then the peak resident set of one measured step, via /proc clear_refs), and
         the bytes autograd saves for backward (exact, from saved-tensor hooks).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -42,8 +45,9 @@ def _ids(vocab: int):
 
 
 # ------------------------------------------------------------------------------------------ reference worker
-def reference_worker(spec: dict) -> dict:
-    """Runs inside REFERENCE_PYTHON: the reference's forward + backward at num_steps = (24, 8), best of N."""
+def reference_worker(spec: dict) -> None:
+    """Runs inside REFERENCE_PYTHON: one reference forward + backward at num_steps = (24, 8) per line on stdin,
+    answering its seconds on stdout (the first line answered is `ready`, after a warm-up step)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -56,25 +60,45 @@ def reference_worker(spec: dict) -> dict:
     model = RavenForCausalLM(RavenConfig(**SMALL, padding_multiple=SMALL["vocab_size"])).train()
     ids = _ids(SMALL["vocab_size"])
     steps = torch.tensor(list(NUM_STEPS))
-    times = []
-    for i in range(spec["repeats"] + 1):
+
+    def step() -> float:
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         model(ids, labels=ids, num_steps=steps).loss.backward()
-        if i:  # the first call is a warm-up
-            times.append(time.perf_counter() - start)
-    return {"seconds": min(times)}
+        return time.perf_counter() - start
+
+    step()  # warm-up
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        print(json.dumps({"seconds": step()}), flush=True)
 
 
-def run_reference(args: argparse.Namespace, repeats: int) -> float | None:
-    if not args.reference_dir:
-        return None
-    spec = dict(reference_dir=args.reference_dir, threads=args.threads, repeats=repeats)
-    proc = subprocess.run([args.reference_python, __file__, "--reference-worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"reference worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+class Reference:
+    """The reference worker process, one timed step per `step()` call."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        spec = dict(reference_dir=args.reference_dir, threads=args.threads)
+        self.proc = subprocess.Popen([args.reference_python, __file__, "--reference-worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._expect("ready")
+
+    def _expect(self, what: str | None = None) -> str:
+        line = self.proc.stdout.readline()
+        if not line or (what is not None and line.strip() != what):
+            self.proc.kill()
+            raise RuntimeError(f"reference worker failed:\n{line}{self.proc.stderr.read()[-3000:]}")
+        return line
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect())["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 # ------------------------------------------------------------------------------------------------- ours
@@ -114,16 +138,6 @@ class Ours:
         self.forward_backward(num_steps)
         clip_grad_norm(self.model, 1.0)
         self.optimizer.step()
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def memory_worker(spec: dict) -> dict:
@@ -166,7 +180,7 @@ def run_memory(args: argparse.Namespace, num_steps: tuple[int, int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (one step of each contender per round)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
     parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
@@ -175,7 +189,7 @@ def main() -> None:
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_worker:
-        print(json.dumps(reference_worker(json.loads(args.reference_worker))))
+        reference_worker(json.loads(args.reference_worker))
         return
     if args.memory_worker:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
@@ -186,32 +200,40 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MKL_CBWR", "AUTO")
     tokens = BATCH * SEQ
-    ours = Ours()  # eager, then the reference, then compiled: machine load changes slowly, the order spreads it
-    fb = best_seconds(ours.forward_backward, args.repeats)
-    step = best_seconds(ours.train_step, args.repeats)
-    ref = run_reference(args, args.repeats)
-    compiled = Ours(compile=True)
+    eager, compiled, blocks = Ours(), Ours(compile=True), Ours(compile="blocks")
     warm = time.perf_counter()
     compiled.forward_backward()
     compile_s = time.perf_counter() - warm
-    cfb = best_seconds(compiled.forward_backward, args.repeats)
-    cstep = best_seconds(compiled.train_step, args.repeats)
-    del compiled
-    blocks = Ours(compile="blocks")
-    bfb = best_seconds(blocks.forward_backward, args.repeats)
-    del blocks
+    contenders = {"ours_fwd_bwd": eager.forward_backward, "ours_train_step": eager.train_step,
+                  "ours_compiled_fwd_bwd": compiled.forward_backward,
+                  "ours_compiled_train_step": compiled.train_step,
+                  "ours_compiled_per_block_fwd_bwd": blocks.forward_backward}
+    for fn in contenders.values():
+        fn()  # warm-up
+    if args.reference_dir:
+        reference = Reference(args)
+        contenders = {"reference_fwd_bwd": reference.step, **contenders}
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.repeats):  # rounds: each contender one step in turn
+        for name, fn in contenders.items():
+            if name.startswith("reference"):
+                times[name].append(fn())
+            else:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    if args.reference_dir:
+        reference.close()
     speed = {"preset": "small", "batch": BATCH, "seq_len": SEQ, "num_steps": list(NUM_STEPS), "threads": args.threads,
-             "ours_fwd_bwd_tokens_per_s": tokens / fb, "ours_train_step_tokens_per_s": tokens / step,
-             "ours_compiled_fwd_bwd_tokens_per_s": tokens / cfb,
-             "ours_compiled_train_step_tokens_per_s": tokens / cstep,
-             "ours_compiled_per_block_fwd_bwd_tokens_per_s": tokens / bfb,
-             "compile_warmup_s": compile_s}
-    if ref is not None:
-        speed["reference_fwd_bwd_tokens_per_s"] = tokens / ref
-        speed["speedup_fwd_bwd_eager"] = ref / fb
-        speed["speedup_fwd_bwd_compiled"] = ref / cfb
-        speed["speedup_fwd_bwd_compiled_per_block"] = ref / bfb
-        speed["speedup_compiled_train_step_vs_reference_fwd_bwd"] = ref / cstep
+             "rounds": args.repeats, "compile_warmup_s": compile_s}
+    for name, ts in times.items():
+        speed[f"{name}_tokens_per_s"] = tokens / min(ts)
+    if args.reference_dir:
+        ref = times["reference_fwd_bwd"]
+        for name, ts in times.items():
+            if name.startswith("ours"):
+                speed[f"speedup_{name[5:]}"] = min(ref) / min(ts)
+                speed[f"speedup_{name[5:]}_median_round_ratio"] = statistics.median(r / t for r, t in zip(ref, ts))
     m8, m64 = run_memory(args, (0, 8)), run_memory(args, (56, 8))
     memory = {"steps_8": m8, "steps_64": m64,
               "peak_rss_ratio_64_vs_8": m64["peak_rss_mb"] / m8["peak_rss_mb"],

@@ -2,9 +2,9 @@
 
 Batch-1 decoding of a recurrent-depth model is a long chain of tiny operations: at r = 32 a token runs 128 core-layer
 calls, each about forty small tensor ops whose dispatch costs more than their arithmetic. `torch.ops.rdepth.blocks`
-(csrc/fused_blocks.cpp) runs a whole stage's sandwich blocks in one call: matrix products of up to 16 rows are its
-own loops over the weights (ATen's GEMM above), the norms, RoPE, KV write, attention and gating are plain loops. It
-applies when:
+(recurrent_depth/csrc/fused_blocks.cpp, built by `recurrent_depth.kernels`) runs a whole stage's sandwich blocks in
+one call: matrix products of up to 16 rows are its own loops over the weights (ATen's GEMM above), the norms, RoPE,
+KV write, attention and gating are plain loops. It applies when:
 
     a stage with at least one block, at most MAX_TOKENS (64) new tokens per row, fp32 activations and weights on
     the CPU, no autograd, no module hooks, and a `KVCache` (all of its rows or
@@ -19,76 +19,14 @@ RDEPTH_FUSED=0 in the environment, decoding stays eager. Results match the eager
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from recurrent_depth.inference.cache import KVCache
+from recurrent_depth.kernels import available, load_error  # noqa: F401  (re-exported)
 from recurrent_depth.model.layers import AttentionContext, LayerKey
-
-_SOURCE = Path(__file__).with_name("csrc") / "fused_blocks.cpp"
-_lock = threading.Lock()
-_state: dict[str, Any] = {"loaded": None, "error": None}
-
-
-def available() -> bool:
-    """Whether the fused library is (or can be) loaded; builds it on the first call."""
-    if _state["loaded"] is not None:
-        return _state["loaded"]
-    with _lock:
-        if _state["loaded"] is None:
-            _state["loaded"] = _load()
-    return _state["loaded"]
-
-
-def load_error() -> str | None:
-    """Why the library could not be loaded (None if it loaded or was not tried)."""
-    return _state["error"]
-
-
-def _load() -> bool:
-    if os.environ.get("RDEPTH_FUSED", "1") == "0":
-        _state["error"] = "disabled by RDEPTH_FUSED=0"
-        return False
-    if hasattr(torch.ops, "rdepth") and hasattr(torch.ops.rdepth, "blocks"):
-        return True
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(name=f"rdepth_fused_blocks_{_cpu_tag()}", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-             extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
-        torch.ops.rdepth.blocks  # noqa: B018  (raises if the op did not register)
-        return True
-    except Exception as exc:  # no compiler, no ninja, a read-only cache: stay eager, say why once
-        _state["error"] = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"recurrent_depth: fused CPU decode unavailable, decoding eagerly ({_state['error'][:300]})",
-                      RuntimeWarning, stacklevel=3)
-        return False
-
-
-# -march=native: the library is built for the machine it runs on; the build folder's name carries a digest of the
-# CPU's model and flags, so a home directory shared between different machines never loads a foreign build.
-# -fopenmp: ATen's parallel_for is a header template over OpenMP, serial without it.
-_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
-
-
-def _cpu_tag() -> str:
-    import hashlib
-    import platform
-
-    info = platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        info += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        pass
-    return hashlib.sha256(info.encode()).hexdigest()[:12]
 
 
 def _weights(blocks: Any) -> list[Tensor]:

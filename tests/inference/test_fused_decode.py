@@ -202,13 +202,15 @@ def test_fused_op_rejects_bad_arguments(debug_model) -> None:
 
 
 def test_fused_can_be_disabled_by_environment(monkeypatch) -> None:
-    saved = dict(fused._state)
+    from recurrent_depth import kernels
+
+    saved = dict(kernels._state)
     monkeypatch.setenv("RDEPTH_FUSED", "0")
     try:
-        assert fused._load() is False
+        assert kernels._load() is False
         assert "RDEPTH_FUSED=0" in fused.load_error()
     finally:
-        fused._state.update(saved)
+        kernels._state.update(saved)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 16, 17])

@@ -1,0 +1,127 @@
+"""The package's C++ CPU kernels (csrc/), built on first use with the system compiler, and their Python faces.
+
+    available()                      # builds (once per machine, cached under ~/.cache/torch_extensions) and loads
+    causal_attention(q, k, v)        # (B, T, H, D) each -> (B, T, H, D); differentiable; torch.compile traces it
+
+Two ops live in the library: `rdepth::blocks`, the fused decode stage of `recurrent_depth.inference.fused`, and
+`rdepth::causal_attention` (+ its backward), the causal self-attention that training uses on the CPU: exact softmax
+per block of 64 query rows against only the keys the block can see, products through the BLAS that libtorch ships
+(csrc/causal_attention.cpp). Without a compiler, or with RDEPTH_FUSED=0 in the environment, `available()` is False
+(the reason in `load_error()`) and callers keep PyTorch's own kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("fused_blocks.cpp", "causal_attention.cpp")]
+_lock = threading.Lock()
+_state: dict[str, Any] = {"loaded": None, "error": None}
+
+# -march=native: the library is built for the machine it runs on; the build folder's name carries a digest of the
+# CPU's model and flags, so a home directory shared between different machines never loads a foreign build.
+# -fopenmp: ATen's parallel_for is a header template over OpenMP, serial without it.
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+
+
+def available() -> bool:
+    """Whether the kernel library is (or can be) loaded; builds it on the first call."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    with _lock:
+        if _state["loaded"] is None:
+            _state["loaded"] = _load()
+    return _state["loaded"]
+
+
+def load_error() -> str | None:
+    """Why the library could not be loaded (None if it loaded or was not tried)."""
+    return _state["error"]
+
+
+def _load() -> bool:
+    if os.environ.get("RDEPTH_FUSED", "1") == "0":
+        _state["error"] = "disabled by RDEPTH_FUSED=0"
+        return False
+    if not (hasattr(torch.ops, "rdepth") and hasattr(torch.ops.rdepth, "causal_attention")):
+        try:
+            from torch.utils.cpp_extension import load
+
+            load(name=f"rdepth_kernels_{_cpu_tag()}", sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
+                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            torch.ops.rdepth.blocks  # noqa: B018  (raise if an op did not register)
+            torch.ops.rdepth.causal_attention  # noqa: B018
+        except Exception as exc:  # no compiler, no ninja, a read-only cache: stay with PyTorch's kernels, say why once
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"recurrent_depth: C++ CPU kernels unavailable, using PyTorch's ({_state['error'][:300]})",
+                          RuntimeWarning, stacklevel=3)
+            return False
+    _register_attention()
+    return True
+
+
+def _cpu_tag() -> str:
+    import hashlib
+    import platform
+
+    info = platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    return hashlib.sha256(info.encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------ causal attention
+_registered: list[bool] = []
+
+
+def _register_attention() -> None:
+    """Shapes for tracing (torch.compile) and the autograd formula of rdepth::causal_attention, once."""
+    if _registered:
+        return
+    _registered.append(True)
+
+    @torch.library.register_fake("rdepth::causal_attention")
+    def _fake(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        B, T, H, D = q.shape
+        return q.new_empty(B, T, H, D), q.new_empty(B, H, T)
+
+    @torch.library.register_fake("rdepth::causal_attention_backward")
+    def _fake_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, H, D = q.shape
+        return q.new_empty(B, T, H, D), q.new_empty(B, T, H, D), q.new_empty(B, T, H, D)
+
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        q, k, v, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+
+    def backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple:
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.rdepth.causal_attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    torch.library.register_autograd("rdepth::causal_attention", backward, setup_context=setup_context)
+
+
+def attention_applies(q: Tensor) -> bool:
+    """Whether `causal_attention` takes q (and k, v like it): fp32 CPU, at least two tokens, library loaded."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[1] > 1 and available()
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal softmax attention, q, k, v (B, T, H, D) with a contiguous last dim -> (B, T, H, D) contiguous, scale
+    1/sqrt(D); the caller checked `attention_applies`. Differentiable in q, k and v."""
+    return torch.ops.rdepth.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
