@@ -10,7 +10,8 @@ speed   `small` preset, batch 4 x 256 tokens, num_steps = (24, 8) (24 recurrence
         with `num_steps=tensor([24, 8])` and labels). After a warm-up of each, the contenders take turns, one step
         each per round, for `--repeats` rounds (the reference in its own process, waiting while ours run): load
         from other jobs drifts slowly, so each round compares like with like. Reported: best step of each, and
-        the median over rounds of the reference's step time over ours (`*_median_round_ratio`).
+        the median over rounds of the reference's step time over ours (`*_median_round_ratio`). `--fp32-matmul
+        bf16` runs both sides with oneDNN's bf16 inner products for fp32 matrix products (runtime.fp32_matmul=bf16).
 memory  peak memory of our training step at 64 sampled recurrences (56 + 8) against 8 (0 + 8), same k = 8: each in a
         fresh process (one warm-up step, then the peak resident set of one measured step, via /proc clear_refs), and
         the bytes autograd saves for backward (exact, from saved-tensor hooks).
@@ -51,6 +52,7 @@ def reference_worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    torch.backends.mkldnn.matmul.fp32_precision = spec["fp32_matmul"]
     from reference_import import import_reference
 
     modeling, config = import_reference(spec["reference_dir"])
@@ -79,7 +81,7 @@ class Reference:
     """The reference worker process, one timed step per `step()` call."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        spec = dict(reference_dir=args.reference_dir, threads=args.threads)
+        spec = dict(reference_dir=args.reference_dir, threads=args.threads, fp32_matmul=args.fp32_matmul)
         self.proc = subprocess.Popen([args.reference_python, __file__, "--reference-worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._expect("ready")
@@ -182,6 +184,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="rounds (one step of each contender per round)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fp32-matmul", choices=["ieee", "bf16"], default="ieee",
+                        help="fp32 matrix products on both sides: exact (ieee) or oneDNN bf16 inner products (bf16, "
+                             "our runtime.fp32_matmul=bf16; the speed figures only, memory stays ieee)")
     parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
     parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
                                                                      str(REPO / ".venv-tf4" / "bin" / "python")))
@@ -198,6 +203,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    torch.backends.mkldnn.matmul.fp32_precision = args.fp32_matmul
     os.environ.setdefault("MKL_CBWR", "AUTO")
     tokens = BATCH * SEQ
     eager, compiled, blocks = Ours(), Ours(compile=True), Ours(compile="blocks")
@@ -225,7 +231,8 @@ def main() -> None:
     if args.reference_dir:
         reference.close()
     speed = {"preset": "small", "batch": BATCH, "seq_len": SEQ, "num_steps": list(NUM_STEPS), "threads": args.threads,
-             "rounds": args.repeats, "compile_warmup_s": compile_s}
+             "rounds": args.repeats, "fp32_matmul": args.fp32_matmul,
+             "compile_warmup_s": compile_s}
     for name, ts in times.items():
         speed[f"{name}_tokens_per_s"] = tokens / min(ts)
     if args.reference_dir:

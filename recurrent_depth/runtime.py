@@ -52,6 +52,42 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as oneDNN's bf16 products need."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_fp32_matmul(precision: str, device_type: str) -> None:
+    """ValueError naming `runtime.fp32_matmul` if `device_type` cannot run fp32 products at `precision`."""
+    allowed = {"cpu": ("ieee", "bf16"), "cuda": ("ieee", "tf32")}.get(device_type, ("ieee",))
+    if precision not in allowed:
+        raise ValueError(f"`runtime.fp32_matmul` {precision!r} is not available on {device_type}; "
+                         f"choose one of {list(allowed)}")
+    if precision == "bf16" and not (torch.backends.mkldnn.is_available() and cpu_has_bf16()):
+        raise ValueError("`runtime.fp32_matmul` 'bf16' needs a CPU with AVX512-BF16 or AMX (and oneDNN); "
+                         "this machine has neither: use 'ieee'")
+
+
+@contextlib.contextmanager
+def fp32_matmul(precision: str, device: torch.device) -> Iterator[None]:
+    """Within the block, fp32 matrix products on `device` use `precision`: "ieee" (exact), "bf16" (CPU: bf16
+    inner products, fp32 accumulation, oneDNN) or "tf32" (CUDA). Restores the previous setting on exit; raises
+    ValueError naming `runtime.fp32_matmul` for a precision the device does not have."""
+    check_fp32_matmul(precision, device.type)
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+    previous = backend.fp32_precision
+    backend.fp32_precision = precision
+    try:
+        yield
+    finally:
+        backend.fp32_precision = previous
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
     random.seed(seed)

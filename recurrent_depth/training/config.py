@@ -134,6 +134,10 @@ class RuntimeSection:
     # torch.compile: the core step as one fused graph (fp32, no FSDP; training/fused.py), other blocks one by one;
     # a one-off warm-up (about a minute on a CPU), then faster steps (BENCHMARKS.md, Training step)
     compile: bool = False
+    # fp32 matrix products: "ieee" (exact fp32, the default), "bf16" on a CPU (bf16 inner products with fp32
+    # accumulation through oneDNN: AMX / AVX512-BF16; about 3-4x the GEMM speed, inputs rounded to 8 bits of
+    # mantissa), "tf32" on CUDA. Weights, activations, optimiser state and the attention kernel stay fp32.
+    fp32_matmul: Literal["ieee", "bf16", "tf32"] = "ieee"
 
 
 @dataclass
@@ -323,6 +327,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"`model.preset` must be one of {sorted(PRESETS)}, got {cfg.model.preset!r}")
+    if cfg.runtime.fp32_matmul != "ieee":
+        from recurrent_depth.runtime import check_fp32_matmul
+
+        device = cfg.runtime.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            check_fp32_matmul(cfg.runtime.fp32_matmul, device.split(":")[0])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return cfg
 
 

@@ -32,6 +32,8 @@ def test_overrides_are_typed(corpus: Path) -> None:
     ("model.preset=huge", "model.preset"),
     ("train.batch_size=0", "train.batch_size"),
     ("optim.betas=[0.9]", "optim.betas"),
+    ("runtime.fp32_matmul=tf32", "runtime.fp32_matmul"),  # tiny_tree runs on the CPU: tf32 is CUDA's
+    ("runtime.fp32_matmul=fp16", "runtime.fp32_matmul"),
 ])
 def test_bad_values_name_the_key(corpus: Path, override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):

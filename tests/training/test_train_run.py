@@ -17,6 +17,7 @@ from train_helpers import REPO, cli_env, losses, tiny_tree, write_yaml
 
 from recurrent_depth.data.tokenizer import load_tokenizer
 from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.runtime import cpu_has_bf16
 from recurrent_depth.training.loop import train
 
 
@@ -39,6 +40,20 @@ def test_debug_run_loss_falls_and_checkpoint_loads(tiny_config, tmp_path: Path) 
     ids = torch.tensor([tok.encode("the quick")])
     with torch.no_grad():
         assert torch.isfinite(model(ids, num_steps=2, init_scale=0.0).logits).all()
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has neither AVX512-BF16 nor AMX")
+def test_bf16_matmul_run_learns_differs_from_ieee_and_restores_the_setting(tiny_config, tmp_path: Path) -> None:
+    """runtime.fp32_matmul=bf16 (oneDNN bf16 products on the CPU): the loss still falls, the losses differ from the
+    exact run's (the setting took effect), and the process-wide setting is back afterwards."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    kw = dict(train={"steps": 40, "batch_size": 8}, model={"n_embd": 64, "intermediate_size": 128})
+    exact = train(tiny_config(**kw), tmp_path / "ieee")
+    fast = train(tiny_config(**kw, runtime={"fp32_matmul": "bf16"}), tmp_path / "bf16")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert sum(fast.losses[-5:]) / 5 < sum(fast.losses[:5]) / 5 - 0.5
+    assert fast.losses != exact.losses
+    assert abs(sum(fast.losses[-5:]) - sum(exact.losses[-5:])) / 5 < 0.2
 
 
 def test_jsonl_answer_only_and_accuracy(tmp_path: Path, corpus: Path) -> None:
