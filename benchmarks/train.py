@@ -12,6 +12,8 @@ speed   `small` preset, batch 4 x 256 tokens, num_steps = (24, 8) (24 recurrence
         from other jobs drifts slowly, so each round compares like with like. Reported: best step of each, and
         the median over rounds of the reference's step time over ours (`*_median_round_ratio`). `--fp32-matmul
         bf16` runs both sides with oneDNN's bf16 inner products for fp32 matrix products (runtime.fp32_matmul=bf16).
+        Our process keeps freed activation memory as `rdepth train` does on a CPU (runtime.tune_cpu_allocator: no
+        page faults for re-allocated activations); `--plain-allocator` leaves malloc as it is.
 memory  peak memory of our training step at 64 sampled recurrences (56 + 8) against 8 (0 + 8), same k = 8: each in a
         fresh process (one warm-up step, then the peak resident set of one measured step, via /proc clear_refs), and
         the bytes autograd saves for backward (exact, from saved-tensor hooks).
@@ -114,6 +116,10 @@ class Ours:
         from recurrent_depth.training.config import OptimSection
         from recurrent_depth.training.optim import build_optimizer
 
+        if os.environ.get("RDEPTH_BENCH_PLAIN_ALLOCATOR") != "1":  # what `rdepth train` does on a CPU
+            from recurrent_depth.runtime import tune_cpu_allocator
+
+            tune_cpu_allocator()
         torch.manual_seed(0)
         self.model = RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name("small")).train()
         self.optimizer = build_optimizer(self.model, OptimSection(lr=1e-4))
@@ -187,6 +193,8 @@ def main() -> None:
     parser.add_argument("--fp32-matmul", choices=["ieee", "bf16"], default="ieee",
                         help="fp32 matrix products on both sides: exact (ieee) or oneDNN bf16 inner products (bf16, "
                              "our runtime.fp32_matmul=bf16; the speed figures only, memory stays ieee)")
+    parser.add_argument("--plain-allocator", action="store_true",
+                        help="leave glibc malloc as it is in our process (rdepth train tunes it on a CPU)")
     parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
     parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
                                                                      str(REPO / ".venv-tf4" / "bin" / "python")))
@@ -202,6 +210,8 @@ def main() -> None:
 
     import torch
 
+    if args.plain_allocator:
+        os.environ["RDEPTH_BENCH_PLAIN_ALLOCATOR"] = "1"  # also for the memory workers
     torch.set_num_threads(args.threads)
     torch.backends.mkldnn.matmul.fp32_precision = args.fp32_matmul
     os.environ.setdefault("MKL_CBWR", "AUTO")
@@ -232,6 +242,7 @@ def main() -> None:
         reference.close()
     speed = {"preset": "small", "batch": BATCH, "seq_len": SEQ, "num_steps": list(NUM_STEPS), "threads": args.threads,
              "rounds": args.repeats, "fp32_matmul": args.fp32_matmul,
+             "ours_allocator_tuned": not args.plain_allocator,
              "compile_warmup_s": compile_s}
     for name, ts in times.items():
         speed[f"{name}_tokens_per_s"] = tokens / min(ts)

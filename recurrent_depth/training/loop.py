@@ -24,7 +24,7 @@ from recurrent_depth.config import RecurrentDepthConfig
 from recurrent_depth.data.build import DataBundle, build_data
 from recurrent_depth.data.loader import TokenDataset, batch_indices, eval_batches
 from recurrent_depth.model import RecurrentDepthForCausalLM
-from recurrent_depth.runtime import Runtime, fp32_matmul, init_runtime, seed_everything
+from recurrent_depth.runtime import Runtime, fp32_matmul, init_runtime, seed_everything, tune_cpu_allocator
 from recurrent_depth.training import checkpoint as ckpt
 from recurrent_depth.training.config import ConfigError, TrainConfig, expand_path
 from recurrent_depth.training.depth_sampler import DepthSampler, make_sampler
@@ -190,6 +190,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> TrainR
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     rt = init_runtime(cfg.runtime.device, cfg.runtime.dtype)
+    if rt.device.type == "cpu":
+        tune_cpu_allocator()
     try:
         with fp32_matmul(cfg.runtime.fp32_matmul, rt.device):
             return _train(cfg, out, resume, rt)
