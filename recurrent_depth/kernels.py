@@ -13,6 +13,7 @@ per block of 64 query rows against only the keys the block can see, products thr
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -52,9 +53,12 @@ def _load() -> bool:
         return False
     if not (hasattr(torch.ops, "rdepth") and hasattr(torch.ops.rdepth, "causal_attention")):
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import _get_build_directory, load
 
-            load(name=f"rdepth_kernels_{_cpu_tag()}", sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
+            name = f"rdepth_kernels_{_cpu_tag()}"
+            if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+                print("recurrent_depth: building the C++ CPU kernels (once per machine, about 20 s)", file=sys.stderr)
+            load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
             torch.ops.rdepth.blocks  # noqa: B018  (raise if an op did not register)
             torch.ops.rdepth.causal_attention  # noqa: B018
