@@ -109,14 +109,14 @@ class Reference:
 class Ours:
     """Our `small` model with the training loop's pieces: seeded s0, truncated forward/backward, clip, AdamW."""
 
-    def __init__(self, compile: bool | str = False) -> None:
+    def __init__(self, compile: bool | str = False, tune_allocator: bool = True) -> None:
         import torch
 
         from recurrent_depth import RecurrentDepthConfig, RecurrentDepthForCausalLM
         from recurrent_depth.training.config import OptimSection
         from recurrent_depth.training.optim import build_optimizer
 
-        if os.environ.get("RDEPTH_BENCH_PLAIN_ALLOCATOR") != "1":  # what `rdepth train` does on a CPU
+        if tune_allocator:  # what `rdepth train` does on a CPU
             from recurrent_depth.runtime import tune_cpu_allocator
 
             tune_cpu_allocator()
@@ -148,12 +148,22 @@ class Ours:
         self.optimizer.step()
 
 
+def _timed(fn):
+    """fn as a function returning the seconds one call took."""
+    def timed() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return timed
+
+
 def memory_worker(spec: dict) -> dict:
     """Fresh process: one warm-up step at (0, 8), then peak RSS of one step at `num_steps` (and saved bytes)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    ours = Ours()
+    ours = Ours(tune_allocator=spec["tune_allocator"])
     ours.train_step((0, 8))
     saved: list[int] = []
 
@@ -177,7 +187,7 @@ def _status_kb(field: str) -> int:
 
 
 def run_memory(args: argparse.Namespace, num_steps: tuple[int, int]) -> dict:
-    spec = dict(threads=args.threads, num_steps=list(num_steps))
+    spec = dict(threads=args.threads, num_steps=list(num_steps), tune_allocator=not args.plain_allocator)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(spec)], capture_output=True,
                           text=True, timeout=3600, env=env)
@@ -210,34 +220,28 @@ def main() -> None:
 
     import torch
 
-    if args.plain_allocator:
-        os.environ["RDEPTH_BENCH_PLAIN_ALLOCATOR"] = "1"  # also for the memory workers
     torch.set_num_threads(args.threads)
     torch.backends.mkldnn.matmul.fp32_precision = args.fp32_matmul
     os.environ.setdefault("MKL_CBWR", "AUTO")
     tokens = BATCH * SEQ
-    eager, compiled, blocks = Ours(), Ours(compile=True), Ours(compile="blocks")
+    tune = not args.plain_allocator
+    eager, compiled, blocks = (Ours(c, tune_allocator=tune) for c in (False, True, "blocks"))
     warm = time.perf_counter()
     compiled.forward_backward()
     compile_s = time.perf_counter() - warm
-    contenders = {"ours_fwd_bwd": eager.forward_backward, "ours_train_step": eager.train_step,
-                  "ours_compiled_fwd_bwd": compiled.forward_backward,
-                  "ours_compiled_train_step": compiled.train_step,
-                  "ours_compiled_per_block_fwd_bwd": blocks.forward_backward}
-    for fn in contenders.values():
+    ours = {"ours_fwd_bwd": eager.forward_backward, "ours_train_step": eager.train_step,
+            "ours_compiled_fwd_bwd": compiled.forward_backward, "ours_compiled_train_step": compiled.train_step,
+            "ours_compiled_per_block_fwd_bwd": blocks.forward_backward}
+    for fn in ours.values():
         fn()  # warm-up
+    contenders = {name: _timed(fn) for name, fn in ours.items()}  # each returns its step's seconds
     if args.reference_dir:
         reference = Reference(args)
         contenders = {"reference_fwd_bwd": reference.step, **contenders}
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeats):  # rounds: each contender one step in turn
-        for name, fn in contenders.items():
-            if name.startswith("reference"):
-                times[name].append(fn())
-            else:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        for name, step in contenders.items():
+            times[name].append(step())
     if args.reference_dir:
         reference.close()
     speed = {"preset": "small", "batch": BATCH, "seq_len": SEQ, "num_steps": list(NUM_STEPS), "threads": args.threads,

@@ -12,6 +12,7 @@ per block of 64 query rows against only the keys the block can see, products thr
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -85,14 +86,9 @@ def _cpu_tag() -> str:
 
 
 # ------------------------------------------------------------------------------------------ causal attention
-_registered: list[bool] = []
-
-
+@functools.cache
 def _register_attention() -> None:
     """Shapes for tracing (torch.compile) and the autograd formula of rdepth::causal_attention, once."""
-    if _registered:
-        return
-    _registered.append(True)
 
     @torch.library.register_fake("rdepth::causal_attention")
     def _fake(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:

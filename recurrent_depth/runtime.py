@@ -10,6 +10,7 @@ Policy: fp32 on CPU; bf16 autocast on CUDA (parameters and optimiser state stay 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 from collections.abc import Iterator
@@ -53,26 +54,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-_allocator_tuned: list[bool] = []
 
 
+@functools.cache
 def tune_cpu_allocator() -> bool:
     """Keep freed activation memory in the process instead of returning it to the OS (glibc malloc): large tensors
     (up to 32 MB) come from the heap rather than fresh mmaps, and the heap is not trimmed. A CPU training step frees
     and re-allocates the same activations every step; without this each step page-faults them in again (about
     40,000 faults and 0.1 s of system time per `small` step). Peak memory is unchanged: the kept pages are the ones
     the next step needs. Process-wide and one-way (glibc has no undo); a no-op (False) without glibc's mallopt."""
-    if _allocator_tuned:
-        return _allocator_tuned[0]
     try:
         import ctypes
 
         mallopt = ctypes.CDLL(None).mallopt
-        ok = bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
-        ok = False
-    _allocator_tuned.append(ok)
-    return ok
+        return False
 
 
 def cpu_has_bf16() -> bool:

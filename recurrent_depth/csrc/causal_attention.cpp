@@ -97,7 +97,7 @@ float row_max(const float* x, int64_t n) {
 #endif
 }
 
-// x[i] = exp(x[i] - sub) for i < n; returns the sum when `sum` is set.
+// x[i] = exp(x[i] - sub) for i < n; returns their sum.
 float exp_shift(float* x, int64_t n, float sub) {
 #if defined(__AVX512F__)
   const __m512 s = _mm512_set1_ps(sub);

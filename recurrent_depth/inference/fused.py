@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from recurrent_depth.inference.cache import KVCache
-from recurrent_depth.kernels import available, load_error  # noqa: F401  (re-exported)
+from recurrent_depth.kernels import available
 from recurrent_depth.model.layers import AttentionContext, LayerKey
 
 

@@ -328,13 +328,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"`model.preset` must be one of {sorted(PRESETS)}, got {cfg.model.preset!r}")
     if cfg.runtime.fp32_matmul != "ieee":
-        from recurrent_depth.runtime import check_fp32_matmul
+        from recurrent_depth.runtime import check_fp32_matmul, default_device
 
-        device = cfg.runtime.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device().type if cfg.runtime.device == "auto" else cfg.runtime.device
         try:
             check_fp32_matmul(cfg.runtime.fp32_matmul, device.split(":")[0])
         except ValueError as exc:

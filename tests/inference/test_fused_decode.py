@@ -8,6 +8,7 @@ import contextlib
 import pytest
 import torch
 
+from recurrent_depth import kernels
 from recurrent_depth.inference import fused
 from recurrent_depth.inference.cache import KVCache
 from recurrent_depth.inference.exit import make_exit_criterion
@@ -17,7 +18,7 @@ from tests.inference.conftest import make_converging_model
 
 @pytest.fixture(scope="module", autouse=True)
 def _library() -> None:
-    assert fused.available(), f"the fused decode library did not build: {fused.load_error()}"
+    assert kernels.available(), f"the fused decode library did not build: {kernels.load_error()}"
 
 
 @contextlib.contextmanager
@@ -202,13 +203,11 @@ def test_fused_op_rejects_bad_arguments(debug_model) -> None:
 
 
 def test_fused_can_be_disabled_by_environment(monkeypatch) -> None:
-    from recurrent_depth import kernels
-
     saved = dict(kernels._state)
     monkeypatch.setenv("RDEPTH_FUSED", "0")
     try:
         assert kernels._load() is False
-        assert "RDEPTH_FUSED=0" in fused.load_error()
+        assert "RDEPTH_FUSED=0" in kernels.load_error()
     finally:
         kernels._state.update(saved)
 
