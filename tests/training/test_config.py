@@ -40,6 +40,14 @@ def test_bad_values_name_the_key(corpus: Path, override: str, key: str) -> None:
         config_from_dict(tiny_tree(corpus), [override])
 
 
+def test_bf16_products_need_a_cpu_that_has_them(corpus: Path, monkeypatch) -> None:
+    from recurrent_depth import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match=r"runtime\.fp32_matmul.*AVX512-BF16 or AMX"):
+        config_from_dict(tiny_tree(corpus), ["runtime.fp32_matmul=bf16"])
+
+
 def test_task_kind_needs_a_task_name(corpus: Path) -> None:
     with pytest.raises(ConfigError, match="data.task.name"):
         config_from_dict(tiny_tree(corpus, data={"kind": "task", "paths": []}))

@@ -26,6 +26,30 @@ def test_no_weight_decay_on_norms_biases_and_qk_bias() -> None:
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
 
 
+def test_plain_cpu_parameters_get_the_fused_adamw_step() -> None:
+    """Fused AdamW for plain CPU tensors; its step matches the default (foreach) implementation."""
+    import torch
+
+    torch.manual_seed(0)
+    model = RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name("debug"))
+    twin = RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name("debug"))
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, OptimSection(lr=1e-2))
+    assert all(g["fused"] for g in opt.param_groups)
+    ref = torch.optim.AdamW(param_groups(twin, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ref.param_groups[0]["weight_decay"] = opt.param_groups[0]["weight_decay"]
+    ref.param_groups[1]["weight_decay"] = opt.param_groups[1]["weight_decay"]
+    for group, twin_group in zip(opt.param_groups, ref.param_groups):
+        twin_group["betas"], twin_group["eps"] = group["betas"], group["eps"]
+    for m in (model, twin):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p) * 0.1
+    opt.step()
+    ref.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_warmup_then_cosine() -> None:
     s = OptimSection(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="cosine")
     assert lr_at(0, s, 110) == pytest.approx(0.1)
