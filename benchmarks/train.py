@@ -10,7 +10,13 @@ speed   `small` preset, batch 4 x 256 tokens, num_steps = (24, 8) (24 recurrence
         with `num_steps=tensor([24, 8])` and labels). After a warm-up of each, the contenders take turns, one step
         each per round, for `--repeats` rounds (the reference in its own process, waiting while ours run): load
         from other jobs drifts slowly, so each round compares like with like. Reported: best step of each, and
-        the median over rounds of the reference's step time over ours (`*_median_round_ratio`). `--fp32-matmul
+        the median over rounds of the reference's step time over ours (`*_median_round_ratio`). The ceiling: the
+        reference's worker records every matrix product its step runs (mm, addmm, bmm: 869 of them, forward and
+        backward) and replays them alone on tensors of the same sizes and strides, as one more contender
+        (`reference_products_only`); the reference's step over that (`speedup_ceiling_products_only_*`) bounds the
+        speed-up of any exact-fp32 implementation that must do these products with this BLAS (attention's own
+        products, inside SDPA, are not even counted, and replayed products find their inputs warmer in cache than
+        a real step does, so the true ceiling is lower). `--fp32-matmul
         bf16` runs both sides with oneDNN's bf16 inner products for fp32 matrix products (runtime.fp32_matmul=bf16).
         Our process keeps freed activation memory as `rdepth train` does on a CPU (runtime.tune_cpu_allocator: no
         page faults for re-allocated activations); `--plain-allocator` leaves malloc as it is.
@@ -72,11 +78,56 @@ def reference_worker(spec: dict) -> None:
         return time.perf_counter() - start
 
     step()  # warm-up
+    products = _record_products(lambda: model(ids, labels=ids, num_steps=steps).loss.backward())
+    model.zero_grad(set_to_none=True)
+    products()  # warm-up
     print("ready", flush=True)
     for line in sys.stdin:
-        if line.strip() != "step":
+        if line.strip() == "step":
+            print(json.dumps({"seconds": step()}), flush=True)
+        elif line.strip() == "products":
+            start = time.perf_counter()
+            products()
+            print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+        else:
             break
-        print(json.dumps({"seconds": step()}), flush=True)
+
+
+def _record_products(fn):
+    """Run fn once, recording every matrix product ATen executes (mm, addmm, bmm, baddbmm, forward and backward);
+    return a function that runs the same products again, alone, on tensors of the same sizes and strides."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    kinds = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+    calls: list = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in kinds:
+                calls.append((func, [(a.shape, a.stride()) if isinstance(a, torch.Tensor) else a for a in args],
+                              dict(kwargs)))
+            return func(*args, **kwargs)
+
+    with Recorder():
+        fn()
+    pool: dict = {}
+
+    def tensor(shape, stride):
+        if (shape, stride) not in pool:
+            pool[shape, stride] = torch.empty_strided(shape, stride).normal_()
+        return pool[shape, stride]
+
+    replay = [(func, [tensor(*a) if isinstance(a, tuple) else a for a in args], kwargs) for func, args, kwargs in calls]
+
+    def run() -> None:
+        with torch.no_grad():
+            for func, args, kwargs in replay:
+                func(*args, **kwargs)
+
+    return run
 
 
 class Reference:
@@ -95,10 +146,14 @@ class Reference:
             raise RuntimeError(f"reference worker failed:\n{line}{self.proc.stderr.read()[-3000:]}")
         return line
 
-    def step(self) -> float:
-        self.proc.stdin.write("step\n")
+    def step(self, what: str = "step") -> float:
+        self.proc.stdin.write(what + "\n")
         self.proc.stdin.flush()
         return json.loads(self._expect())["seconds"]
+
+    def products(self) -> float:
+        """Seconds of the reference step's matrix products alone (same shapes, same BLAS), replayed."""
+        return self.step("products")
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -237,7 +292,8 @@ def main() -> None:
     contenders = {name: _timed(fn) for name, fn in ours.items()}  # each returns its step's seconds
     if args.reference_dir:
         reference = Reference(args)
-        contenders = {"reference_fwd_bwd": reference.step, **contenders}
+        contenders = {"reference_fwd_bwd": reference.step, "reference_products_only": reference.products,
+                      **contenders}
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeats):  # rounds: each contender one step in turn
         for name, step in contenders.items():
@@ -252,6 +308,11 @@ def main() -> None:
         speed[f"{name}_tokens_per_s"] = tokens / min(ts)
     if args.reference_dir:
         ref = times["reference_fwd_bwd"]
+        prod = times["reference_products_only"]
+        # No exact-fp32 implementation that does these products with this BLAS beats the reference by more than its
+        # step over its products alone (attention's own products, inside SDPA, are not even counted here)
+        speed["reference_products_share"] = statistics.median(p / r for p, r in zip(prod, ref))
+        speed["speedup_ceiling_products_only_median_round_ratio"] = statistics.median(r / p for r, p in zip(ref, prod))
         for name, ts in times.items():
             if name.startswith("ours"):
                 speed[f"speedup_{name[5:]}"] = min(ref) / min(ts)

@@ -2,6 +2,7 @@
 
     available()                      # builds (once per machine, cached under ~/.cache/torch_extensions) and loads
     causal_attention(q, k, v)        # (B, T, H, D) each -> (B, T, H, D); differentiable; torch.compile traces it
+    rope_attention(qkv, bias, cos, sin)  # the same after RoPE on q and k, from the fused projection's output
 
 Two ops live in the library: `rdepth::blocks`, the fused decode stage of `recurrent_depth.inference.fused`, and
 `rdepth::causal_attention` (+ its backward), the causal self-attention that training uses on the CPU: exact softmax
@@ -63,6 +64,7 @@ def _load() -> bool:
                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
             torch.ops.rdepth.blocks  # noqa: B018  (raise if an op did not register)
             torch.ops.rdepth.causal_attention  # noqa: B018
+            torch.ops.rdepth.rope_attention  # noqa: B018
         except Exception as exc:  # no compiler, no ninja, a read-only cache: stay with PyTorch's kernels, say why once
             _state["error"] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"recurrent_depth: C++ CPU kernels unavailable, using PyTorch's ({_state['error'][:300]})",
@@ -115,6 +117,31 @@ def _register_attention() -> None:
 
     torch.library.register_autograd("rdepth::causal_attention", backward, setup_context=setup_context)
 
+    @torch.library.register_fake("rdepth::rope_attention")
+    def _fake_rope(qkv: Tensor, bias: Tensor | None, cos: Tensor, sin: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        B, T, _, H, D = qkv.shape
+        return qkv.new_empty(B, T, H, D), qkv.new_empty(B, H, T)
+
+    @torch.library.register_fake("rdepth::rope_attention_backward")
+    def _fake_rope_backward(grad_out: Tensor, qkv: Tensor, bias: Tensor | None, cos: Tensor, sin: Tensor, out: Tensor,
+                            lse: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        B, T, _, H, D = qkv.shape
+        return qkv.new_empty(B, T, 3, H, D), qkv.new_empty(2, H, D)
+
+    def setup_rope(ctx: Any, inputs: tuple, output: tuple) -> None:
+        qkv, bias, cos, sin, scale = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(qkv, bias, cos, sin, out, lse)
+        ctx.scale = scale
+
+    def backward_rope(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple:
+        qkv, bias, cos, sin, out, lse = ctx.saved_tensors
+        dqkv, dbias = torch.ops.rdepth.rope_attention_backward(grad_out, qkv, bias, cos, sin, out, lse, ctx.scale)
+        return dqkv, (dbias if bias is not None and ctx.needs_input_grad[1] else None), None, None, None
+
+    torch.library.register_autograd("rdepth::rope_attention", backward_rope, setup_context=setup_rope)
+
 
 def attention_applies(q: Tensor) -> bool:
     """Whether `causal_attention` takes q (and k, v like it): fp32 CPU, at least two tokens, library loaded."""
@@ -125,3 +152,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal softmax attention, q, k, v (B, T, H, D) with a contiguous last dim -> (B, T, H, D) contiguous, scale
     1/sqrt(D); the caller checked `attention_applies`. Differentiable in q, k and v."""
     return torch.ops.rdepth.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
+
+
+def rope_attention(qkv: Tensor, bias: Tensor | None, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on q and k, then causal softmax attention, in one op: qkv (B, T, 3, H, D) (last dim contiguous) with q and
+    k in pair order (each head's even dims, then its odd dims), bias (2, H, D) in that order or None, cos and sin
+    (1 or B, T, D/2) contiguous -> (B, T, H, D) contiguous, scale 1/sqrt(D). The rotated q and k never leave the op
+    (per head, in cache); backward writes the gradient of qkv in one piece. Differentiable in qkv and bias; the
+    caller checked `attention_applies`."""
+    return torch.ops.rdepth.rope_attention(qkv, bias, cos, sin, qkv.shape[-1] ** -0.5)[0]

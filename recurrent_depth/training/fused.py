@@ -11,8 +11,12 @@ torch.compile graph, with rearrangements that change no value beyond float reass
    read in the order [even dims | odd dims] of every head, so that RoPE works on two contiguous halves (vectorised)
    with the same products and sums. Attention scores are dot products over the head dim, and q and k share the
    order, so only the order of that sum changes. v and the output keep their layout.
-3. On the CPU, attention is the package's causal kernel (`recurrent_depth.kernels.causal_attention`) on the
-   (B, T, H, D) views of the projection: no transposes, and only the keys each block of queries can see.
+3. On the CPU, the q/k bias, RoPE and attention are one op of the package's kernels
+   (`recurrent_depth.kernels.rope_attention`) on the (B, T, 3, H, D) view of the projection: it rotates each
+   head's q and k into a small buffer inside the op (no rotated copy of the whole q and k, no transposes), attends
+   with only the keys each block of queries can see, and in backward writes the projection's gradient in one piece
+   (the rotation undone, the bias gradient summed on the way). Elsewhere (a GPU, no compiler): bias and RoPE as
+   tensor operations, then SDPA.
 
 No parameter changes shape or layout: the permuted views are taken inside the graph's forward (once per forward, not
 per step), and autograd routes their gradients back to the checkpoint's parameters.
@@ -87,6 +91,9 @@ class FusedCore(nn.Module):
         H, D, eps = self.n_heads, self.head_dim, self.eps
         h = F.rms_norm(x, (d,), n1, eps)
         qkv = F.linear(h, wqkv).view(B, T, 3, H, D)
+        if self.cpu_attention:  # bias, RoPE and attention in one op: rotated q, k stay inside it
+            y = kernels.rope_attention(qkv, bias, cos.squeeze(2), sin.squeeze(2)).view(B, T, d)
+            return self._rest(x, y, wproj, n2, n3, wfc, wmlp, n4)
         qk, v = qkv[:, :, :2], qkv[:, :, 2]
         if bias is not None:
             qk = qk + bias
@@ -94,11 +101,14 @@ class FusedCore(nn.Module):
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # (., T, 1, 1, D/2)
         qk = torch.cat([a * c - b * s, b * c + a * s], dim=-1)
         q, k = qk.unbind(dim=2)
-        if self.cpu_attention:
-            y = kernels.causal_attention(q, k, v).view(B, T, d)
-        else:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=T > 1).transpose(1, 2).reshape(B, T, d)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=T > 1).transpose(1, 2).reshape(B, T, d)
+        return self._rest(x, y, wproj, n2, n3, wfc, wmlp, n4)
+
+    def _rest(self, x: Tensor, y: Tensor, wproj: Tensor, n2: Tensor, n3: Tensor, wfc: Tensor, wmlp: Tensor,
+              n4: Tensor) -> Tensor:
+        """The block after attention: output projection, residual, norms, gated MLP."""
+        d, eps = self.d, self.eps
         x = F.rms_norm(F.linear(y, wproj) + x, (d,), n2, eps)
         gate, up = F.linear(F.rms_norm(x, (d,), n3, eps), wfc).chunk(2, dim=-1)
         return F.rms_norm(F.linear(F.silu(gate) * up, wmlp) + x, (d,), n4, eps)
