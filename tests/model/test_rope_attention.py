@@ -89,16 +89,16 @@ def test_strided_projection_and_per_row_positions() -> None:
     assert not torch.allclose(other, both)  # the rows' positions matter
 
 
-def test_traced_by_torch_compile_with_its_gradients() -> None:
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_traced_by_torch_compile_with_its_gradients(with_bias) -> None:
     qkv, bias, cos, sin = _inputs(2, 40, 2, 16, rows=1)
-    qkv.requires_grad_()
-    bias.requires_grad_()
+    inputs = [qkv.requires_grad_()] + ([bias.requires_grad_()] if with_bias else [])
 
-    def f(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def f(x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.rope_attention(x, b, cos, sin).sin().sum()
 
-    eager = torch.autograd.grad(f(qkv, bias), [qkv, bias])
-    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(qkv, bias), [qkv, bias])
+    eager = torch.autograd.grad(f(*inputs), inputs)
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(*inputs), inputs)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
