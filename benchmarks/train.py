@@ -16,8 +16,8 @@ speed   `small` preset, batch 4 x 256 tokens, num_steps = (24, 8) (24 recurrence
         (`reference_products_only`); the reference's step over that (`speedup_ceiling_products_only_*`) bounds the
         speed-up of any exact-fp32 implementation that must do these products with this BLAS (attention's own
         products, inside SDPA, are not even counted, and replayed products find their inputs warmer in cache than
-        a real step does, so the true ceiling is lower). `--fp32-matmul
-        bf16` runs both sides with oneDNN's bf16 inner products for fp32 matrix products (runtime.fp32_matmul=bf16).
+        a real step does, so the true ceiling is lower). `--fp32-matmul bf16` runs both sides with oneDNN's bf16
+        inner products for fp32 matrix products (runtime.fp32_matmul=bf16).
         Our process keeps freed activation memory as `rdepth train` does on a CPU (runtime.tune_cpu_allocator: no
         page faults for re-allocated activations); `--plain-allocator` leaves malloc as it is.
 memory  peak memory of our training step at 64 sampled recurrences (56 + 8) against 8 (0 + 8), same k = 8: each in a

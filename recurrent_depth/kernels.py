@@ -4,11 +4,13 @@
     causal_attention(q, k, v)        # (B, T, H, D) each -> (B, T, H, D); differentiable; torch.compile traces it
     rope_attention(qkv, bias, cos, sin)  # the same after RoPE on q and k, from the fused projection's output
 
-Two ops live in the library: `rdepth::blocks`, the fused decode stage of `recurrent_depth.inference.fused`, and
-`rdepth::causal_attention` (+ its backward), the causal self-attention that training uses on the CPU: exact softmax
-per block of 64 query rows against only the keys the block can see, products through the BLAS that libtorch ships
-(csrc/causal_attention.cpp). Without a compiler, or with RDEPTH_FUSED=0 in the environment, `available()` is False
-(the reason in `load_error()`) and callers keep PyTorch's own kernels.
+Three ops live in the library: `rdepth::blocks`, the fused decode stage of `recurrent_depth.inference.fused`;
+`rdepth::causal_attention` (+ its backward), the causal self-attention that the model's layers use on the CPU without
+a cache or mask: exact softmax per block of 64 query rows against only the keys the block can see, products through
+the BLAS that libtorch ships (csrc/causal_attention.cpp); and `rdepth::rope_attention` (+ its backward), the same
+attention after the q/k bias and RoPE, on the fused projection, which the compiled training step uses
+(`recurrent_depth.training.fused`). Without a compiler, or with RDEPTH_FUSED=0 in the environment, `available()`
+is False (the reason in `load_error()`) and callers keep PyTorch's own kernels.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def _cpu_tag() -> str:
 # ------------------------------------------------------------------------------------------ causal attention
 @functools.cache
 def _register_attention() -> None:
-    """Shapes for tracing (torch.compile) and the autograd formula of rdepth::causal_attention, once."""
+    """Shapes for tracing (torch.compile) and the autograd formulas of rdepth::causal_attention and
+    rdepth::rope_attention, once."""
 
     @torch.library.register_fake("rdepth::causal_attention")
     def _fake(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -159,5 +162,5 @@ def rope_attention(qkv: Tensor, bias: Tensor | None, cos: Tensor, sin: Tensor) -
     k in pair order (each head's even dims, then its odd dims), bias (2, H, D) in that order or None, cos and sin
     (1 or B, T, D/2) contiguous -> (B, T, H, D) contiguous, scale 1/sqrt(D). The rotated q and k never leave the op
     (per head, in cache); backward writes the gradient of qkv in one piece. Differentiable in qkv and bias; the
-    caller checked `attention_applies`."""
+    caller checked that the library is `available()` and qkv is fp32 on the CPU with at least two tokens."""
     return torch.ops.rdepth.rope_attention(qkv, bias, cos, sin, qkv.shape[-1] ** -0.5)[0]

@@ -296,12 +296,13 @@ void check_rope(const at::Tensor& qkv, const c10::optional<at::Tensor>& bias, co
 }
 
 // RoPE on the rows of one (batch, head) of q or k, pair order: (a, b) = (x[:D/2], x[D/2:]) -> (a c - b s, b c + a s).
-// Forward (kInverse false): dst = rotate(src + bias), bias added when kBias. Backward (kInverse true): dst = the
-// rotation's transpose applied to src (the same with -s), and when kBias, bias (the bias gradient) += dst's column
+// Forward (kInverse false): dst = rotate(src + bias), the bias added when kBias. Backward (kInverse true): dst = the
+// rotation's transpose applied to src (the same with -s), and when kBias, grad (the bias gradient) += dst's column
 // sums. src and dst rows are lds and ldd apart. Templated so that the inner loop has no branch (it vectorises).
 template <bool kInverse, bool kBias>
 void rope_rows(const float* __restrict src, int64_t lds, float* __restrict dst, int64_t ldd,
-               float* __restrict bias, const float* __restrict c, const float* __restrict s, int64_t T, int64_t D) {
+               const float* __restrict bias, float* __restrict grad, const float* __restrict c,
+               const float* __restrict s, int64_t T, int64_t D) {
   const int64_t half = D / 2;
   const float sign = kInverse ? -1.0f : 1.0f;
   for (int64_t t = 0; t < T; ++t) {
@@ -317,30 +318,29 @@ void rope_rows(const float* __restrict src, int64_t lds, float* __restrict dst, 
       y[i] = a * ct[i] - b * sn;
       y[half + i] = b * ct[i] + a * sn;
       if (kBias && kInverse) {
-        bias[i] += y[i];
-        bias[half + i] += y[half + i];
+        grad[i] += y[i];
+        grad[half + i] += y[half + i];
       }
     }
   }
 }
 
-// Forward rotation into a contiguous T x D buffer, with the bias (2 * H * D floats, this head's row) when given.
+// Forward rotation into a contiguous T x D buffer, with the bias (this head's D values) when given.
 void rotate_head(const float* src, int64_t lds, const float* bias, const float* c, const float* s, float* dst,
                  int64_t T, int64_t D) {
-  float* b = const_cast<float*>(bias);  // only read when kInverse is false
   if (bias)
-    rope_rows<false, true>(src, lds, dst, D, b, c, s, T, D);
+    rope_rows<false, true>(src, lds, dst, D, bias, nullptr, c, s, T, D);
   else
-    rope_rows<false, false>(src, lds, dst, D, nullptr, c, s, T, D);
+    rope_rows<false, false>(src, lds, dst, D, nullptr, nullptr, c, s, T, D);
 }
 
 // Backward: dst (rows ldd apart) = the rotation undone on g (T x D, contiguous); gb += its column sums when given.
 void unrotate_head(const float* g, const float* c, const float* s, float* dst, int64_t ldd, float* gb, int64_t T,
                    int64_t D) {
   if (gb)
-    rope_rows<true, true>(g, D, dst, ldd, gb, c, s, T, D);
+    rope_rows<true, true>(g, D, dst, ldd, nullptr, gb, c, s, T, D);
   else
-    rope_rows<true, false>(g, D, dst, ldd, nullptr, c, s, T, D);
+    rope_rows<true, false>(g, D, dst, ldd, nullptr, nullptr, c, s, T, D);
 }
 
 // The fused projection of one rope_attention call, read per (batch, head).
@@ -408,10 +408,11 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_backward(const at::Tensor& gra
               "rope_attention_backward: lse must be (B, H, T)");
   const auto go = grad_out.to(at::kFloat).contiguous(), o = out.contiguous(), l = lse.contiguous();
   auto dqkv = at::empty({B, T, 3, H, D}, qkv.options());
-  auto partial = at::zeros({B * H, 2, D}, qkv.options());  // per (batch, head) bias gradients, summed over b below
-  if (dqkv.numel() == 0) return {dqkv, at::zeros({2, H, D}, qkv.options())};
-  const float sc = static_cast<float>(scale);
   const RopeInput in(qkv, bias, cos, sin);
+  if (dqkv.numel() == 0) return {dqkv, at::zeros({2, H, D}, qkv.options())};
+  // with a bias: its gradient per (batch, head), summed over the batch at the end
+  auto partial = in.bias ? at::zeros({B * H, 2, D}, qkv.options()) : at::Tensor();
+  const float sc = static_cast<float>(scale);
   const int64_t ld = H * D, ldx = 3 * H * D;  // rows of go and o; rows of dqkv
   float* G = dqkv.data_ptr<float>();
   float* PB = in.bias ? partial.data_ptr<float>() : nullptr;
@@ -430,9 +431,8 @@ std::tuple<at::Tensor, at::Tensor> rope_attention_backward(const at::Tensor& gra
       unrotate_head(dK.data(), c, s, g + ld, ldx, PB ? PB + u * 2 * D + D : nullptr, T, D);
     }
   });
-  // (B, H, 2, D) -> (2, H, D)
-  auto dbias = partial.view({B, H, 2, D}).sum(0).permute({1, 0, 2}).contiguous();
-  return {dqkv, dbias};
+  if (!in.bias) return {dqkv, at::zeros({2, H, D}, qkv.options())};
+  return {dqkv, partial.view({B, H, 2, D}).sum(0).permute({1, 0, 2}).contiguous()};  // (B, H, 2, D) -> (2, H, D)
 }
 
 }  // namespace

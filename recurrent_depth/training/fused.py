@@ -55,7 +55,7 @@ class FusedCore(nn.Module):
         cfg = transformer.cfg
         self.n_heads, self.head_dim, self.d = cfg.n_heads, cfg.head_dim, cfg.n_embd
         self.eps = cfg.norm_eps
-        # fp32 on the CPU: the package's causal attention kernel on (B, T, H, D) views (no transposes); else SDPA
+        # fp32 on the CPU: bias, RoPE and attention as the package's one op (`kernels.rope_attention`); else SDPA
         self.cpu_attention = transformer.wte.weight.device.type == "cpu" and kernels.available()
         self.register_buffer("order", _pair_order(cfg.n_heads, cfg.head_dim), persistent=False)
 
