@@ -59,9 +59,10 @@ def _load() -> bool:
         try:
             from torch.utils.cpp_extension import _get_build_directory, load
 
-            name = f"rdepth_kernels_{_cpu_tag()}"
+            name = f"rdepth_kernels_{build_tag()}"
             if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-                print("recurrent_depth: building the C++ CPU kernels (once per machine, about 20 s)", file=sys.stderr)
+                print("recurrent_depth: building the C++ CPU kernels (once per environment, about 20 s)",
+                      file=sys.stderr)
             load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
             torch.ops.rdepth.blocks  # noqa: B018  (raise if an op did not register)
@@ -76,11 +77,18 @@ def _load() -> bool:
     return True
 
 
-def _cpu_tag() -> str:
+def build_tag() -> str:
+    """A digest of everything the built library depends on: the CPU (model and flags: -march=native), the Python
+    environment (sys.prefix), the torch build it links against, the compiler flags and the sources' bytes.
+
+    Each distinct tag gets its own build folder, so two virtual environments (or two checkouts) on one machine keep
+    their own library instead of rebuilding each other's on every first use."""
     import hashlib
     import platform
 
-    info = platform.machine()
+    info = platform.machine() + sys.prefix + torch.__version__ + str(torch.__file__) + " ".join(_CFLAGS)
+    for src in _SOURCES:
+        info += hashlib.sha256(src.read_bytes()).hexdigest()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         info += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))

@@ -146,3 +146,20 @@ def test_cached_and_masked_attention_keep_sdpa(monkeypatch) -> None:
     with torch.no_grad():
         model(ids, num_steps=2, use_cache=True)
         model(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]), num_steps=2)
+
+
+def test_build_tag_names_environment_and_sources(monkeypatch, tmp_path):
+    """Two environments (or two checkouts with other sources) on one machine get separate build folders."""
+    import sys
+
+    from recurrent_depth import kernels
+
+    base = kernels.build_tag()
+    assert base == kernels.build_tag()
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    assert kernels.build_tag() != base
+    monkeypatch.undo()
+    src = tmp_path / "fused_blocks.cpp"
+    src.write_text(kernels._SOURCES[0].read_text() + "\n// edited\n")
+    monkeypatch.setattr(kernels, "_SOURCES", [src, *kernels._SOURCES[1:]])
+    assert kernels.build_tag() != base
