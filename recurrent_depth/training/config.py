@@ -218,7 +218,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"`{key}`: unsupported type {_type_name(tp)}")
 
 
-def _model_fields() -> set[str]:
+def model_field_names() -> set[str]:
+    """The `RecurrentDepthConfig` fields a config may set under `model` (its constructor's named arguments)."""
     from recurrent_depth.config import RecurrentDepthConfig
 
     params = inspect.signature(RecurrentDepthConfig.__init__).parameters
@@ -235,7 +236,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     raw = dict(raw)
     if cls is ModelSection:  # model fields may be written flat beside `preset`
         flat = {k: raw.pop(k) for k in list(raw) if k not in names}
-        allowed = _model_fields()
+        allowed = model_field_names()
         for k in list(flat) + list(raw.get("fields") or {}):
             if k not in allowed:
                 raise ConfigError(f"unknown key `{prefix}.{k}`: not a model field (see RecurrentDepthConfig)")
@@ -269,7 +270,10 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"`--set {item}`: expected key=value")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text.strip() else ""
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"`--set {item}`: the value is not valid YAML ({getattr(err, 'problem', err)})") from None
         if isinstance(value, str) or value is None:
             value = text if text != "null" else None
         _set(tree, key.strip(), value)
@@ -344,6 +348,19 @@ def config_from_dict(tree: dict[str, Any], overrides: list[str] | None = None) -
     return validate(_build(TrainConfig, tree, ""))
 
 
+def _read_yaml(path: Path) -> Any:
+    """The parsed file; ConfigError naming the file, line and column of a syntax error."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config file (or start from the defaults when `path` is None) and apply overrides."""
     tree: dict[str, Any] = {}
@@ -351,7 +368,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = _read_yaml(p)
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return config_from_dict(tree, overrides)

@@ -78,3 +78,23 @@ def test_cli_fails_before_training_and_names_the_key(corpus: Path, tmp_path: Pat
     assert res.returncode == 2
     assert "train.stepz" in res.stderr
     assert not out.exists()
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  steps: 3\n  batch_size: [1, 2\noptim: {}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml' is not valid YAML at line \d+, column \d+"):
+        load_config(path)
+    path.write_bytes(b"train: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set eval.depths=\[1, 2.*not valid YAML"):
+        apply_overrides({}, ["eval.depths=[1, 2"])
+
+
+def test_cli_reports_invalid_yaml_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {steps: 3\n")
+    res = run_cli("train", "--config", str(path), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "bad.yaml" in res.stderr and "line" in res.stderr
