@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
@@ -22,6 +22,7 @@ class DataBundle:
     train: TokenDataset
     val: TokenDataset | None
     tokenizer: PreTrainedTokenizerFast
+    notes: list[str] = field(default_factory=list)  # what was left out, and why (printed by the training loop)
 
 
 def _expand(path: str) -> Path:
@@ -77,9 +78,11 @@ def _prompts(section, seed: int, tok: PreTrainedTokenizerFast | None) -> DataBun
             tok = train_bpe([e["prompt"] + e["answer"] for e in train_ex], section.bpe_vocab_size)
         else:
             tok = load_tokenizer_path(_expand(section.tokenizer))
-    train = encode_examples(train_ex, tok, section.seq_len, section.answer_only_loss)
-    val = encode_examples(val_ex, tok, section.seq_len, section.answer_only_loss) if val_ex else None
-    return DataBundle(train, val, tok)
+    notes: list[str] = []
+    train = encode_examples(train_ex, tok, section.seq_len, section.answer_only_loss, notes=notes)
+    val = encode_examples(val_ex, tok, section.seq_len, section.answer_only_loss, notes=notes,
+                          split="validation") if val_ex else None
+    return DataBundle(train, val, tok, notes)
 
 
 def build_data(section, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None) -> DataBundle:

@@ -56,16 +56,32 @@ def task_examples(name: str, difficulty: dict[str, Any], n: int, split: str, see
     return task.generate(n, split=split, seed=seed), task.alphabet
 
 
+def _fit(seqs: list[tuple[list[int], int]], seq_len: int, split: str,
+         notes: list[str] | None) -> list[tuple[list[int], int]]:
+    """The sequences that fit in seq_len positions (<bos> prompt answer; <eos> is only a target). Those left out
+    are counted in `notes`; ValueError when none is left."""
+    kept = [s for s in seqs if len(s[0]) - 1 <= seq_len]
+    lengths = sorted(len(ids) - 1 for ids, _ in seqs)
+    if not kept:
+        raise ValueError(f"all {len(seqs)} {split} examples are longer than data.seq_len={seq_len} tokens (the "
+                         f"shortest needs {lengths[0]}: <bos>, prompt and answer); raise data.seq_len")
+    if len(kept) < len(seqs) and notes is not None:
+        notes.append(f"data: {len(seqs) - len(kept)} of {len(seqs)} {split} examples are longer than "
+                     f"data.seq_len={seq_len} tokens (the longest needs {lengths[-1]}) and were left out; raise "
+                     "data.seq_len to keep them")
+    return kept
+
+
 def encode_examples(examples: list[dict[str, str]], tokenizer, seq_len: int, answer_only: bool,
-                    length: int | None = None) -> TokenDataset:
-    """Tokenize examples into a padded TokenDataset of width `length` (default: the longest, at most seq_len)."""
+                    length: int | None = None, notes: list[str] | None = None,
+                    split: str = "train") -> TokenDataset:
+    """Tokenize examples into a padded TokenDataset of width `length` (default: the longest, at most seq_len).
+    Examples longer than seq_len are left out, counted in `notes` (named by `split`)."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([e["answer"] for e in examples], add_special_tokens=False)["input_ids"]
     seqs = [([bos] + p + a + [eos], len(p)) for p, a in zip(prompts, answers)]
-    kept = [s for s in seqs if len(s[0]) - 1 <= seq_len]
-    if not kept:
-        raise ValueError(f"every example is longer than data.seq_len={seq_len} tokens")
+    kept = _fit(seqs, seq_len, split, notes)
     width = length or max(len(ids) - 1 for ids, _ in kept)
     n = len(kept)
     inputs = torch.full((n, width), pad, dtype=torch.long)

@@ -130,3 +130,20 @@ def test_jsonl_bundle_char_tokenizer_and_split(tmp_path: Path) -> None:
     bundle = build_data(DataSection(kind="jsonl", paths=[str(path)], val_fraction=0.25, seq_len=16))
     assert len(bundle.train) == 15 and len(bundle.val) == 5
     assert set("qa?0123456789") <= set(bundle.tokenizer.get_vocab())
+
+
+def test_examples_longer_than_seq_len_are_counted_not_silently_dropped(tmp_path: Path) -> None:
+    tok = char_tokenizer("0123456789+=")
+    examples = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "1234+5678=", "answer": "6912"},
+                {"prompt": "2+2=", "answer": "4"}]
+    notes: list[str] = []
+    ds = encode_examples(examples, tok, seq_len=8, answer_only=True, notes=notes)
+    assert len(ds) == 2
+    assert notes == ["data: 1 of 3 train examples are longer than data.seq_len=8 tokens (the longest needs 15) "
+                     "and were left out; raise data.seq_len to keep them"]
+    with pytest.raises(ValueError, match=r"all 3 train examples are longer than data.seq_len=4 .*needs 6"):
+        encode_examples(examples, tok, seq_len=4, answer_only=True)
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in examples * 4))
+    bundle = build_data(DataSection(kind="jsonl", paths=[str(path)], val_fraction=0.25, seq_len=8))
+    assert [n.split(" examples")[0] for n in bundle.notes] == ["data: 3 of 9 train", "data: 1 of 3 validation"]
