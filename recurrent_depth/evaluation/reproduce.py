@@ -112,7 +112,7 @@ def train_arm(name: str, tree: dict[str, Any], out: Path, log: Log, reuse: bool 
     if same and done.name.endswith(f"{tree['train']['steps']:08d}"):
         log(f"  reusing {name} from {done}")
     else:
-        train(cfg, folder)
+        train(cfg, folder, overwrite=True)  # retrain the arm: replace what an earlier run left
     return arm_record(name, folder, log)
 
 

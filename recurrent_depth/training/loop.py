@@ -1,18 +1,22 @@
-"""The training loop: `train(cfg, out_dir, resume=False)`.
+"""The training loop: `train(cfg, out_dir, resume=False, overwrite=False)`.
 
     from recurrent_depth.training import load_config, train
     result = train(load_config("configs/debug.yaml"), "runs/debug")
 
 Per optimiser step: draw (n_no_grad, n_grad) from the depth sampler seeded by the step (identical on every rank),
 run the global batch as micro-batches (rank r takes its slice of each), clip, step AdamW, log to metrics.jsonl
-(+ TensorBoard when installed), evaluate at fixed depths and checkpoint on schedule. Launch with torchrun for DDP or
+(+ TensorBoard when installed), evaluate at fixed depths and checkpoint on schedule. An `out_dir` holding an earlier
+run is refused unless `resume` (continue from its newest whole checkpoint, falling back past corrupt ones) or
+`overwrite` (delete its files first); see training/run_dir.py. Launch with torchrun for DDP or
 FSDP2 (`runtime.parallel`); `python -m recurrent_depth train ...` is the entry point.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from recurrent_depth.config import RecurrentDepthConfig
 from recurrent_depth.data.build import DataBundle, build_data
 from recurrent_depth.data.loader import TokenDataset, batch_indices, eval_batches
 from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.model.checkpoint import CheckpointError
 from recurrent_depth.runtime import Runtime, fp32_matmul, init_runtime, seed_everything, tune_cpu_allocator
 from recurrent_depth.training import checkpoint as ckpt
 from recurrent_depth.training.config import ConfigError, TrainConfig, expand_path
@@ -36,6 +41,8 @@ from recurrent_depth.training.parallel import (
     gradient_sync,
     parallelize,
 )
+from recurrent_depth.training.progress import progress
+from recurrent_depth.training.run_dir import check_out_dir, remove_run, run_files
 from recurrent_depth.training.step import IGNORE, forward_backward, initial_states, token_loss_sum
 
 
@@ -50,6 +57,50 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------------- set-up
+def _say(message: str) -> None:
+    """A notice for the user on stderr (stdout carries the run's JSON summary)."""
+    print(f"rdepth train: {message}", file=sys.stderr, flush=True)
+
+
+def _on_main(rt: Runtime, fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0, its result (or its error, re-raised) on every rank."""
+    result, error = None, None
+    if rt.is_main:
+        try:
+            result = fn()
+        except (ValueError, OSError) as err:
+            error = err
+    result, text = rt.broadcast_object((result, str(error) if error is not None else None))
+    if error is not None:
+        raise error
+    if text is not None:
+        raise CheckpointError(text)
+    return result
+
+
+def _resume_point(out: Path, sharded: bool) -> Path | None:
+    """The checkpoint to resume from. None (said on stderr) for a new or empty folder; an error for a folder that
+    holds a run but no checkpoint, which starting afresh would overwrite."""
+    folder = ckpt.find_resume_checkpoint(out, sharded, _say)
+    if folder is None:
+        found = run_files(out)
+        if found:
+            raise ConfigError(f"--resume: {str(out)!r} holds a run ({', '.join(found)}) but no checkpoint under "
+                              f"{str(ckpt.checkpoint_root(out))!r} to resume from; pass --overwrite (instead of "
+                              "--resume) to start it again")
+        _say(f"--resume: no checkpoint in {str(out)!r} yet; starting a new run at step 0")
+    return folder
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool, sharded: bool, rt: Runtime) -> Path | None:
+    """Check (every rank) and clear (rank 0, with `overwrite`) the output folder; the checkpoint to resume from."""
+    check_out_dir(out, resume, overwrite)
+    rt.barrier()
+    if overwrite:
+        _on_main(rt, lambda: remove_run(out))
+    return _on_main(rt, lambda: _resume_point(out, sharded)) if resume else None
+
+
 def _data(cfg: TrainConfig, rt: Runtime, resume_from: Path | None) -> DataBundle:
     """Datasets on every rank, with one tokenizer: from the checkpoint when resuming, else built by rank 0 and
     shared (BPE training need not be deterministic across processes)."""
@@ -183,9 +234,10 @@ class MetricsLog:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train as configured, writing checkpoints and metrics.jsonl under `out_dir`; with `resume`, continue from
-    the latest complete checkpoint there (exactly: same data order, depths, initial states and optimiser state)."""
+    the latest complete checkpoint there (exactly: same data order, depths, initial states and optimiser state);
+    with `overwrite`, delete an earlier run there first. An earlier run with neither is a ConfigError."""
     out = Path(out_dir)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
@@ -194,18 +246,20 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> TrainR
         tune_cpu_allocator()
     try:
         with fp32_matmul(cfg.runtime.fp32_matmul, rt.device):
-            return _train(cfg, out, resume, rt)
+            return _train(cfg, out, resume, overwrite, rt)
     finally:
         rt.close()
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool, rt: Runtime) -> TrainResult:
+def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runtime) -> TrainResult:
     t = cfg.train
     micro, accum = micro_batches(cfg, rt)
-    resume_from = ckpt.latest_checkpoint(out) if resume else None
-    if resume and resume_from is None and rt.is_main:
-        print(f"rdepth train: no checkpoint under {out}/checkpoints; starting from scratch")
+    sharded = cfg.runtime.parallel == "fsdp" and rt.distributed
+    resume_from = prepare_out_dir(out, resume, overwrite, sharded, rt)
     data = _data(cfg, rt, resume_from)
+    if rt.is_main:
+        for note in data.notes:
+            _say(note)
     model = build_model(cfg, len(data.tokenizer), rt)
     if resume_from is not None:
         ckpt.load_model_weights(model, resume_from)
@@ -213,7 +267,6 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, rt: Runtime) -> TrainResul
     model.train()
     if cfg.depth.activation_checkpointing:
         apply_activation_checkpointing(model)
-    sharded = cfg.runtime.parallel == "fsdp" and rt.distributed
     if cfg.runtime.compile:
         compile_blocks(model, fuse_core=not sharded)
     train_model = parallelize(model, cfg.runtime.parallel, rt)
@@ -221,12 +274,14 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, rt: Runtime) -> TrainResul
     start = 0
     if resume_from is not None:
         start = int(ckpt.load_training_state(resume_from, model, optimizer, rt, sharded)["step"])
+        if rt.is_main:
+            _say(f"resuming from step {start} ({resume_from})")
     log = MetricsLog(out, start, rt, cfg.log.tensorboard)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     result = TrainResult(out_dir=out, steps=t.steps, is_main=rt.is_main)
-    bar = _progress(cfg, rt, start)
+    bar = progress(t.steps, start, rt.is_main and cfg.log.progress)
     seq_len = data.train.seq_len
     tokens_seen = 0
     t0 = time.perf_counter()
@@ -256,8 +311,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, rt: Runtime) -> TrainResul
         tokens_seen += t.batch_size * seq_len
         elapsed = time.perf_counter() - t0
         tok_s = tokens_seen / max(elapsed, 1e-9)
-        bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", depth=f"{n}+{k}")
+        bar.update(1)
         record: dict[str, Any] = {}
         if done % cfg.log.every == 0 or done == t.steps:
             record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "n_no_grad": n, "n_grad": k,
@@ -276,9 +331,3 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, rt: Runtime) -> TrainResul
     log.close()
     return result
 
-
-def _progress(cfg: TrainConfig, rt: Runtime, start: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.train.steps, initial=start, disable=not (rt.is_main and cfg.log.progress),
-                desc="train", unit="step", dynamic_ncols=True)
