@@ -1,8 +1,8 @@
 """Training progress on stderr: a tqdm bar on a terminal, plain log lines otherwise.
 
 A tqdm bar redraws one line with carriage returns; under `nohup` or a redirect that makes one ever-growing line in
-the log. When stderr is not a terminal, `LineProgress` prints one complete line every `interval_s` seconds (and at
-the last step) instead:
+the log. When stderr is not a terminal, `LineProgress` prints one complete line at the first step (the run is
+alive), then every `interval_s` seconds and at the last step, instead:
 
     train step 40/100 (40%) loss=2.3456 tok_s=1,234 depth=3+2 elapsed=0:01:02
 """
@@ -23,7 +23,8 @@ class LineProgress:
     def __init__(self, total: int, initial: int, stream: TextIO, interval_s: float = LINE_INTERVAL_S) -> None:
         self.total, self.n, self.stream, self.interval_s = total, initial, stream, interval_s
         self.postfix: dict[str, Any] = {}
-        self.t0 = self.last = time.monotonic()
+        self.t0 = time.monotonic()
+        self.last: float | None = None  # when the last line was printed
 
     def set_postfix(self, **values: Any) -> None:
         self.postfix = values
@@ -31,7 +32,7 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.last >= self.interval_s or self.n >= self.total:
+        if self.last is None or now - self.last >= self.interval_s or self.n >= self.total:
             self.last = now
             fields = " ".join(f"{k}={v}" for k, v in self.postfix.items())
             elapsed = timedelta(seconds=round(now - self.t0))

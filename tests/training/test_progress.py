@@ -28,13 +28,14 @@ def test_not_a_terminal_gives_one_plain_line_per_interval() -> None:
     assert lines[-1].startswith("train step 4/4 (100%) loss=0.3333")
 
 
-def test_the_default_interval_prints_only_the_last_step_of_a_short_run() -> None:
+def test_the_default_interval_prints_the_first_and_last_step_of_a_short_run() -> None:
     stream = io.StringIO()
     bar = progress(5, 0, enabled=True, stream=stream)
     assert isinstance(bar, LineProgress)
     _run(bar, 5)
-    assert stream.getvalue().splitlines() == [stream.getvalue().splitlines()[-1]]
-    assert stream.getvalue().startswith("train step 5/5 (100%)")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("train step 1/5 (20%)") and lines[1].startswith("train step 5/5 (100%)")
 
 
 def test_a_terminal_gets_tqdm_and_a_disabled_bar_prints_nothing() -> None:
