@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def _allowed_dcp_global(module: str, name: str) -> bool:
     """The globals a DCP .metadata pickle names: DCP's metadata dataclasses and enums, torch.Size, dtypes, layouts,
     paths. Nothing that can be called to do anything but build a value."""
     if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
-        obj = getattr(__import__(module, fromlist=[name]), name, None)
+        obj = getattr(importlib.import_module(module), name, None)
         return isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
     if module == "torch":
         return name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
