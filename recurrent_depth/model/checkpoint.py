@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from recurrent_depth.config import RecurrentDepthConfig
 from recurrent_depth.model.layers import rope_table
@@ -36,7 +35,9 @@ from recurrent_depth.model.weights import (
     load_tensor,
     non_finite,
     read_headers,
+    stored_dtype,
     weight_files,
+    write_safetensors,
 )
 
 __all__ = ["CheckpointError", "load", "read_config", "read_state_dict", "save"]
@@ -186,37 +187,38 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
 
 
-def _checkpoint_tensors(model: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue
-        t = tensor.detach()
-        state[name] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
+def _checkpoint_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The tensors to store (the model's own, not copies), and the exact fp32 RoPE table as `freqs_cis`."""
+    state = {name: t.detach() for name, t in model.state_dict().items()
+             if not (name == "lm_head.weight" and model.config.tie_embeddings)}
     cfg = model.config  # the exact fp32 table, whatever the model was cast to: the reference reads it as stored
-    state["freqs_cis"] = rope_table(cfg.head_dim, cfg.block_size, cfg.rope_base).contiguous()
+    state["freqs_cis"] = rope_table(cfg.head_dim, cfg.block_size, cfg.rope_base)
     return state
 
 
-def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str | None) -> None:
+def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str | None,
+                   dtype: torch.dtype | None) -> None:
+    """One file, or shards of at most `max_shard_size` plus an index; model tensors cast to `dtype` while written."""
+    keep = {"freqs_cis"}  # the RoPE table stays fp32 in every checkpoint
+    nbytes = {name: t.numel() * stored_dtype(t, None if name in keep else dtype).itemsize for name, t in state.items()}
     if max_shard_size is None:
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(folder / WEIGHTS_NAME, state, dtype, keep)
         return
     limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in state.items():
-        if shards[-1] and size + tensor.nbytes > limit:
-            shards.append({})
+    for name in state:
+        if shards[-1] and size + nbytes[name] > limit:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
-        size += tensor.nbytes
+        shards[-1].append(name)
+        size += nbytes[name]
     weight_map = {}
-    for i, shard in enumerate(shards):
+    for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    total = sum(t.nbytes for t in state.values())
+        write_safetensors(folder / file, {name: state[name] for name in names}, dtype, keep)
+        weight_map.update({name: file for name in names})
+    total = sum(nbytes.values())
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2, sort_keys=True))
 
@@ -271,8 +273,8 @@ def save(model: Any, path: str | os.PathLike, *args: Any, max_shard_size: int | 
     """
     if not safe_serialization:
         raise ValueError("only safetensors checkpoints are written (safe_serialization=False is not supported)")
-    state = _checkpoint_tensors(model, dtype)
+    state = _checkpoint_tensors(model)
     stored = dtype or next(iter(state.values())).dtype
     with atomic_folder(Path(path)) as tmp:
-        _write_weights(state, tmp, max_shard_size)
+        _write_weights(state, tmp, max_shard_size, dtype)
         write_config(model.config, tmp, stored)

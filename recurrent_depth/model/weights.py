@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -164,6 +164,33 @@ def _read_converted(fh: BinaryIO, flat: torch.Tensor, entry: StoredTensor) -> No
         part = stage[: min(per, flat.numel() - i)]
         _read_exact(fh, part.view(torch.uint8).numpy(), entry)
         flat[i:i + part.numel()].copy_(part)
+
+
+def write_safetensors(file: Path, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                      keep: Collection[str] = ()) -> None:
+    """Write `tensors` as a safetensors file, floating ones (except those named in `keep`) cast to `dtype` (None: as
+    they are) one tensor at a time, so that saving a cast copy never holds a second full model in memory."""
+    codes = {v: k for k, v in _DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        out = stored_dtype(t, None if name in keep else dtype)
+        nbytes = t.numel() * out.itemsize
+        header[name] = {"dtype": codes[out], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for name, t in tensors.items():
+            if t.numel():
+                cpu = t.detach().to("cpu", stored_dtype(t, None if name in keep else dtype)).contiguous()
+                fh.write(memoryview(cpu.reshape(-1).view(torch.uint8).numpy()))
+
+
+def stored_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype `t` is written in: `dtype` for a floating tensor when one is given, else its own."""
+    return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
 
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:

@@ -1,16 +1,20 @@
 """Property: a damaged checkpoint folder either loads with exactly the weights its files hold, or raises
 `CheckpointError` (never a KeyError, struct.error, SafetensorError, JSONDecodeError or the like).
 
-Each example copies a small valid checkpoint (single-file or sharded), applies one or two random damages (truncate a
-file at a random offset, store a tensor in another dtype, delete a file, add a file, replace a JSON file with garbage,
-remove a tensor, point the index outside the folder) and loads it. Every damage states what loading must do: fail,
-succeed (with the expected weights updated), or either ("maybe", e.g. a JSON file cut only in its final newline).
+Each example copies a small valid checkpoint (single-file or sharded), applies one random damage (truncate a file at
+a random offset, store a tensor in another dtype, delete a file, add a file, replace a JSON file with garbage, remove
+a tensor, point the index outside the folder), maybe adds a stray file, and loads it. Every damage states what loading
+must do: fail, succeed (with the expected weights updated), or either ("maybe", e.g. a JSON file cut only in its final
+newline).
+The examples are derandomized (the same 50 on every run); explore more with
+`pytest tests/model/test_checkpoint_damage.py --hypothesis-seed=N` after removing `derandomize`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import tempfile
 import warnings
@@ -46,7 +50,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def _is_read(folder: Path, file: Path) -> bool:
     if file.name in _READ:
         return file.name != "model.safetensors" or not (folder / "model.safetensors.index.json").exists()
-    return file.name.startswith("model-0000")  # a shard the index names
+    return re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", file.name) is not None  # a shard the index names
 
 
 def _rewrite(file: Path, edit) -> bool:
@@ -72,13 +76,16 @@ def truncate(data: st.DataObject, folder: Path, expected: dict) -> int:
 
 
 def change_dtype(data: st.DataObject, folder: Path, expected: dict) -> int:
+    if not _weight_files(folder):
+        return OK
     file = data.draw(st.sampled_from(_weight_files(folder)))
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.bool]))
     names: list[str] = []
 
-    def edit(state: dict) -> None:
-        if state:
-            names.append(data.draw(st.sampled_from(sorted(state))))
+    def edit(state: dict) -> None:  # only floating tensors: an integer one was already declared broken
+        floating = sorted(n for n, t in state.items() if t.dtype.is_floating_point)
+        if floating:
+            names.append(data.draw(st.sampled_from(floating)))
             state[names[0]] = state[names[0]].to(dtype)
 
     if not _rewrite(file, edit) or not names or not _is_read(folder, file) or names[0] == "freqs_cis":
@@ -111,6 +118,8 @@ def garbage_json(data: st.DataObject, folder: Path, expected: dict) -> int:
 
 
 def remove_tensor(data: st.DataObject, folder: Path, expected: dict) -> int:
+    if not _weight_files(folder):
+        return OK
     file = data.draw(st.sampled_from(_weight_files(folder)))
     names: list[str] = []
 
@@ -142,16 +151,20 @@ def escape_index(data: st.DataObject, folder: Path, expected: dict) -> int:
 DAMAGES = [truncate, change_dtype, delete, add_file, garbage_json, remove_tensor, escape_index]
 
 
-@settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layout=st.sampled_from(["single", "sharded"]), steps=st.lists(st.sampled_from(DAMAGES), min_size=1,
-                                                                      max_size=2), data=st.data())
-def test_damaged_checkpoint_loads_right_or_fails_clearly(layout: str, steps: list, data: st.DataObject) -> None:
+@settings(max_examples=50, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(layout=st.sampled_from(["single", "sharded"]), damage=st.sampled_from(DAMAGES), extra=st.booleans(),
+       data=st.data())
+def test_damaged_checkpoint_loads_right_or_fails_clearly(layout: str, damage, extra: bool,
+                                                         data: st.DataObject) -> None:
     root, weights = _pristine()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ckpt"
         shutil.copytree(root / layout, folder)
         expected = dict(weights)
-        outcome = max(damage(data, folder, expected) for damage in steps)
+        outcome = damage(data, folder, expected)
+        if extra:  # a stray file beside the damage changes nothing
+            add_file(data, folder, expected)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
