@@ -140,6 +140,20 @@ def check_memory(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.d
                           f"{need / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is available ({where})")
 
 
+def _read_weights(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.dtype,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """The checked tensors, read into fresh tensors on `device` in `dtype`; warns naming any NaN/inf ones."""
+    for entry in entries.values():
+        check_floating(entry)
+    check_memory(path, entries, dtype, device)
+    tensors = {name: load_tensor(entry, dtype, device) for name, entry in entries.items()}
+    bad = non_finite(tensors)
+    if bad:
+        warnings.warn(f"checkpoint {str(path)!r}: tensors holding NaN or infinite values: {_names(bad)}",
+                      stacklevel=4)
+    return tensors
+
+
 def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any = None, device: Any = None,
          device_map: Any = None, config: RecurrentDepthConfig | None = None, **kwargs: Any) -> Any:
     """Build `cls` from a checkpoint folder. Config overrides may be passed as keywords (e.g. mean_recurrence=16).
@@ -161,15 +175,7 @@ def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any =
     target = resolve_dtype(dtype if dtype is not None else torch_dtype, stored, device)
     with torch.device("meta"):
         model = cls(cfg)
-    entries = check_state_dict(model, stored)
-    for entry in entries.values():
-        check_floating(entry)
-    check_memory(path, entries, target, device)
-    tensors = {name: load_tensor(entry, target, device) for name, entry in entries.items()}
-    bad = non_finite(tensors)
-    if bad:
-        warnings.warn(f"checkpoint {str(path)!r}: tensors holding NaN or infinite values: {_names(bad)}",
-                      stacklevel=3)
+    tensors = _read_weights(path, check_state_dict(model, stored), target, device)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     model.transformer.reset_rope()

@@ -5,7 +5,8 @@ data_offsets}`, offsets relative to the data that starts at byte 8 + N), then th
 header ourselves so that every way a file can be broken (empty, truncated, garbage header, offsets past the end,
 an integer tensor where a weight belongs) becomes a `CheckpointError` naming the file and the tensor, and so that
 loading never holds a second full copy of the model: a tensor stored in the target dtype is read directly into
-its destination, any other is converted through a staging buffer of at most `CHUNK_BYTES`.
+its destination, any other is converted through a staging buffer of at most `CHUNK_BYTES`. Writing likewise casts
+and writes one tensor at a time (`write_safetensors`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -148,7 +149,8 @@ def load_tensor(entry: StoredTensor, dtype: torch.dtype, device: torch.device | 
     return dest
 
 
-def _read_exact(fh: BinaryIO, buf: memoryview, entry: StoredTensor) -> None:
+def _read_exact(fh: BinaryIO, buf: Any, entry: StoredTensor) -> None:
+    """Fill the writable buffer `buf` (a numpy view of a tensor's bytes) from the file's current position."""
     view, done = memoryview(buf).cast("B"), 0
     while done < len(view):
         got = fh.readinto(view[done:done + (1 << 30)])
