@@ -11,6 +11,7 @@ others and validated, never trusted from the file.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -29,6 +30,14 @@ _FIXED_CHOICES: dict[str, str] = {
     "sampling_scheme": "poisson-lognormal-filling",
     "activation_checkpoint_impl": "per-iteration",
 }
+
+# Keys a Huginn config.json may carry besides the constructor's fields: derived values (recomputed), bookkeeping
+# written by transformers or the reference's template (`name`, `hf_config`), and token ids. Any other key warns.
+_DERIVED = ("n_layers", "head_dim", "effective_expected_depth", "init_values", "padded_vocab_size",
+            "num_key_value_heads", "num_attention_heads", "hidden_size", "num_hidden_layers")
+_BOOKKEEPING = frozenset({"architectures", "auto_map", "model_type", "transformers_version", "_name_or_path",
+                          "name_or_path", "torch_dtype", "dtype", "name", "hf_config", "bos_token_id", "eos_token_id",
+                          "pad_token_id", "tie_word_embeddings"})
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A few thousand parameters: unit tests and `make demo` on a laptop.
@@ -50,6 +59,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                         n_layers_in_prelude=2, n_layers_in_recurrent_block=4, n_layers_in_coda=2,
                         mean_recurrence=32, mean_backprop_depth=8, padding_multiple=4096),
 }
+
+
+def _warn_unknown(fields: dict[str, Any]) -> None:
+    """Warn, naming them, about config keys that no Huginn model uses (a typo would otherwise pass silently)."""
+    known = _BOOKKEEPING | set(_FIXED_CHOICES) | set(PretrainedConfig().to_dict())
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        warnings.warn(f"config keys {unknown} are not fields of a huginn_raven model: kept, but nothing reads them",
+                      UserWarning, stacklevel=3)
 
 
 class RecurrentDepthConfig(PretrainedConfig):
@@ -85,9 +103,9 @@ class RecurrentDepthConfig(PretrainedConfig):
         test_time_noise_type: str = "fixed",
         **kwargs: Any,
     ) -> None:
-        for derived in ("n_layers", "head_dim", "effective_expected_depth", "init_values", "padded_vocab_size",
-                        "num_key_value_heads", "num_attention_heads", "hidden_size", "num_hidden_layers"):
+        for derived in _DERIVED:
             kwargs.pop(derived, None)
+        _warn_unknown(kwargs)
         choices = {k: kwargs.pop(k, v) for k, v in _FIXED_CHOICES.items()}
         kwargs.pop("auto_map", None)  # the reference's remote-code pointers: we never need them
         kwargs.setdefault("architectures", ["RavenForCausalLM"])

@@ -65,7 +65,10 @@ def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerFast:
     path = Path(folder)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {str(path)!r} (train or save one beside the checkpoint)")
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    try:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file
+        raise ValueError(f"{path / 'tokenizer.json'} is not a valid tokenizer file: {err}") from err
     for name in SPECIAL_TOKENS:
         if name not in tok.get_vocab():
             return tok

@@ -159,6 +159,8 @@ class RecurrentDepthForCausalLM(PreTrainedModel, GenerationMixin):
     def _check_input_ids(self, input_ids: Tensor) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, seq) tensor, got {getattr(input_ids, 'shape', input_ids)}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per row")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):

@@ -1,6 +1,7 @@
 """Checkpoint I/O in Huginn's layout: `config.json` (model_type `huginn_raven`), safetensors with `transformer.*`
 names, single file or sharded with `model.safetensors.index.json`, with or without a stored `lm_head.weight`
-(ignored when tied), any stored `freqs_cis` ignored. Nothing is fetched from a hub: the path is a local folder.
+(ignored when tied), any stored `freqs_cis` ignored on load (recomputed) and written as the exact fp32 table on save.
+Nothing is fetched from a hub: the path is a local folder. Every broken file raises `CheckpointError` naming it.
 
 Writes are atomic: a checkpoint is written under a temporary name beside its target and renamed into place, so an
 interrupted save never leaves a half-written folder where a checkpoint was.
@@ -9,28 +10,44 @@ interrupted save never leaves a half-written folder where a checkpoint was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from recurrent_depth.config import RecurrentDepthConfig
+from recurrent_depth.model.layers import rope_table
+from recurrent_depth.model.weights import (
+    CHUNK_BYTES,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    StoredTensor,
+    available_bytes,
+    check_floating,
+    load_tensor,
+    non_finite,
+    read_headers,
+    stored_dtype,
+    weight_files,
+    write_safetensors,
+)
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+__all__ = ["CheckpointError", "load", "read_config", "read_state_dict", "save"]
+
 _IGNORED_KEYS = re.compile(r"(^|\.)freqs_cis$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message names the file or tensor."""
+_HF_ONLY = ("trust_remote_code", "local_files_only", "revision", "cache_dir", "low_cpu_mem_usage", "use_safetensors",
+            "attn_implementation", "_from_auto", "_commit_hash", "code_revision", "adapter_kwargs", "token",
+            "force_download", "subfolder", "_from_pipeline")
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> RecurrentDepthConfig:
@@ -39,58 +56,56 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> RecurrentDepthConf
     if not file.is_file():
         raise CheckpointError(f"no config.json in checkpoint folder {str(path)!r}")
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object of config fields, not a {type(data).__name__}")
     if data.get("model_type", "huginn_raven") != "huginn_raven":
         raise CheckpointError(f"{file}: model_type {data.get('model_type')!r} is not 'huginn_raven'")
     for key in ("model_type", "transformers_version", "_name_or_path"):
         data.pop(key, None)
     data.update(overrides)
-    return RecurrentDepthConfig(**data)
+    try:
+        return RecurrentDepthConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: {err}") from err
 
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not (path / name).is_file():
-                raise CheckpointError(f"shard {name!r} listed in {INDEX_NAME} is missing from {str(path)!r}")
-        return [path / name for name in files]
-    if (path / WEIGHTS_NAME).is_file():
-        return [path / WEIGHTS_NAME]
-    raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in checkpoint folder {str(path)!r}")
+def _stored_tensors(path: Path) -> dict[str, StoredTensor]:
+    """Where each tensor of a (possibly sharded) checkpoint lies, `freqs_cis` dropped (we recompute it)."""
+    return {n: e for n, e in read_headers(weight_files(path)).items() if not _IGNORED_KEYS.search(n)}
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, `freqs_cis` dropped."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in _weight_files(Path(path)):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if not _IGNORED_KEYS.search(name):
-                    tensors[name] = f.get_tensor(name)
-    return tensors
+    """All tensors of a (possibly sharded) safetensors checkpoint in their stored dtypes, `freqs_cis` dropped."""
+    return {name: load_tensor(e, e.dtype) for name, e in _stored_tensors(Path(path)).items()}
 
 
-def resolve_dtype(dtype: Any, state: dict[str, torch.Tensor]) -> torch.dtype:
-    """None -> float32; "auto" -> the stored dtype; a name or torch.dtype as given."""
+def resolve_dtype(dtype: Any, stored: Mapping[str, StoredTensor], device: torch.device) -> torch.dtype:
+    """None -> float32; "auto" -> the stored dtype; a name or torch.dtype as given. Raise ValueError for a dtype
+    the model does not run in, or that `device` cannot compute in."""
     if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        return next(iter(state.values())).dtype if state else torch.float32
-    if isinstance(dtype, str):
+        target = torch.float32
+    elif dtype == "auto":
+        target = next((e.dtype for e in stored.values() if e.dtype.is_floating_point), torch.float32)
+    elif isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)} or 'auto'")
-        return _DTYPES[dtype]
-    return dtype
+        target = _DTYPES[dtype]
+    else:
+        target = dtype
+    if target not in set(_DTYPES.values()):
+        raise ValueError(f"dtype {target} is not supported: the model runs in float32, bfloat16 or float16")
+    if device.type == "cuda" and target == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{device} ({torch.cuda.get_device_name(device)}) cannot compute in bfloat16; load with "
+                         f"dtype=torch.float16 or torch.float32")
+    return target
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Match stored tensors to the model's parameters; raise CheckpointError naming missing, unexpected or
-    mis-shaped tensors. A stored `lm_head.weight` is dropped when the head is tied to the embedding."""
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Match stored tensors (anything with a `.shape`) to the model's parameters; raise CheckpointError naming
+    missing, unexpected or mis-shaped tensors. A stored `lm_head.weight` is dropped when the head is tied."""
     expected = {name: p.shape for name, p in model.state_dict().items()}
     tied = getattr(model.config, "tie_embeddings", False)
     state = dict(state)
@@ -100,11 +115,9 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
-        raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing[:8])}"
-                              + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""))
+        raise CheckpointError(f"checkpoint is missing tensors: {_names(missing)}")
     if unexpected:
-        raise CheckpointError(f"checkpoint has unexpected tensors: {', '.join(unexpected[:8])}"
-                              + (f" (and {len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+        raise CheckpointError(f"checkpoint has unexpected tensors: {_names(unexpected)}")
     for name, shape in expected.items():
         if tuple(state[name].shape) != tuple(shape):
             raise CheckpointError(f"tensor {name} has shape {tuple(state[name].shape)} in the checkpoint, "
@@ -112,35 +125,60 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     return state
 
 
+def _names(names: list[str], shown: int = 8) -> str:
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_memory(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.dtype, device: torch.device) -> None:
+    """Raise MemoryError, before anything is allocated, when `device` lacks the room for the model in `dtype`."""
+    need = sum(math.prod(e.shape) for e in entries.values()) * dtype.itemsize + CHUNK_BYTES
+    free = available_bytes(device)
+    if free is not None and need > free:
+        where = "MemAvailable in /proc/meminfo" if device.type == "cpu" else "free device memory"
+        raise MemoryError(f"loading {str(path)!r} as {str(dtype).removeprefix('torch.')} on {device} needs "
+                          f"{need / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is available ({where})")
+
+
+def _read_weights(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.dtype,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """The checked tensors, read into fresh tensors on `device` in `dtype`; warns naming any NaN/inf ones."""
+    for entry in entries.values():
+        check_floating(entry)
+    check_memory(path, entries, dtype, device)
+    tensors = {name: load_tensor(entry, dtype, device) for name, entry in entries.items()}
+    bad = non_finite(tensors)
+    if bad:
+        warnings.warn(f"checkpoint {str(path)!r}: tensors holding NaN or infinite values: {_names(bad)}",
+                      stacklevel=4)
+    return tensors
+
+
 def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any = None, device: Any = None,
          device_map: Any = None, config: RecurrentDepthConfig | None = None, **kwargs: Any) -> Any:
     """Build `cls` from a checkpoint folder. Config overrides may be passed as keywords (e.g. mean_recurrence=16).
 
+    The model is built on the meta device and each tensor is read from its file straight into the parameter it
+    becomes, on `device`, in the target dtype: peak memory is the model plus one small staging buffer.
     Keywords transformers passes (`trust_remote_code`, `local_files_only`, ...) are accepted and ignored: nothing is
-    downloaded and no remote code runs.
+    downloaded and no remote code runs. Weights holding NaN or infinities load with a warning naming them.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist (nothing is downloaded: give a path)")
-    for hf_only in ("trust_remote_code", "local_files_only", "revision", "cache_dir", "low_cpu_mem_usage",
-                    "use_safetensors", "attn_implementation", "_from_auto", "_commit_hash", "code_revision",
-                    "adapter_kwargs", "token", "force_download", "subfolder", "_from_pipeline"):
+    for hf_only in _HF_ONLY:
         kwargs.pop(hf_only, None)
-    if isinstance(config, RecurrentDepthConfig):
-        cfg = config
-    else:
-        cfg = read_config(path, **kwargs)
-    state = read_state_dict(path)
-    target = resolve_dtype(dtype if dtype is not None else torch_dtype, state)
+    cfg = config if isinstance(config, RecurrentDepthConfig) else read_config(path, **kwargs)
+    stored = _stored_tensors(path)
+    device = device if device is not None else (device_map if isinstance(device_map, str | torch.device) else None)
+    device = torch.device(device if device is not None else "cpu")
+    target = resolve_dtype(dtype if dtype is not None else torch_dtype, stored, device)
     with torch.device("meta"):
         model = cls(cfg)
-    state = check_state_dict(model, state)
-    model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=False, assign=True)
+    tensors = _read_weights(path, check_state_dict(model, stored), target, device)
+    model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     model.transformer.reset_rope()
-    device = device if device is not None else (device_map if isinstance(device_map, str | torch.device) else None)
-    if device is not None:
-        model.to(device)
     model.config.name_or_path = str(path)
     return model.eval()
 
@@ -155,37 +193,38 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
 
 
-def _checkpoint_tensors(model: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue
-        t = tensor.detach()
-        state[name] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
-    t = model.transformer
-    state["freqs_cis"] = t.rope.detach().float().contiguous().cpu()  # written for the reference loader; ignored here
+def _checkpoint_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The tensors to store (the model's own, not copies), and the exact fp32 RoPE table as `freqs_cis`."""
+    state = {name: t.detach() for name, t in model.state_dict().items()
+             if not (name == "lm_head.weight" and model.config.tie_embeddings)}
+    cfg = model.config  # the exact fp32 table, whatever the model was cast to: the reference reads it as stored
+    state["freqs_cis"] = rope_table(cfg.head_dim, cfg.block_size, cfg.rope_base)
     return state
 
 
-def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str | None) -> None:
+def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str | None,
+                   dtype: torch.dtype | None) -> None:
+    """One file, or shards of at most `max_shard_size` plus an index; model tensors cast to `dtype` while written."""
+    keep = {"freqs_cis"}  # the RoPE table stays fp32 in every checkpoint
+    nbytes = {name: t.numel() * stored_dtype(t, None if name in keep else dtype).itemsize for name, t in state.items()}
     if max_shard_size is None:
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(folder / WEIGHTS_NAME, state, dtype, keep)
         return
     limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in state.items():
-        if shards[-1] and size + tensor.nbytes > limit:
-            shards.append({})
+    for name in state:
+        if shards[-1] and size + nbytes[name] > limit:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
-        size += tensor.nbytes
+        shards[-1].append(name)
+        size += nbytes[name]
     weight_map = {}
-    for i, shard in enumerate(shards):
+    for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    total = sum(t.nbytes for t in state.values())
+        write_safetensors(folder / file, {name: state[name] for name in names}, dtype, keep)
+        weight_map.update({name: file for name in names})
+    total = sum(nbytes.values())
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2, sort_keys=True))
 
@@ -240,8 +279,8 @@ def save(model: Any, path: str | os.PathLike, *args: Any, max_shard_size: int | 
     """
     if not safe_serialization:
         raise ValueError("only safetensors checkpoints are written (safe_serialization=False is not supported)")
-    state = _checkpoint_tensors(model, dtype)
+    state = _checkpoint_tensors(model)
     stored = dtype or next(iter(state.values())).dtype
     with atomic_folder(Path(path)) as tmp:
-        _write_weights(state, tmp, max_shard_size)
+        _write_weights(state, tmp, max_shard_size, dtype)
         write_config(model.config, tmp, stored)

@@ -6,6 +6,7 @@
 | attn.proj, mlp.proj                                      | std σ / sqrt(2 L), L = P + Cd + C * r̄   |
 | RMSNorm weights                                          | 1                                       |
 | qk_bias                                                  | 0                                       |
+| RoPE table (buffer `transformer.rope`)                   | recomputed exactly, fp32                |
 
 Both halves of `mlp.fc` use the input std, as Huginn's training code does (its inference file scales the second
 half like an output projection; the trained model was initialised by the training code).
@@ -41,6 +42,7 @@ def init_weights(model: nn.Module, std: float, out_std: float, generator: torch.
             _trunc(module.weight, std, generator)
     transformer = getattr(model, "transformer", model)
     _trunc(transformer.adapter.weight, std, generator)
+    transformer.reset_rope()  # not a parameter, but uninitialised after `to_empty` like one
     head = getattr(model, "lm_head", None)
     if head is not None and head.weight is not transformer.wte.weight:
         _trunc(head.weight, std, generator)

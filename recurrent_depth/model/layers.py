@@ -63,9 +63,13 @@ class AttentionContext:
 
 
 def rope_table(head_dim: int, length: int, base: float) -> Tensor:
-    """cos/sin table (1, length, 1, head_dim/2, 2) for interleaved-pair rotary embeddings (Huginn's `freqs_cis`)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, D/2)
+    """cos/sin table (1, length, 1, head_dim/2, 2) for interleaved-pair rotary embeddings (Huginn's `freqs_cis`).
+
+    Always fp32 and always computed on the CPU (whatever the default device), so every model, device and saved
+    checkpoint holds bit-for-bit the table the reference computes."""
+    cpu = torch.device("cpu")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=cpu)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=cpu), inv_freq)  # (length, D/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)[None, :, None]  # (1, length, 1, D/2, 2)
 
 

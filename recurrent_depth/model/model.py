@@ -40,12 +40,25 @@ class RecurrentDepthModel(nn.Module):
         self.coda = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers_in_coda))
         self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.emb_scale = math.sqrt(cfg.n_embd)
-        self.register_buffer("rope", rope_table(cfg.head_dim, cfg.block_size, cfg.rope_base), persistent=False)
+        # RoPE cos/sin (1, block_size, 1, D/2, 2), fp32 on every device and under every cast (see `_apply`).
+        self.register_buffer("rope", self._exact_rope(self.wte.weight.device), persistent=False)
         self.fused_decode = True  # cached CPU inference through the fused C++ op when it applies
 
+    def _exact_rope(self, device: torch.device) -> Tensor:
+        return rope_table(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_base).to(device)
+
     def reset_rope(self) -> None:
-        """Recompute the RoPE table (after building on the meta device and materialising with `to_empty`)."""
-        self.rope = rope_table(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_base).to(self.wte.weight.device)
+        """Recompute the exact fp32 RoPE table on the embedding's device (e.g. after loading weights on meta)."""
+        self.rope = self._exact_rope(self.wte.weight.device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RecurrentDepthModel:
+        """Every `.to()`, `.bfloat16()`, `.half()`, `.cuda()` and `to_empty()` runs through here: the RoPE table
+        follows the move but is recomputed in fp32, so a cast never rounds cos/sin (bf16 would be off by ~2e-3) and
+        `to_empty` never leaves it uninitialised."""
+        super()._apply(fn, recurse)
+        if self.rope.device.type != "meta":
+            self.rope = self._exact_rope(self.rope.device)
+        return self
 
     # ------------------------------------------------------------------------------------------------ stages
     def embed(self, input_ids: Tensor, ctx: AttentionContext) -> Tensor:

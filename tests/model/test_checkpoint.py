@@ -120,3 +120,17 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypat
         model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_cast_save_holds_exactly_the_cast_values(tmp_path: Path, shard) -> None:
+    model = _model()
+    model.save_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16, max_shard_size=shard)
+    stored = {}
+    for file in (tmp_path / "ckpt").glob("*.safetensors"):  # read back with safetensors' own reader
+        stored.update(load_file(str(file)))
+    assert stored.pop("freqs_cis").dtype == torch.float32
+    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert sorted(stored) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(stored[name], tensor, rtol=0, atol=0, msg=name)
