@@ -122,42 +122,48 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"{err} (--sample, --temperature, --top-k, --top-p, --min-p)") from None
 
 
-def run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace, progress: Progress) -> tuple[Any, Any]:
+    """The checkpoint named by --model (default: the bundled one) and its tokenizer (None without tokenizer.json)."""
     from recurrent_depth.assets import resolve_model
-    from recurrent_depth.inference.exit import parse_exit_spec
-    from recurrent_depth.inference.generate import generate
     from recurrent_depth.model import RecurrentDepthForCausalLM
 
-    _check_args(args)
-    progress = Progress()
     path = resolve_model(args.model)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {str(path)!r} is not a checkpoint folder")
     progress.update(f"loading {path}")
     model = RecurrentDepthForCausalLM.from_pretrained(path).eval()
-    tokenizer = None
-    if (path / "tokenizer.json").is_file():
-        from recurrent_depth.data.tokenizer import load_tokenizer
+    if not (path / "tokenizer.json").is_file():
+        return model, None
+    from recurrent_depth.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(path)
-    ids, mask = _encode(args, tokenizer)
-    num_steps = args.num_steps if args.num_steps is not None else model.config.mean_recurrence
-    if args.stream and ids.shape[0] != 1:
-        raise ValueError("--stream shows one prompt; give a single --prompt")
-    colour = sys.stdout.isatty() and not args.json
-    if args.stream:
-        progress.done()
-        streamer = _Printer(tokenizer, num_steps, colour, args.json)
-    else:
-        streamer = _TokenProgress(progress, args.max_new_tokens)
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
-    out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens, num_steps=num_steps,
-                   exit_criterion=parse_exit_spec(args.exit) if args.exit else None, min_steps=args.min_steps,
-                   warm_start=args.warm_start, kv_sharing=args.kv_sharing, draft_steps=args.draft_steps,
-                   lookahead=args.lookahead, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, min_p=args.min_p, generator=torch.Generator().manual_seed(args.seed),
-                   init_scale=args.init_scale, eos_token_id=eos, streamer=streamer)
-    progress.done()
+    return model, load_tokenizer(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from recurrent_depth.inference.exit import parse_exit_spec
+    from recurrent_depth.inference.generate import generate
+
+    _check_args(args)
+    with Progress() as progress:
+        model, tokenizer = _load(args, progress)
+        ids, mask = _encode(args, tokenizer)
+        num_steps = args.num_steps if args.num_steps is not None else model.config.mean_recurrence
+        if args.stream and ids.shape[0] != 1:
+            raise ValueError("--stream shows one prompt; give a single --prompt")
+        colour = sys.stdout.isatty() and not args.json
+        if args.stream:  # the tokens themselves show progress
+            progress.done()
+            streamer = _Printer(tokenizer, num_steps, colour, args.json)
+        else:
+            streamer = _TokenProgress(progress, args.max_new_tokens)
+        eos = tokenizer.eos_token_id if tokenizer is not None else None
+        out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens, num_steps=num_steps,
+                       exit_criterion=parse_exit_spec(args.exit) if args.exit else None, min_steps=args.min_steps,
+                       warm_start=args.warm_start, kv_sharing=args.kv_sharing, draft_steps=args.draft_steps,
+                       lookahead=args.lookahead, do_sample=args.sample, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       generator=torch.Generator().manual_seed(args.seed), init_scale=args.init_scale,
+                       eos_token_id=eos, streamer=streamer)
     T = ids.shape[1]
     for row in range(ids.shape[0]):
         new = out.sequences[row, T:].tolist()

@@ -70,18 +70,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-steps must be >= 1, got {args.num_steps}")
     check_init_scale(args.init_scale, "--init-scale")
     thresholds = parse_thresholds(args.threshold)
-    progress = Progress()
-    progress.update(f"loading {model_dir}")
-    tokenizer = load_tokenizer(model_dir)
-    model = RecurrentDepthForCausalLM.from_pretrained(model_dir).to(torch.device(args.device), DTYPES[args.dtype])
-    model.eval()
-    progress.update(f"tracing {args.num_steps} recurrence steps over the prompt")
-    result = inspect_prompt(model, tokenizer, args.prompt, num_steps=args.num_steps, tokens=args.tokens,
-                            thresholds=thresholds, init_scale=args.init_scale, seed=args.seed, top_k=args.top_k,
-                            meta={"model": str(model_dir)})
-    progress.update(f"writing the figures and index.html into {args.out}")
-    paths = write_report(result, args.out, colour_by=args.colour_by)
-    progress.done()
+    with Progress() as progress:
+        progress.update(f"loading {model_dir}")
+        tokenizer = load_tokenizer(model_dir)
+        model = RecurrentDepthForCausalLM.from_pretrained(model_dir).to(torch.device(args.device), DTYPES[args.dtype])
+        model.eval()
+        progress.update(f"tracing {args.num_steps} recurrence steps over the prompt")
+        result = inspect_prompt(model, tokenizer, args.prompt, num_steps=args.num_steps, tokens=args.tokens,
+                                thresholds=thresholds, init_scale=args.init_scale, seed=args.seed, top_k=args.top_k,
+                                meta={"model": str(model_dir)})
+        progress.update(f"writing the figures and index.html into {args.out}")
+        paths = write_report(result, args.out, colour_by=args.colour_by)
     conv = result.convergence
     steps = conv.exit_step[args.colour_by]
     print(f"{len(result.texts)} tokens, {args.num_steps} steps; {args.colour_by} exit step: "

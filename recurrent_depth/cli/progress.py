@@ -1,18 +1,19 @@
 """Progress of a long CLI run on stderr (stdout stays clean for --json and pipes).
 
-In a terminal the status is one line rewritten in place and cleared at the end. When stderr is not a terminal
-nothing is written for a short run; once the run has lasted `after_s` seconds, a plain line at most every
-`every_s` seconds, so a log of a long run shows it is alive.
+In a terminal the status is one line rewritten at each update and cleared at the end. When stderr is not a
+terminal a short run writes nothing; once the run has lasted `after_s` seconds, a background thread writes the
+latest status as a plain line every `every_s` seconds, so the log of a long run (even one long stage) shows it is
+alive and where it is.
 
-    progress = Progress()
-    progress.update("loading the checkpoint")
-    progress.update(f"token {i}/{n}")
-    progress.done()
+    with Progress() as progress:
+        progress.update("loading the checkpoint")
+        progress.update(f"token {i}/{n}")
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TextIO
@@ -27,28 +28,51 @@ class Progress:
         self.live = self.stream.isatty()
         self.after_s, self.every_s, self.clock = after_s, every_s, clock
         self.start = clock()
-        self.last: float | None = None  # when the last plain line was written
+        self.message: str | None = None
         self.width = 0  # characters of the live line on screen
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not self.live:
+            self._thread = threading.Thread(target=self._heartbeat, name="rdepth-progress", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done()
 
     def elapsed(self) -> float:
+        """Seconds since the run started."""
         return self.clock() - self.start
 
+    def _line(self) -> str:
+        return f"[{self.elapsed():5.1f} s] {self.message}"
+
     def update(self, message: str) -> None:
-        """Show `message` (with the elapsed seconds) now in a terminal; in a log, only if it is due."""
-        now = self.clock()
-        text = f"[{now - self.start:5.1f} s] {message}"
+        """The current status: shown now in a terminal, by the heartbeat in a log."""
+        self.message = message
         if self.live:
+            text = self._line()
             self.stream.write("\r" + text.ljust(self.width))
+            self.stream.flush()
             self.width = len(text)
-        elif now - self.start >= self.after_s and (self.last is None or now - self.last >= self.every_s):
-            self.stream.write(text + "\n")
-            self.last = now
-        else:
+
+    def _heartbeat(self) -> None:
+        if self._stop.wait(self.after_s):
             return
-        self.stream.flush()
+        while True:
+            if self.message is not None:
+                self.stream.write(self._line() + "\n")
+                self.stream.flush()
+            if self._stop.wait(self.every_s):
+                return
 
     def done(self) -> None:
-        """Clear the live line (a terminal's prompt or the next output starts on a clean line)."""
+        """Stop the heartbeat, or clear the live line (the next output starts on a clean line)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         if self.live and self.width:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()

@@ -1,18 +1,12 @@
-"""Progress on stderr: live in a terminal, quiet for a short piped run, a line now and then for a long one."""
+"""Progress on stderr: live in a terminal, quiet for a short piped run, the latest status now and then for a long
+one (even while one stage runs long)."""
 
 from __future__ import annotations
 
 import io
+import time
 
 from recurrent_depth.cli.progress import Progress
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class _Terminal(io.StringIO):
@@ -20,27 +14,33 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_a_piped_run_is_quiet_until_it_is_long_then_writes_a_line_now_and_then() -> None:
-    clock, stream = _Clock(), io.StringIO()
-    progress = Progress(stream, after_s=5.0, every_s=10.0, clock=clock)
-    progress.update("loading")
-    clock.now += 4.0
-    progress.update("token 1/9")
+def test_a_short_piped_run_writes_nothing() -> None:
+    stream = io.StringIO()
+    with Progress(stream, after_s=5.0) as progress:
+        progress.update("loading")
+        progress.update("token 1/9")
     assert stream.getvalue() == ""
-    clock.now += 2.0
-    progress.update("token 2/9")
-    clock.now += 3.0
-    progress.update("token 3/9")  # 3 s after the last line: not yet
-    clock.now += 8.0
-    progress.update("token 4/9")
-    assert stream.getvalue().splitlines() == ["[  6.0 s] token 2/9", "[ 17.0 s] token 4/9"]
+
+
+def test_a_long_piped_stage_is_reported_while_it_runs() -> None:
+    stream = io.StringIO()
+    with Progress(stream, after_s=0.05, every_s=0.05) as progress:
+        progress.update("tracing 64 steps")
+        deadline = time.monotonic() + 10
+        while stream.getvalue().count("\n") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the stage is under way; no further update comes
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 2 and all(line.endswith("] tracing 64 steps") and line.startswith("[") for line in lines)
+    after = stream.getvalue()
+    time.sleep(0.15)
+    assert stream.getvalue() == after  # nothing more once done
 
 
 def test_a_terminal_gets_one_line_rewritten_and_cleared() -> None:
-    clock, stream = _Clock(), _Terminal()
+    clock = iter([100.0, 100.0, 101.0]).__next__
+    stream = _Terminal()
     progress = Progress(stream, clock=clock)
     progress.update("loading the checkpoint")
-    clock.now += 1.0
     progress.update("token 1/2")
     progress.done()
     text = stream.getvalue()
