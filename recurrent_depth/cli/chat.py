@@ -99,7 +99,8 @@ class Chat:
         try:
             self.parse([{"role": "user", "content": "hi"}])
         except APIError as err:
-            raise ValueError(err.message) from None
+            hint = " (--max-num-steps sets the limit)" if err.param == "num_steps" else ""
+            raise ValueError(err.message + hint) from None
 
     def reply(self, text: str, out: TextIO) -> list[int]:
         """Send a user message, stream the answer to `out`, return the steps of each generated token.
@@ -113,32 +114,36 @@ class Chat:
         events: queue.Queue = queue.Queue()
         seq = Sequence(parsed.prompts[0], parsed.depth, parsed.sampling)
         handle = self.scheduler.submit([seq], notify=lambda i, ev: events.put(ev))
-        answer: list[str] = []
-        stopped = False
-        while True:
-            try:
-                event = events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            except KeyboardInterrupt:
-                stopped = True
-                handle.cancel()
-                continue
-            if event.finish_reason == "error":
-                raise RuntimeError(event.text)
-            if not stopped:
-                try:
-                    self._show(event, out)
-                    answer.append(event.text)
-                except KeyboardInterrupt:
-                    stopped = True
-                    handle.cancel()
-            if event.finish_reason is not None:
-                break
-        self.messages.append({"role": "assistant", "content": "".join(answer)})
-        self.stopped = stopped
+        try:
+            answer, self.stopped = self._stream(handle, events, out)
+        except RuntimeError:
+            self.messages.pop()
+            raise
+        self.messages.append({"role": "assistant", "content": answer})
         self.context_used = len(parsed.prompts[0]) + len(seq.tokens)
         return seq.token_steps
+
+    def _stream(self, handle, events: queue.Queue, out: TextIO) -> tuple[str, bool]:
+        """Write the reply's events to `out` until it ends: (the text shown, whether Ctrl-C stopped it). Ctrl-C
+        cancels the sequence; its remaining events are drained, not shown."""
+        shown: list[str] = []
+        stopped = False
+        while True:
+            event = None
+            try:
+                event = events.get(timeout=0.1)
+                if event.finish_reason == "error":
+                    raise RuntimeError(event.text)
+                if not stopped:
+                    self._show(event, out)
+                    shown.append(event.text)
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:  # while waiting or writing; if this was the last event, the reply is over
+                stopped = True
+                handle.cancel()
+            if event is not None and event.finish_reason is not None:
+                return "".join(shown), stopped
 
     def _show(self, event, out: TextIO) -> None:
         out.write(event.text)
@@ -220,6 +225,9 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
                 steps = chat.reply(line, out)
             except APIError as err:
                 out.write(_refusal(err, chat.served.block_size))
+                continue
+            except RuntimeError as err:  # the engine failed this reply; the conversation is kept
+                out.write(f"\n(error while generating: {err}; the message was not kept)\n")
                 continue
             _summary(chat, steps, out)
     finally:

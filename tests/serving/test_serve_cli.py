@@ -214,3 +214,14 @@ def test_serve_loads_the_bundled_checkpoint_without_model() -> None:
     args = build_parser().parse_args(["serve", "--threads", "1"])
     served = load_for_serving(args)
     assert served.model_id == "default-model" and served.block_size == 256
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_on_the_last_token_ends_the_reply(served) -> None:
+    session = chat.Chat(served, _chat_args("--max-tokens", "1", "--num-steps", "1"))
+    session.scheduler.start()
+    try:
+        out = _InterruptOnce()
+        assert len(session.reply("hello", out)) == 1 and session.stopped and not out.armed
+    finally:
+        session.scheduler.stop()
