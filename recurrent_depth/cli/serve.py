@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
     if args.api_key is not None and not args.api_key:
         raise ValueError("the API key is empty (--api-key '' or RDEPTH_API_KEY set to ''): give a key, or unset "
-                         "RDEPTH_API_KEY to serve without one (loopback only)")
+                         "RDEPTH_API_KEY to serve without one")
     check_api_key(args.api_key)
     served = load_for_serving(args)
     limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_num_steps, args.max_n, args.max_body_bytes,
