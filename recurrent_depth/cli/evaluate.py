@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, KV_SHARING_HELP
+
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="accuracy / perplexity against test-time depth and adaptive-exit thresholds",
@@ -37,14 +39,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
                    help="adaptive exit criterion for an exit-threshold sweep (kl, minp-kl, entropy-diff, "
                         "latent-diff, cosine, argmax-stability)")
     p.add_argument("--thresholds", default="1e-2,3e-3,1e-3,3e-4,1e-4", help="comma-separated exit thresholds")
-    p.add_argument("--kv-sharing", default="latest",
-                   help="KV cache policy under an exit: latest (exited tokens read from their last step), full "
-                        "(holes), or an integer k (k cyclic slots)")
+    p.add_argument("--kv-sharing", default=KV_SHARING_AUTO, help=KV_SHARING_HELP)
     p.add_argument("--max-steps", type=int, default=None, help="depth cap of the exit sweep (default: max --steps)")
     p.add_argument("--batch-size", type=int, default=64, help="rows decoded together")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="decoding budget (default: longest reference answer + 3)")
-    p.add_argument("--init-scale", type=float, default=1.0, help="scale of the random initial state (0: zeros)")
+    p.add_argument("--init-scale", type=float, default=INIT_SCALE,
+                   help="scale of the random initial state (default 0: zeros)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated tasks and initial states")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per block for perplexity")
     p.add_argument("--max-blocks", type=int, default=64, help="blocks evaluated for perplexity")

@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from recurrent_depth.cli.progress import Progress
+from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, KV_SHARING_HELP, check_init_scale
+
 _COLOURS = ["\033[32m", "\033[92m", "\033[33m", "\033[93m", "\033[91m", "\033[31m"]  # few -> many steps
 _RESET = "\033[0m"
 
@@ -33,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--exit", default=None, metavar="NAME[:THRESHOLD]",
                    help="adaptive exit, e.g. kl:5e-4, latent-diff, argmax-stability:5 (default: fixed depth)")
     p.add_argument("--min-steps", type=int, default=0, help="recurrences before the first exit check")
-    p.add_argument("--kv-sharing", default="full", help="KV cache policy: full, latest, or an integer k")
+    p.add_argument("--kv-sharing", default=KV_SHARING_AUTO, help=KV_SHARING_HELP)
     p.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")
     p.add_argument("--draft-steps", type=int, default=None, help="self-speculative decoding: draft depth")
     p.add_argument("--lookahead", type=int, default=None, help="self-speculative decoding: drafted tokens per pass")
@@ -43,9 +46,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p times the top probability")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    p.add_argument("--init-scale", type=float, default=0.0, help="initial-state noise scale (0: zeros)")
+    p.add_argument("--init-scale", type=float, default=INIT_SCALE, help="initial-state noise scale (default 0: zeros)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (batch of one)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt instead of text (with --stream: one JSON line per token "
+                        "first)")
     return p
 
 
@@ -55,61 +60,110 @@ def _colour(steps: int, max_steps: int) -> str:
 
 
 class _Printer:
-    """Streams decoded text, coloured by steps in a terminal (batch of one)."""
+    """Streams decoded text, coloured by steps in a terminal, or one JSON line per token (batch of one)."""
 
-    def __init__(self, tokenizer: Any, max_steps: int, colour: bool) -> None:
-        self.tok, self.max_steps, self.colour = tokenizer, max_steps, colour
+    def __init__(self, tokenizer: Any, max_steps: int, colour: bool, as_json: bool) -> None:
+        self.tok, self.max_steps, self.colour, self.as_json = tokenizer, max_steps, colour, as_json
         self.prompt_seen, self.ids, self.text, self.steps = False, [], "", None
 
     def put_steps(self, steps: torch.Tensor) -> None:
-        self.steps = int(steps[0, 0])
+        self.steps = steps[0].tolist()  # the recurrences of the tokens that `put` receives next
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        for token in value[0].tolist():
+        tokens = value[0].tolist()
+        for token, steps in zip(tokens, self.steps or [None] * len(tokens)):
             self.ids.append(token)
             text = self.tok.decode(self.ids) if self.tok is not None else " ".join(map(str, self.ids))
             piece, self.text = text[len(self.text):], text
-            if self.colour and self.steps is not None:
-                piece = f"{_colour(self.steps, self.max_steps)}{piece}{_RESET}"
+            if self.as_json:
+                piece = json.dumps({"token": token, "text": piece, "steps": steps}) + "\n"
+            elif self.colour and steps is not None:
+                piece = f"{_colour(steps, self.max_steps)}{piece}{_RESET}"
             sys.stdout.write(piece)
             sys.stdout.flush()
 
     def end(self) -> None:
-        sys.stdout.write("\n")
+        if not self.as_json:
+            sys.stdout.write("\n")
 
 
-def run(args: argparse.Namespace) -> int:
-    from recurrent_depth.assets import resolve_model
+class _TokenProgress:
+    """A streamer that reports tokens generated so far (on stderr, through `Progress`)."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress, self.total, self.done, self.prompt_seen = progress, total, 0, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.done += value.shape[1]
+        rate = self.done / max(self.progress.elapsed(), 1e-9)
+        self.progress.update(f"generated {self.done}/{self.total} tokens per row ({rate:.1f} tokens/s)")
+
+    def end(self) -> None:
+        self.progress.done()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Flag errors found before the checkpoint is loaded, each naming its flag."""
     from recurrent_depth.inference.exit import parse_exit_spec
-    from recurrent_depth.inference.generate import generate
+    from recurrent_depth.inference.sampling import Sampler
+
+    check_init_scale(args.init_scale, "--init-scale")
+    if args.exit:
+        parse_exit_spec(args.exit)
+    try:
+        Sampler(args.sample, args.temperature, args.top_k, args.top_p, args.min_p)
+    except ValueError as err:
+        raise ValueError(f"{err} (--sample, --temperature, --top-k, --top-p, --min-p)") from None
+
+
+def _load(args: argparse.Namespace, progress: Progress) -> tuple[Any, Any]:
+    """The checkpoint named by --model (default: the bundled one) and its tokenizer (None without tokenizer.json)."""
+    from recurrent_depth.assets import resolve_model
     from recurrent_depth.model import RecurrentDepthForCausalLM
 
     path = resolve_model(args.model)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {str(path)!r} is not a checkpoint folder")
+    progress.update(f"loading {path}")
     model = RecurrentDepthForCausalLM.from_pretrained(path).eval()
-    tokenizer = None
-    if (path / "tokenizer.json").is_file():
-        from recurrent_depth.data.tokenizer import load_tokenizer
+    if not (path / "tokenizer.json").is_file():
+        return model, None
+    from recurrent_depth.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(path)
-    ids, mask = _encode(args, tokenizer)
-    num_steps = args.num_steps if args.num_steps is not None else model.config.mean_recurrence
-    kv = int(args.kv_sharing) if args.kv_sharing.isdigit() else args.kv_sharing
-    if args.stream and ids.shape[0] != 1:
-        raise ValueError("--stream shows one prompt; give a single --prompt")
-    colour = sys.stdout.isatty() and not args.json
-    streamer = _Printer(tokenizer, num_steps, colour) if args.stream else None
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
-    out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens, num_steps=num_steps,
-                   exit_criterion=parse_exit_spec(args.exit) if args.exit else None, min_steps=args.min_steps,
-                   warm_start=args.warm_start, kv_sharing=kv, draft_steps=args.draft_steps, lookahead=args.lookahead,
-                   do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   min_p=args.min_p, generator=torch.Generator().manual_seed(args.seed), init_scale=args.init_scale,
-                   eos_token_id=eos, streamer=streamer)
+    return model, load_tokenizer(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from recurrent_depth.inference.exit import parse_exit_spec
+    from recurrent_depth.inference.generate import generate
+
+    _check_args(args)
+    with Progress() as progress:
+        model, tokenizer = _load(args, progress)
+        ids, mask = _encode(args, tokenizer)
+        num_steps = args.num_steps if args.num_steps is not None else model.config.mean_recurrence
+        if args.stream and ids.shape[0] != 1:
+            raise ValueError("--stream shows one prompt; give a single --prompt")
+        colour = sys.stdout.isatty() and not args.json
+        if args.stream:  # the tokens themselves show progress
+            progress.done()
+            streamer = _Printer(tokenizer, num_steps, colour, args.json)
+        else:
+            streamer = _TokenProgress(progress, args.max_new_tokens)
+        eos = tokenizer.eos_token_id if tokenizer is not None else None
+        out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens, num_steps=num_steps,
+                       exit_criterion=parse_exit_spec(args.exit) if args.exit else None, min_steps=args.min_steps,
+                       warm_start=args.warm_start, kv_sharing=args.kv_sharing, draft_steps=args.draft_steps,
+                       lookahead=args.lookahead, do_sample=args.sample, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       generator=torch.Generator().manual_seed(args.seed), init_scale=args.init_scale,
+                       eos_token_id=eos, streamer=streamer)
     T = ids.shape[1]
     for row in range(ids.shape[0]):
         new = out.sequences[row, T:].tolist()
@@ -152,7 +206,7 @@ def _report(args: argparse.Namespace, tokenizer: Any, new: list[int], steps: lis
         print(json.dumps({"tokens": new, "text": text, "steps": steps}))
         return
     if streamed:
-        if not colour:
+        if not colour:  # piped: the steps (the streamed text went before)
             print("steps:", " ".join(map(str, steps)))
         return
     if colour:

@@ -12,6 +12,8 @@ import argparse
 
 import torch
 
+from recurrent_depth.cli.progress import Progress
+from recurrent_depth.inference.defaults import INIT_SCALE, check_init_scale
 from recurrent_depth.inspection.convergence import CRITERIA
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                    help=f"override an exit threshold, repeatable; criteria: {', '.join(CRITERIA)}")
     p.add_argument("--colour-by", default="kl", choices=CRITERIA, help="criterion that colours the tokens")
-    p.add_argument("--init-scale", type=float, default=1.0, help="scale of the random initial state (0: zeros)")
+    p.add_argument("--init-scale", type=float, default=INIT_SCALE,
+                   help="scale of the random initial state (default 0: zeros)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initial state")
     p.add_argument("--top-k", type=int, default=5, help="tokens the logit lens keeps per step")
     p.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
@@ -65,14 +68,19 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--model {str(model_dir)!r} is not a folder")
     if args.num_steps < 1:
         raise ValueError(f"--num-steps must be >= 1, got {args.num_steps}")
+    check_init_scale(args.init_scale, "--init-scale")
     thresholds = parse_thresholds(args.threshold)
-    tokenizer = load_tokenizer(model_dir)
-    model = RecurrentDepthForCausalLM.from_pretrained(model_dir).to(torch.device(args.device), DTYPES[args.dtype])
-    model.eval()
-    result = inspect_prompt(model, tokenizer, args.prompt, num_steps=args.num_steps, tokens=args.tokens,
-                            thresholds=thresholds, init_scale=args.init_scale, seed=args.seed, top_k=args.top_k,
-                            meta={"model": str(model_dir)})
-    paths = write_report(result, args.out, colour_by=args.colour_by)
+    with Progress() as progress:
+        progress.update(f"loading {model_dir}")
+        tokenizer = load_tokenizer(model_dir)
+        model = RecurrentDepthForCausalLM.from_pretrained(model_dir).to(torch.device(args.device), DTYPES[args.dtype])
+        model.eval()
+        progress.update(f"tracing {args.num_steps} recurrence steps over the prompt")
+        result = inspect_prompt(model, tokenizer, args.prompt, num_steps=args.num_steps, tokens=args.tokens,
+                                thresholds=thresholds, init_scale=args.init_scale, seed=args.seed, top_k=args.top_k,
+                                meta={"model": str(model_dir)})
+        progress.update(f"writing the figures and index.html into {args.out}")
+        paths = write_report(result, args.out, colour_by=args.colour_by)
     conv = result.convergence
     steps = conv.exit_step[args.colour_by]
     print(f"{len(result.texts)} tokens, {args.num_steps} steps; {args.colour_by} exit step: "

@@ -1,7 +1,11 @@
 """`rdepth <verb>`: thin command-line layer over the library. Each verb lives in `recurrent_depth/cli/<module>.py`
-and defines `add_parser(subparsers)` (registering its flags, each with help) and `run(args) -> int`.
+and defines `add_parser(subparsers, name)` (registering its flags, each with help) and `run(args) -> int`.
 
-    rdepth demo | generate | train | eval | reproduce | serve | chat | inspect ...
+    rdepth demo | generate | train | eval | reproduce | bundle | serve | chat | inspect ...
+    rdepth --version
+
+Only the verb being run is imported (with torch and the model), so `rdepth --help` and `rdepth --version` answer
+at once; the one-line summaries below are what `rdepth --help` lists (a test keeps them equal to each verb's own).
 """
 
 from __future__ import annotations
@@ -9,38 +13,53 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Iterable
 
-# verb -> module under recurrent_depth.cli; a module that is not there yet is skipped.
+# verb -> (module under recurrent_depth.cli, the summary `rdepth --help` lists)
 VERBS = {
-    "demo": "demo",
-    "generate": "generate",
-    "train": "train",
-    "eval": "evaluate",
-    "reproduce": "reproduce",
-    "bundle": "bundle",
-    "serve": "serve",
-    "chat": "chat",
-    "inspect": "inspect_cmd",
+    "demo": ("demo", "accuracy against test-time depth on the bundled checkpoint and task"),
+    "generate": ("generate", "generate from a checkpoint, showing the recurrence steps of every token"),
+    "train": ("train", "train with randomized recurrence depth (configs/*.yaml; torchrun for DDP/FSDP2)"),
+    "eval": ("evaluate", "accuracy / perplexity against test-time depth and adaptive-exit thresholds"),
+    "reproduce": ("reproduce", "reproduce the seed's claims at small scale (trains and evaluates every arm)"),
+    "bundle": ("bundle", "build the bundled default checkpoint used when no --model is given"),
+    "serve": ("serve", "serve a model behind an OpenAI-compatible API (per-request depth and exit)"),
+    "chat": ("chat", "chat with a model in the terminal, streaming, with steps per token"),
+    "inspect": ("inspect_cmd", "per-token convergence, exit steps, logit lens and latent trajectories of a prompt"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _version() -> str:
+    from recurrent_depth import __version__
+
+    return f"rdepth (recurrent_depth) {__version__}"
+
+
+def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the verbs in `load` fully registered (None: all of them); the others are listed only."""
+    load = set(VERBS) if load is None else set(load)
     parser = argparse.ArgumentParser(prog="rdepth", description="Recurrent-depth language models (Huginn-compatible).")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb, module_name in VERBS.items():
-        try:
-            module = importlib.import_module(f"recurrent_depth.cli.{module_name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"recurrent_depth.cli.{module_name}":
-                continue
-            raise
-        p = module.add_parser(sub, verb)
-        p.set_defaults(_run=module.run)
+    for verb, (module_name, summary) in VERBS.items():
+        if verb not in load:
+            sub.add_parser(verb, help=summary)
+            continue
+        module = importlib.import_module(f"recurrent_depth.cli.{module_name}")
+        module.add_parser(sub, verb).set_defaults(_run=module.run)
     return parser
 
 
+def _verb(argv: list[str]) -> str | None:
+    """The verb named on the command line (the first word that is not an option), if it is one."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in VERBS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb = _verb(argv)
+    parser = build_parser([verb] if verb else [])
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

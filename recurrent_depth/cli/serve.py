@@ -88,7 +88,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from recurrent_depth.serving.app import create_app
+    from recurrent_depth.serving.app import check_api_key, create_app
     from recurrent_depth.serving.server import serve
 
     for name in ("max_prompt_tokens", "max_tokens", "max_num_steps", "max_n", "max_body_bytes", "max_queue"):
@@ -96,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("the API key is empty (--api-key '' or RDEPTH_API_KEY set to ''): give a key, or unset "
+                         "RDEPTH_API_KEY to serve without one")
+    check_api_key(args.api_key)
     served = load_for_serving(args)
     limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_num_steps, args.max_n, args.max_body_bytes,
                     args.max_queue)

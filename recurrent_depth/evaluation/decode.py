@@ -68,10 +68,10 @@ def greedy_decode(model, tokenizer, prompts: Sequence[str], num_steps: int, max_
     from a generator seeded with `seed`, so a call is reproducible. stop: strings that end a continuation (cut from
     the text). truncate: cut prompts from the left (after <bos>) to fit block_size with the budget, instead of
     raising. engine: further keywords for the engine's `generate` (min_steps, kv_sharing, warm_start, ...).
-    kv_sharing defaults to "latest" (the reference's choice for adaptive compute): a token that exited early is read
-    at deeper recurrence steps from its last computed step; with "full" it leaves holes there, which cost the
-    `tiny` addition model half its accuracy under a KL exit (0.62 -> 0.29 at threshold 1e-3). At fixed depth the
-    two policies are identical.
+    kv_sharing defaults to the engine's "auto" (`recurrent_depth.inference.defaults`): "latest" under an exit (a
+    token that exited early is read at deeper recurrence steps from its last computed step; "full" leaves holes
+    there, which cost the `tiny` addition model half its accuracy under a KL exit, 0.62 -> 0.29 at threshold 1e-3),
+    "full" at fixed depth, where the two give the same tokens.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
@@ -93,7 +93,6 @@ def greedy_decode(model, tokenizer, prompts: Sequence[str], num_steps: int, max_
         encoded[i] = prefix + encoded[i][len(encoded[i]) - room + len(prefix):]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-    engine.setdefault("kv_sharing", "latest")
     engine.update(max_new_tokens=max_new_tokens, num_steps=num_steps, exit_criterion=exit_criterion,
                   exit_threshold=exit_threshold, init_scale=init_scale, generator=generator)
     was_training = model.training

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from recurrent_depth.inference.cache import KVCache, SharingPolicy, make_kv_policy
+from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, check_init_scale, resolve_kv_sharing
 from recurrent_depth.inference.exit import ExitCriterion, NoExit, make_exit_criterion
 from recurrent_depth.inference.sampling import Sampler
 from recurrent_depth.model.layers import AttentionContext
@@ -195,10 +196,11 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None, device: torch.device) -> 
 @torch.inference_mode()
 def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
              num_steps: int, exit_criterion: str | ExitCriterion | None = None, exit_threshold: float | None = None,
-             min_steps: int = 0, warm_start: bool | str = False, kv_sharing: str | int | SharingPolicy = "full",
+             min_steps: int = 0, warm_start: bool | str = False,
+             kv_sharing: str | int | SharingPolicy = KV_SHARING_AUTO,
              draft_steps: int | None = None, lookahead: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             min_p: float | None = None, generator: torch.Generator | None = None, init_scale: float = 0.0,
+             min_p: float | None = None, generator: torch.Generator | None = None, init_scale: float = INIT_SCALE,
              eos_token_id: int | Sequence[int] | None = None, streamer: Any = None,
              exit_in_prefill: bool = True) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens for each row of a (left-padded) batch.
@@ -209,12 +211,13 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
     min_steps: recurrences every token runs before its first exit check.
     warm_start: True (or "latent"): each new token starts from the previous token's final normalised state
         ln_f(s) (latent chain of thought); "raw": from the raw core output (the reference's adaptive path).
-    kv_sharing: "full", "latest" or an integer k (see `recurrent_depth.inference.cache`). With an exit criterion
-        prefer "latest" or k: under "full" a token that exited early is invisible at deeper recurrence steps.
+    kv_sharing: "auto" (default: "latest" with an exit criterion, else "full"; `recurrent_depth.inference.defaults`),
+        "full", "latest" or an integer k (see `recurrent_depth.inference.cache`). Under "full" with an exit criterion
+        a token that exited early is invisible at deeper recurrence steps.
     draft_steps / lookahead: self-speculative decoding (greedy): draft `lookahead` tokens with `draft_steps`
         recurrences, verify them in one pass at `num_steps` (`recurrent_depth.inference.speculative`).
     do_sample, temperature, top_k, top_p, min_p, generator: sampling (`Sampler`); greedy when do_sample is False.
-    init_scale: scale of the random initial state (0: zeros, deterministic).
+    init_scale: scale of the random initial state, finite and >= 0 (default 0: zeros, deterministic).
     eos_token_id: a row stops after emitting one of these; later positions hold the first EOS id.
     streamer: an object with put(tokens) and end() (transformers' TextStreamer works, batch 1); it first receives
         the prompt, then each step's (B, 1) new tokens; a streamer with a `put_steps` method also receives each
@@ -223,7 +226,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
         yes; its `do_not_exit_in_prefill=True` is False here).
     """
     _check_common(model, input_ids, attention_mask, max_new_tokens, num_steps)
-    policy = make_kv_policy(kv_sharing)
+    init_scale = check_init_scale(init_scale)
+    policy = make_kv_policy(resolve_kv_sharing(kv_sharing, exit_criterion))
     if exit_criterion is None and exit_threshold is not None:
         raise ValueError("exit_threshold was given without an exit_criterion")
     criterion = None if exit_criterion is None else make_exit_criterion(exit_criterion, exit_threshold)

@@ -10,6 +10,7 @@ set of most likely tokens whose mass reaches p (the token that crosses p stays i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,9 @@ class Sampler:
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature is None or self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature!r}")
+        if self.temperature is None or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 and finite (use do_sample=False for greedy), got "
+                             f"{self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         for name in ("top_p", "min_p"):

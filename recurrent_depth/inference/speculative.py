@@ -31,6 +31,24 @@ def _check(draft_steps: int | None, lookahead: int | None, num_steps: int) -> tu
     return draft_steps, lookahead
 
 
+def _stream(streamer: Any, new: Tensor, finished: Tensor, eos: Tensor | None, num_steps: int) -> None:
+    """Send the part of a round's accepted tokens (B, n) that the output keeps to the streamer: cut after the
+    position where every row has emitted EOS, a row's tokens after its own EOS (or of a row already finished)
+    replaced by the first EOS id with 0 steps, exactly as in the returned sequences and steps."""
+    after = torch.zeros_like(new, dtype=torch.bool)
+    if eos is not None:
+        hit = torch.isin(new, eos)
+        after = (hit.long().cumsum(dim=1) - hit.long() > 0) | finished[:, None]
+        new = new.masked_fill(after, int(eos[0]))
+        done = (hit | after).all(dim=0)  # (n,): every row has ended at or before this position
+        if bool(done.any()):
+            keep = int(done.long().argmax()) + 1
+            new, after = new[:, :keep], after[:, :keep]
+    if hasattr(streamer, "put_steps"):
+        streamer.put_steps(torch.full_like(new, num_steps).masked_fill(after, 0).cpu())
+    streamer.put(new.cpu())
+
+
 def generate_speculative(model: Any, input_ids: Tensor, attention_mask: Tensor | None, *, max_new_tokens: int,
                          num_steps: int, draft_steps: int | None, lookahead: int | None, kv_sharing: SharingPolicy,
                          init_scale: float, eos: Tensor | None, streamer: Any = None) -> Any:
@@ -58,7 +76,7 @@ def generate_speculative(model: Any, input_ids: Tensor, attention_mask: Tensor |
     produced, rounds, kept = 1, 0, 0
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     if streamer is not None:
-        streamer.put(out[-1].cpu())
+        _stream(streamer, out[-1][:, :max_new_tokens], finished, None, num_steps)
     while produced < max_new_tokens:
         if eos is not None:
             finished |= torch.isin(out[-1], eos).any(dim=1)
@@ -81,9 +99,9 @@ def generate_speculative(model: Any, input_ids: Tensor, attention_mask: Tensor |
             cache.crop(start + n + 1)  # keep [last, draft_1 .. draft_n]; the correction is the new `last`
         rounds, kept = rounds + 1, kept + n
         out.append(new)
-        produced += new.shape[1]
         if streamer is not None:
-            streamer.put(new.cpu())
+            _stream(streamer, new[:, : max_new_tokens - produced], finished, eos, num_steps)
+        produced += new.shape[1]
     if streamer is not None:
         streamer.end()
     new_tokens = torch.cat(out, dim=1)[:, :max_new_tokens]

@@ -45,14 +45,30 @@ from recurrent_depth.serving.scheduler import AsyncHandle, QueueFull, Scheduler
 log = logging.getLogger(__name__)
 
 
+class _ASCIIJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message that quotes a client's string can always be sent."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def _error_response(err: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return _ASCIIJSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def check_api_key(api_key: str | None) -> None:
+    """None means no key; a key must be non-empty with no surrounding whitespace (an empty one would let an empty
+    `Authorization: Bearer ` in)."""
+    if api_key is not None and (not api_key or api_key.strip() != api_key):
+        problem = "is empty" if not api_key.strip() else "has surrounding whitespace"
+        raise ValueError(f"the API key {problem}: it must be a non-empty string without surrounding whitespace")
 
 
 def create_app(served: ServedModel, limits: Limits | None = None, max_batch: int = 8,
                api_key: str | None = None) -> FastAPI:
     """The app around one model. The scheduler thread starts with the app (lifespan) and stops with it."""
+    check_api_key(api_key)
     limits = limits or Limits()
     engine = BatchEngine(served.model, served.tokenizer, max_rows=max_batch)
     scheduler = Scheduler(engine, max_queue=limits.max_queue)
@@ -85,7 +101,7 @@ def create_app(served: ServedModel, limits: Limits | None = None, max_batch: int
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
+        return _ASCIIJSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
 
     # -------------------------------------------------------------------------------------------- auth
     def check_key(request: Request) -> None:
@@ -93,7 +109,8 @@ def create_app(served: ServedModel, limits: Limits | None = None, max_batch: int
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or not hmac.compare_digest(token.encode(), api_key.encode()):
             raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 

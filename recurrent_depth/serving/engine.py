@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from recurrent_depth.inference.cache import SharingPolicy, make_kv_policy
+from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, resolve_kv_sharing
 from recurrent_depth.inference.exit import ExitCriterion, NoExit, make_exit_criterion
 from recurrent_depth.inference.sampling import Sampler
 from recurrent_depth.model.layers import AttentionContext, LayerKey
@@ -43,15 +44,15 @@ class DepthParams:
     num_steps: recurrence count r (core applications) per token, the cap when an exit criterion is set;
     exit_criterion / exit_threshold: `recurrent_depth.inference.exit` (threshold None: the criterion's default);
     warm_start: False, True / "latent" (start each token from the previous token's final ln_f(s)) or "raw" (from the
-    raw core output); kv_sharing: "full", "latest" or an int k (`recurrent_depth.inference.cache`);
-    init_scale: std scale of the random initial state (0: zeros, deterministic)."""
+    raw core output); kv_sharing: "auto" (latest with an exit criterion, else full), "full", "latest" or an int k
+    (`recurrent_depth.inference.cache`); init_scale: std scale of the random initial state (0: zeros, deterministic)."""
 
     num_steps: int
     exit_criterion: str = "none"
     exit_threshold: float | None = None
     warm_start: bool | str = False
-    kv_sharing: str | int = "full"
-    init_scale: float = 0.0
+    kv_sharing: str | int = KV_SHARING_AUTO
+    init_scale: float = INIT_SCALE
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class BatchEngine:
             raise ValueError(f"prompt ({len(seq.prompt)}) + max_tokens ({seq.sampling.max_tokens}) exceeds the "
                              f"context length {self.cfg.block_size}")
         seq.criterion = make_exit_criterion(seq.depth.exit_criterion, seq.depth.exit_threshold)
-        seq.sharing = make_kv_policy(seq.depth.kv_sharing)
+        seq.sharing = make_kv_policy(resolve_kv_sharing(seq.depth.kv_sharing, seq.depth.exit_criterion))
         if seq.depth.warm_start not in (False, True, "latent", "raw"):
             raise ValueError(f"warm_start must be false, true, 'latent' or 'raw', got {seq.depth.warm_start!r}")
         seq.generator = torch.Generator(device=self.device)

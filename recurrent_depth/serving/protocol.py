@@ -14,7 +14,8 @@ Recurrent-depth fields (pass them in `extra_body` with the openai client):
     exit_criterion  none | kl | minp-kl | entropy-diff | latent-diff | cosine | argmax-stability
     exit_threshold  the criterion's threshold (default: the criterion's own; needs exit_criterion)
     warm_start      false | true ("latent": start from the previous token's ln_f(s)) | "raw"
-    kv_sharing      "full" | "latest" | k (k recurrence slots per core layer, reused cyclically)
+    kv_sharing      "auto" (default: "latest" with an exit criterion, else "full") | "full" | "latest" | k (k
+                    recurrence slots per core layer, reused cyclically)
     init_scale      std scale of the random initial state, 0..4 (default 0: zero state, deterministic)
 """
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recurrent_depth.inference.cache import make_kv_policy
+from recurrent_depth.inference.defaults import INIT_SCALE, resolve_kv_sharing
 from recurrent_depth.inference.exit import EXIT_CRITERIA, make_exit_criterion
 from recurrent_depth.serving.engine import DepthParams, SamplingParams
 
@@ -104,7 +106,7 @@ def _number(body: dict, name: str, default: float | None, lo: float, hi: float) 
     if v is None:
         return default
     if not _is_number(v) or not math.isfinite(v):
-        raise _bad(name, f"must be a number, got {_show(v)}")
+        raise _bad(name, f"must be a finite number, got {_show(v)}")
     if not lo <= v <= hi:
         raise _bad(name, f"must lie in [{lo:g}, {hi:g}], got {_show(v)}")
     return float(v)
@@ -173,20 +175,50 @@ def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
     if warm not in (False, True, "latent", "raw") or not isinstance(warm, bool | str):
         raise _bad("warm_start", f"must be false, true, 'latent' or 'raw', got {_show(warm)}")
     sharing = body.get("kv_sharing")
-    if sharing is None:
-        sharing = "full"
-    if isinstance(sharing, bool) or not isinstance(sharing, str | int) or (isinstance(sharing, int)
-                                                                            and not 1 <= sharing <= 4096):
-        raise _bad("kv_sharing", f"must be 'full', 'latest' or an integer k in [1, 4096], got {_show(sharing)}")
-    if isinstance(sharing, str) and sharing.isdigit():
-        sharing = int(sharing) if len(sharing) < 6 else -1
+    if isinstance(sharing, bool) or not isinstance(sharing, str | int | None) or (isinstance(sharing, int)
+                                                                                   and not 1 <= sharing <= 4096):
+        raise _bad("kv_sharing", f"must be 'auto', 'full', 'latest' or an integer k in [1, 4096], got "
+                   f"{_show(sharing)}")
+    if isinstance(sharing, str) and sharing.isdigit() and len(sharing) >= 6:
+        sharing = -1
+    sharing = resolve_kv_sharing(sharing, crit)
     try:
         make_kv_policy(sharing)
     except ValueError:
-        raise _bad("kv_sharing", f"unknown policy {_show(sharing)}; valid: 'full', 'latest' or an integer k >= 1"
-                   ) from None
-    init_scale = _number(body, "init_scale", 0.0, 0.0, 4.0)
+        raise _bad("kv_sharing", f"unknown policy {_show(sharing)}; valid: 'auto', 'full', 'latest' or an integer "
+                   "k >= 1") from None
+    init_scale = _number(body, "init_scale", INIT_SCALE, 0.0, 4.0)
     return DepthParams(num_steps, crit or "none", threshold, warm, sharing, init_scale)
+
+
+def _invalid_text(value: Any, where: str) -> str | None:
+    """The path of the first string (key or value) in a parsed JSON body that is not valid Unicode text (a lone
+    UTF-16 surrogate such as "\\ud800", which JSON escapes can carry), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str):
+            key_path = _invalid_text(key, f"{where} key {_show(key)}")
+            if key_path is not None:
+                return key_path
+        path = _invalid_text(item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+        if path is not None:
+            return path
+    return None
+
+
+def check_text(body: Any) -> None:
+    """Reject a body holding a string that is not valid Unicode (400 naming the field), before anything uses it."""
+    path = _invalid_text(body, "body")
+    if path is not None:
+        param = path.removeprefix("body.") if path.startswith("body.") else path
+        raise _bad(param, "is not valid Unicode text (it holds a lone UTF-16 surrogate, e.g. \\ud800)",
+                   code="invalid_text")
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -254,6 +286,7 @@ def parse_completion(body: Any, tokenize, vocab_size: int, block_size: int, defa
     """Validate a /v1/completions body. `tokenize(text) -> list[int]`."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_text(body)
     _check_fields(body, COMPLETION_FIELDS)
     model, n, stream, include_usage, temperature, top_p, stop, seed = _common(body, limits)
     for name, neutral in (("echo", (False,)), ("suffix", ("",)), ("logprobs", (0,))):
@@ -309,6 +342,7 @@ def parse_chat(body: Any, render, tokenize, block_size: int, default_steps: int,
     """Validate a /v1/chat/completions body. `render(messages) -> str` applies the chat template."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_text(body)
     _check_fields(body, CHAT_FIELDS)
     model, n, stream, include_usage, temperature, top_p, stop, seed = _common(body, limits)
     _neutral(body, "logprobs", (False,))

@@ -27,7 +27,7 @@ def _native_kwargs(key: str, n_new: int) -> dict:
     if key.startswith("greedy_adaptive_"):
         _, _, crit, thr, mx = key.split("_")
         return dict(num_steps=int(mx.removeprefix("max")), max_new_tokens=n_new, exit_criterion=crit,
-                    exit_threshold=float(thr))
+                    exit_threshold=float(thr), kv_sharing="full")  # the reference's default cache lookup
     _, _, draft, look, verify = key.split("_")
     return dict(num_steps=int(verify.removeprefix("verify")), draft_steps=int(draft.removeprefix("draft")),
                 lookahead=int(look.removeprefix("look")), max_new_tokens=6)
@@ -249,3 +249,30 @@ def test_bad_arguments_are_clear_errors(debug_model) -> None:
         debug_model.generate(ids, cache_lookup_strategy="randomized", max_new_tokens=2)
     with pytest.raises(ValueError, match="multiple of the core's 2 layers"):
         debug_model.generate(ids, cache_lookup_strategy="latest-m4-compress-s3", max_new_tokens=2)
+
+
+def test_default_kv_sharing_is_latest_under_an_exit_and_full_at_fixed_depth() -> None:
+    from recurrent_depth.assets import default_model_path
+    from recurrent_depth.data.tokenizer import encode_prompt, load_tokenizer
+
+    path = default_model_path()
+    model, tok = RecurrentDepthForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    ids = torch.tensor([encode_prompt(tok, "36+89=")])
+    kw = dict(max_new_tokens=4, num_steps=32, exit_criterion="kl", exit_threshold=5e-4)
+    auto, latest, full = (tok.decode(generate(model, ids, **kw, **extra).sequences[0, ids.shape[1]:].tolist())
+                          for extra in ({}, {"kv_sharing": "latest"}, {"kv_sharing": "full"}))
+    assert auto == latest == "125<eos>" != full  # under `full` early exits leave holes: a wrong answer
+    fixed = [generate(model, ids, max_new_tokens=4, num_steps=4, **extra) for extra in ({}, {"kv_sharing": "full"})]
+    assert torch.equal(fixed[0].sequences, fixed[1].sequences) and fixed[0].kv_cache_bytes == fixed[1].kv_cache_bytes
+
+
+@pytest.mark.parametrize("kw, named", [
+    ({"init_scale": float("nan")}, "init_scale"), ({"init_scale": -1.0}, "init_scale"),
+    ({"init_scale": float("inf")}, "init_scale"),
+    ({"do_sample": True, "temperature": float("nan")}, "temperature"),
+    ({"do_sample": True, "temperature": float("inf")}, "temperature"),
+    ({"do_sample": True, "temperature": -0.5}, "temperature"),
+])
+def test_non_finite_or_negative_numbers_are_clear_errors(debug_model, kw: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        generate(debug_model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, num_steps=2, **kw)

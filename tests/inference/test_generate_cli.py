@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,64 @@ def test_generate_errors_are_clear(checkpoint, capsys) -> None:
     assert "unknown KV sharing policy" in capsys.readouterr().err
     assert main(["generate", "--model", str(checkpoint / "missing"), "--prompt", "ab"]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_the_readme_generate_example_answers_125_on_the_bundled_model(capsys) -> None:
+    command = re.search(r"`(rdepth generate --prompt [^`]+)`", (REPO / "README.md").read_text()).group(1)
+    rc, out, _ = _run(capsys, *shlex.split(command)[1:])
+    assert rc == 0 and out.splitlines()[0] == "125<eos>", out
+
+
+@pytest.mark.parametrize("max_new", ["2", "8"])
+def test_speculative_stream_prints_exactly_the_result(capsys, max_new: str) -> None:
+    common = ["generate", "--prompt", "36+89=", "--num-steps", "16", "--draft-steps", "2", "--max-new-tokens", max_new]
+    _, out, _ = _run(capsys, *common, "--json")
+    final = json.loads(out)
+    _, streamed, _ = _run(capsys, *common, "--stream")
+    assert streamed.splitlines()[0] == final["text"] == {"2": "12", "8": "125<eos>"}[max_new]
+
+
+def test_json_stream_is_pure_json_lines_that_add_up_to_the_result(capsys) -> None:
+    for extra in (["--exit", "kl:5e-4"], ["--draft-steps", "2"]):
+        rc, out, _ = _run(capsys, "generate", "--prompt", "36+89=", "--num-steps", "16", "--stream", "--json", *extra)
+        rows = [json.loads(line) for line in out.splitlines()]  # every line is JSON
+        tokens, final = rows[:-1], rows[-1]
+        assert rc == 0 and [t["token"] for t in tokens] == final["tokens"]
+        assert "".join(t["text"] for t in tokens) == final["text"] and [t["steps"] for t in tokens] == final["steps"]
+
+
+def test_bad_numbers_are_clear_errors_before_loading(checkpoint, capsys) -> None:
+    base = ["generate", "--model", str(checkpoint), "--prompt", "ab"]
+    for flags, named in ((["--init-scale", "nan"], "--init-scale"), (["--init-scale", "-1"], "--init-scale"),
+                         (["--sample", "--temperature", "nan"], "temperature"),
+                         (["--sample", "--temperature", "inf"], "temperature"),
+                         (["--sample", "--temperature", "-1"], "temperature"), (["--top-p", "nan"], "top_p")):
+        rc, _, err = _run(capsys, *base, *flags)
+        assert rc == 2 and named in err, (flags, err)
+
+
+def test_progress_goes_to_stderr_and_json_stdout_stays_clean(checkpoint, capsys, monkeypatch) -> None:
+    import io
+
+    from recurrent_depth.cli import generate as cli_generate
+    from recurrent_depth.cli.progress import Progress
+
+    class Terminal(io.StringIO):  # stderr as a terminal: the progress line is live
+        def isatty(self) -> bool:
+            return True
+
+    stderr = Terminal()
+    monkeypatch.setattr(cli_generate, "Progress", lambda: Progress(stderr))
+    rc, out, _ = _run(capsys, "generate", "--model", str(checkpoint), "--prompt", "ab", "--max-new-tokens", "3",
+                      "--num-steps", "2", "--json")
+    assert rc == 0 and "loading" in stderr.getvalue() and "generated 3/3 tokens" in stderr.getvalue()
+    assert json.loads(out)["tokens"]  # stdout holds the JSON object only

@@ -3,6 +3,7 @@ depth and exit fields in `extra_body`, concurrent requests at different depths, 
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -297,3 +298,55 @@ def test_shallow_request_is_not_held_to_a_deep_ones_pace(served) -> None:
         assert state["running"] == 1 and state["peak_running"] == 2  # they were batched together
         assert state["engine_steps"] < 400  # done before the deep request finished its first token
         deep.close()
+
+
+def _post_raw(live, path: str, raw: bytes, auth: str = f"Bearer {API_KEY}") -> httpx.Response:
+    """POST bytes as they are (the openai client cannot send a lone surrogate or NaN)."""
+    return httpx.post(live[0] + "/v1" + path, content=raw, timeout=30,
+                      headers={"Authorization": auth, "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/completions", {"model": MODEL_ID, "prompt": "a\ud800b"}, "prompt"),
+    ("/completions", {"model": MODEL_ID, "prompt": ["ok", "\udfff"]}, "prompt[1]"),
+    ("/completions", {"model": MODEL_ID, "prompt": "ok", "stop": ["\ud800"]}, "stop[0]"),
+    ("/chat/completions", {"model": MODEL_ID, "messages": [{"role": "user", "content": "\ud800"}]},
+     "messages[0].content"),
+    ("/chat/completions", {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "\ud800": 1},
+     "body key '\\ud800'"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(live, path: str, body: dict, param: str) -> None:
+    response = _post_raw(live, path, json.dumps(body).encode())  # json.dumps writes the surrogate as \ud800
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param and "surrogate" in response.json()["error"]["message"]
+    assert _health(live[0])["status"] == "ok"
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "-0.5"])
+def test_temperature_that_is_not_a_usable_number_is_a_400(live, value: str) -> None:
+    raw = f'{{"model": "{MODEL_ID}", "prompt": "a", "max_tokens": 1, "temperature": {value}}}'.encode()
+    response = _post_raw(live, "/completions", raw)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "temperature"
+
+
+def test_empty_bearer_token_is_refused(live) -> None:
+    response = _post_raw(live, "/completions", json.dumps({"model": MODEL_ID, "prompt": "a"}).encode(), "Bearer")
+    assert response.status_code == 401
+
+
+def test_an_empty_api_key_is_refused_at_startup(served) -> None:
+    for key in ("", " ", "key "):
+        with pytest.raises(ValueError, match="API key"):
+            create_app(served, api_key=key)
+
+
+def test_requests_default_to_the_shared_inference_defaults() -> None:
+    from recurrent_depth.inference.defaults import INIT_SCALE
+    from recurrent_depth.serving.protocol import parse_depth
+
+    fixed, adaptive = parse_depth({}, 8, Limits()), parse_depth({"exit_criterion": "kl"}, 8, Limits())
+    assert (fixed.kv_sharing, adaptive.kv_sharing) == ("full", "latest")
+    assert fixed.init_scale == adaptive.init_scale == INIT_SCALE
+    assert parse_depth({"exit_criterion": "kl", "kv_sharing": "auto"}, 8, Limits()).kv_sharing == "latest"
+    assert parse_depth({"exit_criterion": "kl", "kv_sharing": "full"}, 8, Limits()).kv_sharing == "full"

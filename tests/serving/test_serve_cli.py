@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -98,3 +99,129 @@ def test_loopback_detection() -> None:
 
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.5") and not _is_loopback("example.org")
+
+
+def _chat_args(*extra: str, model: Path | None = None):
+    argv = ["chat"] + (["--model", str(model)] if model else []) + ["--threads", "1", *extra]
+    return build_parser().parse_args(argv)
+
+
+def test_chat_answers_on_the_bundled_model_with_its_defaults() -> None:
+    out = io.StringIO()
+    assert chat.run(_chat_args(), stdin=io.StringIO("36+89=\n/quit\n"), stdout=out) == 0
+    text = out.getvalue()
+    assert "error" not in text and "not sent" not in text, text
+    assert "tokens; steps per token:" in text
+
+
+def test_chat_refuses_bad_commands_at_once_and_keeps_the_old_settings(ckpt: Path) -> None:
+    out = io.StringIO()
+    script = "/exit kl:nan\n/exit kl:abc\n/exit magic\n/temp -1\n/temp nan\n/steps 100000\n/steps -2\nhello\n/quit\n"
+    args = _chat_args("--max-tokens", "3", "--num-steps", "3", model=ckpt)
+    assert chat.run(args, stdin=io.StringIO(script), stdout=out) == 0
+    text = out.getvalue()
+    for field in ("exit_threshold", "exit_criterion", "temperature", "num_steps"):
+        assert f"(rejected: {field}:" in text, (field, text)
+    assert text.count("(rejected:") == 6 and "(usage: /exit" in text
+    assert "steps per token: 3 3 3;" in text  # the reply ran with the settings from before the bad commands
+    assert (args.num_steps, args.temperature, args.exit_criterion) == (3, 0.0, "none")
+
+
+def test_chat_flags_are_checked_at_start(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    for flag, value, field in (("--temperature", "-1", "temperature"), ("--num-steps", "100000", "num_steps"),
+                               ("--init-scale", "nan", "init_scale"), ("--max-tokens", "0", "--max-tokens")):
+        assert main(["chat", "--model", str(ckpt), flag, value]) == 2
+        assert field in capsys.readouterr().err
+
+
+class _InterruptOnce(io.StringIO):
+    """A terminal where Ctrl-C arrives while the first reply is being written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = True
+
+    def write(self, text: str) -> int:
+        if self.armed and text and not text.startswith(("model>", "rdepth chat")):
+            self.armed = False
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_ctrl_c_stops_the_reply_and_the_conversation_goes_on(served) -> None:
+    args = _chat_args("--max-tokens", "8", "--num-steps", "2")
+    session = chat.Chat(served, args)
+    session.scheduler.start()
+    try:
+        out = _InterruptOnce()
+        session.reply("hello", out)
+        assert session.stopped and not out.armed
+        assert [m["role"] for m in session.messages] == ["user", "assistant"]
+        steps = session.reply("again", io.StringIO())
+        assert not session.stopped and steps == [2] * len(steps) and steps
+        assert [m["content"] for m in session.messages[::2]] == ["hello", "again"]
+    finally:
+        session.scheduler.stop()
+
+
+def test_ctrl_c_in_a_real_process_stops_only_the_reply(ckpt: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "recurrent_depth", "chat", "--model", str(ckpt), "--threads", "1",
+                             "--num-steps", "5000", "--max-num-steps", "5000", "--kv-sharing", "1",
+                             "--max-tokens", "16"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        proc.stdin.write("a slow reply please\n")
+        proc.stdin.flush()
+        seen = ""
+        while "model> " not in seen:
+            char = proc.stdout.read(1)
+            assert char, seen
+            seen += char
+        time.sleep(1.0)  # the reply is under way (5000 recurrences per token)
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("/steps 1\nquick\n/quit\n")
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, seen + rest
+    assert "(reply stopped)" in rest and "(num_steps = 1)" in rest
+    assert "steps per token: 1" in rest  # the next message was answered
+
+
+def test_chat_past_the_context_says_so_and_reset_recovers(ckpt: Path) -> None:
+    args = _chat_args("--max-tokens", "4", "--num-steps", "1", model=ckpt)
+    out = io.StringIO()
+    long = "hello there " * 6  # 72 characters: with the template about 90 of the 96-token context
+    assert chat.run(args, stdin=io.StringIO(f"{long}\n{long}\n/reset\nhi\n/quit\n"), stdout=out) == 0
+    text = out.getvalue()
+    assert "no longer fits the model's context of 96 tokens; /reset" in text, text
+    assert text.count("tokens; steps per token:") == 2  # the first long message and "hi" after /reset
+
+
+def test_serve_refuses_an_empty_api_key(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("RDEPTH_API_KEY", "")
+    assert main(["serve", "--model", str(ckpt)]) == 2
+    assert "RDEPTH_API_KEY" in capsys.readouterr().err
+
+
+def test_serve_loads_the_bundled_checkpoint_without_model() -> None:
+    from recurrent_depth.cli.serve import load_for_serving
+
+    args = build_parser().parse_args(["serve", "--threads", "1"])
+    served = load_for_serving(args)
+    assert served.model_id == "default-model" and served.block_size == 256
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_on_the_last_token_ends_the_reply(served) -> None:
+    session = chat.Chat(served, _chat_args("--max-tokens", "1", "--num-steps", "1"))
+    session.scheduler.start()
+    try:
+        out = _InterruptOnce()
+        assert len(session.reply("hello", out)) == 1 and session.stopped and not out.armed
+    finally:
+        session.scheduler.stop()

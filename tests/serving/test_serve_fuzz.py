@@ -1,13 +1,17 @@
-"""Property test: no request body, however malformed, gets a 5xx (sent with the official openai client)."""
+"""Property tests: no request body, however malformed, gets a 5xx, and the server stays up: JSON-shaped junk sent
+with the official openai client, and raw bytes that are not valid text (lone UTF-16 surrogates, NUL, invalid UTF-8,
+long runs of astral characters) sent as they are."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import openai
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.serving.conftest import MODEL_ID
+from tests.serving.conftest import API_KEY, MODEL_ID
 
 JUNK = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
@@ -68,4 +72,54 @@ def test_no_request_body_gets_a_5xx(client: openai.OpenAI, live, body: object, c
     if isinstance(body, dict):  # mostly plausible requests, so that the generation paths run too
         body.setdefault("messages" if chat else "prompt", [{"role": "user", "content": "hi"}] if chat else "hi")
     _send(client, "/chat/completions" if chat else "/completions", body)
+    assert httpx.get(live[0] + "/health", timeout=10).json()["status"] == "ok"
+
+
+# any code point, lone surrogates (category Cs) included, plus hand-picked troublemakers
+ODD_TEXT = st.text(st.characters(exclude_categories=()), max_size=30) | st.sampled_from(
+    ["\ud800", "a\udfffb", "\udc00\ud800", "\x00", "a\x00b", "\U0010ffff" * 60, "\U0001f642" * 300, "\u202e\ufeff",
+     "\uffff\ufffe", "e\u0301" * 40])
+BAD_BYTES = st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"\x00", b"\x80"])
+
+
+@st.composite
+def odd_bodies(draw) -> tuple[str, bytes]:
+    """(path, raw body): a plausible request whose strings are odd text, encoded one of several ways."""
+    chat = draw(st.booleans())
+    text = draw(ODD_TEXT)
+    body: dict = {"model": MODEL_ID, "max_tokens": draw(st.integers(1, 4)), "temperature": 0}
+    if chat:
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = draw(st.sampled_from([text, [text, "ok"]]))
+    extra = draw(st.sampled_from(["none", "stop", "user", "key"]))
+    if extra == "stop":
+        body["stop"] = [draw(ODD_TEXT) or "x"]
+    elif extra == "user":
+        body["user"] = draw(ODD_TEXT)
+    elif extra == "key":
+        body[draw(ODD_TEXT)] = 1
+    how = draw(st.sampled_from(["escaped", "raw-utf8", "bad-bytes"]))
+    if how == "escaped":  # \uXXXX escapes: the server's JSON parser rebuilds lone surrogates
+        raw = json.dumps(body).encode()
+    else:  # UTF-8 as is; lone surrogates become invalid UTF-8 (CESU-style bytes)
+        raw = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    if how == "bad-bytes":
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(BAD_BYTES) + raw[at:]
+    return ("/chat/completions" if chat else "/completions"), raw
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                HealthCheck.too_slow])
+@given(case=odd_bodies())
+def test_no_odd_text_gets_a_5xx(live, case: tuple[str, bytes]) -> None:
+    path, raw = case
+    response = httpx.post(live[0] + "/v1" + path, content=raw, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code < 500, (response.status_code, response.text[:300], raw[:200])
+    if response.status_code >= 400:
+        assert response.json()["error"]["message"], response.text
+    else:
+        assert "server_error" not in response.text, (response.text[:300], raw[:200])
     assert httpx.get(live[0] + "/health", timeout=10).json()["status"] == "ok"
