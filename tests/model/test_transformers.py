@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,3 +55,33 @@ def test_generate_equals_manual_greedy_loop() -> None:
             nxt = model(seq, num_steps=3, init_scale=0.0).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert out.tolist() == seq.tolist()
+
+
+@pytest.mark.parametrize("order", ["package_first", "transformers_first", "config_only_first"])
+def test_import_recurrent_depth_registers_in_either_order(order: str) -> None:
+    """`import recurrent_depth` (which imports neither torch nor transformers) is enough for the Auto classes to
+    load a Huginn folder, whether transformers is imported before or after it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "huginn-tiny"
+    if not fixture.is_dir():
+        pytest.skip(f"reference fixtures not found at {fixture}")
+    lines = {
+        "package_first": ["import sys, recurrent_depth",
+                          "assert 'torch' not in sys.modules and 'transformers' not in sys.modules",
+                          "from transformers import AutoModelForCausalLM"],
+        "transformers_first": ["from transformers import AutoModelForCausalLM", "import recurrent_depth"],
+        "config_only_first": ["from transformers import AutoConfig", "import recurrent_depth",
+                              f"assert type(AutoConfig.from_pretrained({str(fixture)!r})).__name__ "
+                              "== 'RecurrentDepthConfig'",
+                              "from transformers import AutoModelForCausalLM"],
+    }[order]
+    code = "\n".join([*lines, f"m = AutoModelForCausalLM.from_pretrained({str(fixture)!r})",
+                      "print(type(m).__name__)"])
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(repo), "PATH": "", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "RecurrentDepthForCausalLM"
