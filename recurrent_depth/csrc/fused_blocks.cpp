@@ -39,7 +39,11 @@
 
 namespace {
 
-constexpr int64_t kGemmRows = 16;  // at most this many rows: our loops; more: ATen's GEMM
+// At most this many rows: our loops; more: ATen's GEMM. bf16 hands over sooner: ATen's bf16 GEMM (oneDNN, AMX where
+// the CPU has it) is memory-bound from a few rows on, while our tiles are FMA-bound (35840 x 5280, one thread:
+// 4 rows ours 27.7 ms, ATen 30.4; 8 rows 39.3 vs 31.0; 16 rows 56.3 vs 32.1).
+template <typename Wt>
+constexpr int64_t kGemmRows = std::is_same_v<Wt, float> ? 16 : 4;
 
 // exp(x) for x in float range, arithmetic only so that loops over it vectorise: x = n ln2 + r (Cody-Waite split),
 // exp(r) by a degree-6 polynomial (Cephes' expf coefficients), times 2^n built in the exponent bits. Within about
@@ -199,12 +203,12 @@ void linear_rows(const float* x, const float* xa, int64_t Kp, const Wt* W, float
 }
 
 // out (B, N) = in (B, K) @ W^T, in and out fp32, W of the storage type; the weight rows are split across ATen's
-// intra-op threads (torch.set_num_threads). More than kGemmRows rows go to ATen's GEMM, for bf16 weights on
+// intra-op threads (torch.set_num_threads). More than kGemmRows<Wt> rows go to ATen's GEMM, for bf16 weights on
 // activations rounded to bf16 (as the eager bf16 network computes every product).
 template <typename Wt>
 void linear(const at::Tensor& in, const at::Tensor& W, at::Tensor& out) {
   const int64_t B = in.size(0), N = W.size(0), K = W.size(1);
-  if (B > kGemmRows) {
+  if (B > kGemmRows<Wt>) {
     if constexpr (std::is_same_v<Wt, float>) {
       at::mm_out(out, in, W.t());
     } else {

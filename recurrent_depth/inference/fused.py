@@ -3,8 +3,8 @@
 Batch-1 decoding of a recurrent-depth model is a long chain of tiny operations: at r = 32 a token runs 128 core-layer
 calls, each about forty small tensor ops whose dispatch costs more than their arithmetic. `torch.ops.rdepth.blocks`
 (recurrent_depth/csrc/fused_blocks.cpp, built by `recurrent_depth.kernels`) runs a whole stage's sandwich blocks in
-one call: matrix products of up to 16 rows are its own loops over the weights (ATen's GEMM above), the norms, RoPE,
-KV write, attention and gating are plain loops. It applies when:
+one call: matrix products of up to 16 rows (4 with bf16 weights) are its own loops over the weights (ATen's GEMM
+above), the norms, RoPE, KV write, attention and gating are plain loops. It applies when:
 
     a stage with at least one block, at most MAX_TOKENS (64) new tokens per row, activations and weights on the CPU
     in fp32, or in bf16 where the library was built with AVX-512 (`kernels.vector_isa()`), no autograd, no module
@@ -18,9 +18,10 @@ RDEPTH_FUSED=0 in the environment, decoding stays eager. Results match the eager
 
 bf16 models: the op reads the weight matrices and the KV cache as bf16 (widened to fp32 in registers, so they stream
 half the bytes of fp32) and computes everything else in fp32: activations, accumulation, norms, RoPE, softmax, and the
-state across a call's recurrences. Only what leaves the op is rounded to bf16: the stage's output and the cached keys
-and values, as the eager bf16 network stores them. It is therefore closer to the fp32 network on the same
-(bf16-rounded) weights than the eager bf16 network, which rounds every activation. Without AVX-512 (F, BW, VL) bf16
+state across a call's recurrences. Rounded to bf16 are only the stage's output and the cached keys and values (as the
+eager bf16 network stores them), and the inputs of products of more than 4 rows (prompts, batches: ATen's bf16 GEMM,
+memory-bound where ours would be FMA-bound). It is therefore closer to the fp32 network on the same (bf16-rounded)
+weights than the eager bf16 network, which rounds every activation. Without AVX-512 (F, BW, VL) bf16
 models run eagerly: the portable kernel has not been measured to beat PyTorch there.
 """
 

@@ -388,17 +388,17 @@ def test_bf16_runs_eagerly_without_avx512(debug_model, monkeypatch) -> None:
     assert calls
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17])
 def test_fused_matrix_vector_kernel_reads_bf16_weights(rows) -> None:
-    """fp32 x against bf16 W: exact fp32 products of the widened weights (up to 16 rows, with row lengths that leave
-    tails of every size below 32); above 16 rows ATen's bf16 GEMM, on x rounded to bf16."""
+    """fp32 x against bf16 W: exact fp32 products of the widened weights (up to 4 rows, with row lengths that leave
+    tails of every size below 32); above 4 rows ATen's bf16 GEMM, on x rounded to bf16 (csrc: kGemmRows)."""
     g = torch.Generator().manual_seed(rows)
     for n_out, n_in in [(13, 40), (64, 32), (200, 96), (9, 31), (24, 65)]:
         x = torch.randn(rows, n_in, generator=g)
         w = torch.randn(n_out, n_in, generator=g).to(torch.bfloat16)
         got = torch.ops.rdepth.linear(x, w)
         assert got.dtype == torch.float32
-        if rows <= 16:
+        if rows <= 4:
             torch.testing.assert_close(got, torch.nn.functional.linear(x, w.float()), rtol=1e-5, atol=1e-5)
         else:
             want = torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
