@@ -89,7 +89,7 @@ inline at::BFloat16 narrow<at::BFloat16>(float v) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define RDEPTH_AVX512 1
-// A weight row read P fp32 vectors (16 P weights) at a time, with the lanes past the row's end zero. bf16 widens
+// A weight row is read as P fp32 vectors (16 P weights) at a time, the lanes past the row's end zero. bf16 widens
 // in-register: 32 bf16 loaded as sixteen 32-bit lanes hold an even element in each low half and an odd one in each
 // high half, so a shift gives the even weights as fp32 and a mask the odd ones, two instructions per 32 weights, and
 // the x vectors come in the matching order (`arrange`). A bf16 matrix thus streams half the bytes of an fp32 one for
