@@ -33,6 +33,8 @@ Scenarios (each a key of the JSON output):
              (after the prompt's forward), and our decode rate as a share of the bound (the GEMV bandwidth measured
              here over the weight bytes a token reads). --huginn-preset runs it at another preset's shape (a quick
              check of the scenario itself), --huginn-* set the dtypes, r, tokens and device (benchmarks/gpu.sh).
+             The measurement asked for, on an otherwise idle machine, with REFERENCE_DIR and REFERENCE_PYTHON set:
+               .venv/bin/python benchmarks/generate.py --scenarios gemv,huginn-3.5b --threads 2
 """
 
 from __future__ import annotations
