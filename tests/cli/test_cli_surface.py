@@ -74,7 +74,10 @@ def test_flags_shared_by_verbs_are_one_definition(monkeypatch: pytest.MonkeyPatc
 
 
 def test_no_flag_spells_the_recurrence_count_another_way(monkeypatch: pytest.MonkeyPatch) -> None:
-    old = {"--n-steps", "--depth", "--max-steps", "--exit-criterion", "--exit-threshold", "--threshold", "--cap"}
+    """The recurrence count is --num-steps (a cap: --max-num-steps); optimizer steps are --train-steps; an exit is
+    --exit NAME[:THRESHOLD]. The spellings these replaced stay gone."""
+    old = {"--n-steps", "--depth", "--steps", "--max-steps", "--exit-criterion", "--exit-threshold", "--threshold",
+           "--cap", "--colour-by"}
     for verb, flags in ((v, _flags(p)) for v, p in _subparsers(monkeypatch).items()):
         if verb not in PENDING:
             assert not old & set(flags), (verb, sorted(old & set(flags)))

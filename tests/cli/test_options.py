@@ -72,3 +72,9 @@ def test_generate_takes_the_shared_flags(tmp_path: Path, capsys: pytest.CaptureF
     assert '"steps": [2, 2]' in capsys.readouterr().out
     assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "1", "--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_training_steps_are_not_spelled_like_recurrences(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["reproduce", "--out", str(tmp_path), "--train-steps", "0"]) == 2
+    assert "--train-steps must be >= 1, got 0" in capsys.readouterr().err
+    assert build_parser().parse_args(["bundle", "--train-steps", "5"]).train_steps == 5
