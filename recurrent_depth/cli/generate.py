@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--no-bos", action="store_true",
                    help="do not put the tokenizer's BOS before each --prompt (training rows start with it)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
-    add_exit_arg(p, help="adaptive exit per token, e.g. kl:5e-4 (default: fixed depth; --num-steps is then the cap)")
+    add_exit_arg(p, help="adaptive exit per token, e.g. kl:5e-4 (default: fixed depth; with an exit, --num-steps is "
+                         "the cap)")
     p.add_argument("--min-steps", type=int, default=0, help="recurrences before the first exit check")
     p.add_argument("--kv-sharing", default=KV_SHARING_AUTO, help=KV_SHARING_HELP)
     p.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")

@@ -6,7 +6,7 @@ scheduler can evaluate any subset of rows, drop rows, or add rows from another b
 
     crit = make_exit_criterion("kl", 5e-4)          # or parse_exit_spec("kl:5e-4")
     mem = crit.init(s0, vocab_size)                   # (B, ...) per-row memory
-    for n in range(1, max_steps + 1):
+    for n in range(1, num_steps + 1):
         s = core_step(s, ...)                         # (B, T, d) raw core output after n steps
         logits = head(coda(s))[:, -1] if crit.needs_logits else None    # (B, V) fp32, last position
         exit_now, mem, values = crit.check(mem, s, logits)

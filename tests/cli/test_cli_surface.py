@@ -61,9 +61,12 @@ def test_flags_shared_by_verbs_are_one_definition(monkeypatch: pytest.MonkeyPatc
     loaders = sorted(verb for verb, flags in parsers.items() if "--model" in flags and verb not in PENDING)
     assert {"generate", "chat", "serve", "inspect"} <= set(loaders)
     for flag in SHARED:
+        # a verb that sweeps depths takes a list under the same name (eval, demo: --num-steps 1,2,4)
+        verbs = [v for v in loaders if flag != "--num-steps" or parsers[v][flag].type is int]
+        assert flag == "--num-steps" or verbs == loaders
         seen = {verb: (parsers[verb][flag].help, parsers[verb][flag].default,
                        tuple(parsers[verb][flag].choices or ()))
-                for verb in loaders}
+                for verb in verbs}
         assert len(set(seen.values())) == 1, f"{flag} differs between verbs: {seen}"
     exits = sorted(verb for verb, flags in parsers.items() if "--exit" in flags and verb not in PENDING)
     assert exits == ["chat", "generate", "inspect"]
