@@ -116,6 +116,9 @@ class VariableBinding(Task):
         for name, value in zip(extra, values[1:]):  # distractor roots
             parent[name], depth[name] = value, 0
         for name in extra[self.roots - 1:]:  # the rest hang anywhere that keeps depth within the split's range
+            if h_hi == 0:  # every variable is a root: the rest reuse the root values (a plain key-value lookup)
+                parent[name], depth[name] = rng.choice(values), 0
+                continue
             target = rng.choice([v for v in parent if depth[v] < h_hi])
             parent[name], depth[name] = target, depth[target] + 1
         query = names[hops]

@@ -119,6 +119,19 @@ def test_difficulty_knobs_change_levels() -> None:
     assert {r["level"] for r in rows} == {3} and all(r["prompt"].count(",") == 4 for r in rows)
 
 
+def test_zero_hops_is_a_plain_lookup() -> None:
+    # hops (0, 0) used to pass validation and then crash in _sample (no variable to hang the rest under)
+    task = get_task("variable_binding", hops=(0, 0), ood_hops=(0, 0))
+    for split in SPLITS:
+        rows = task.generate(100, split)
+        for row in rows:
+            _check_row("variable_binding", row)
+            assert all(a.split("=")[1].isdigit() for a in row["prompt"].split(";")[0].split(","))
+        assert {r["level"] for r in rows} == {0}
+        lo, hi = task.ood_n_vars if split == "ood" else task.n_vars  # every variable still appears
+        assert {len(r["prompt"].split(",")) for r in rows} == set(range(lo, hi + 1))
+
+
 def test_score_is_exact() -> None:
     task = get_task("addition")
     assert task.score("123", "123") and task.score(" 123\n", "123")
