@@ -1,4 +1,4 @@
-"""Four procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
+"""Five procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
 its difficulty level (so more recurrence can help on harder instances):
 
 - `addition`: "821+379=" -> "1200". Most significant digit first, so the first answer digit depends on the whole
@@ -9,6 +9,9 @@ its difficulty level (so more recurrence can help on harder instances):
   hops above its root, so resolving it takes k lookups. Level: k. CoT: the variables visited, then the value.
 - `tree_path`: "ab,cb,bd,de;a>e?" -> "bde". A random tree as shuffled undirected edges; the answer is the unique path
   from the start (excluded) to the target. Level: path length. CoT: the breadth-first layers from the start.
+- `pointer_chase`: "31134770;5?" -> "3". Slot i holds the slot it points to (a root, itself); the answer is the root
+  reached from the query slot. Level: hops. Slots are fixed positions: a hop is a positional read, not a search.
+  CoT: the slots visited.
 - `modular_chain`: "3+4*2-7=" -> "8". Operations applied left to right, modulo 10. Level: number of operations.
   CoT: the running value after each operation.
 
@@ -129,6 +132,52 @@ class VariableBinding(Task):
             node = parent[node]
             steps.append(node)
         return Instance(",".join(assignments) + f";{query}?", values[0], tuple(steps), hops)
+
+
+@dataclass(frozen=True)
+class PointerChase(Task):
+    """Pointer chasing by position: slot i of the prompt holds the slot it points to, a root points to itself, and
+    the answer is the root reached from the query slot: "31134770;5?" -> "3" (5 -> 7 -> 0 -> 3). `hops` is the query's
+    distance from its root. Slots sit at fixed positions (the prompt length is `slots` + 3 at every level), so one
+    hop is "read the slot this digit names", with no content search; `ood` differs in hops only. `roots` is the
+    number of trees (the other slots hang under the roots and each other). Following a pointer past the root changes
+    nothing, so extra recurrence cannot overshoot."""
+
+    name: ClassVar[str] = "pointer_chase"
+    symbols: ClassVar[str] = DIGITS + ";?"
+
+    slots: int = 10
+    hops: tuple[int, int] = (1, 4)
+    ood_hops: tuple[int, int] = (5, 7)
+    roots: int = 3  # trees in the forest (chance is about 1/roots): with one, "the slot holding itself" is the answer
+
+    def _validate(self) -> None:
+        for knob, low, high in (("slots", 2, 10), ("roots", 1, self.slots if isinstance(self.slots, int) else 10)):
+            value = getattr(self, knob)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"difficulty knob `{knob}` must be an integer in [{low}, {high}], got {value!r}")
+        for knob in ("hops", "ood_hops"):  # the query chain visits hops + 1 slots; the other roots need one each
+            self._set_range(knob, 0, self.slots - self.roots)
+
+    def _sample(self, rng: random.Random, ood: bool) -> Instance:
+        h_lo, h_hi = self.ood_hops if ood else self.hops
+        hops = rng.randint(h_lo, h_hi)
+        order = rng.sample(range(self.slots), self.slots)
+        parent, depth = {order[0]: order[0]}, {order[0]: 0}
+        for i in range(1, hops + 1):  # the query chain, from its root
+            parent[order[i]], depth[order[i]] = order[i - 1], i
+        extra = order[hops + 1:]
+        for slot in extra[: self.roots - 1]:  # the other roots
+            parent[slot], depth[slot] = slot, 0
+        for slot in extra[self.roots - 1:]:  # the rest hang anywhere that keeps depth within the split's range
+            target = rng.choice([v for v in parent if depth[v] < max(h_hi, 1)])  # (under a root when h_hi is 0)
+            parent[slot], depth[slot] = target, depth[target] + 1
+        query, steps, node = order[hops], [], order[hops]
+        while parent[node] != node:
+            node = parent[node]
+            steps.append(str(node))
+        prompt = "".join(str(parent[i]) for i in range(self.slots)) + f";{query}?"
+        return Instance(prompt, str(order[0]), tuple(steps), hops)
 
 
 @dataclass(frozen=True)

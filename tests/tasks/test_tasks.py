@@ -30,6 +30,14 @@ def _check_tree_path(prompt: str, answer: str) -> int:
     return len(answer)
 
 
+def _chase(prompt: str) -> tuple[str, int]:
+    table, query = prompt.rstrip("?").split(";")
+    node, hops = int(query), 0
+    while int(table[node]) != node:  # follow slot -> digit until a slot that holds itself
+        node, hops = int(table[node]), hops + 1
+    return str(node), hops
+
+
 def _mod_chain(prompt: str) -> tuple[str, int]:
     expr = prompt.rstrip("=")
     value = int(expr[0])
@@ -50,6 +58,8 @@ def _check_row(name: str, row: dict) -> None:
         assert _check_tree_path(prompt, answer) == level
     elif name == "modular_chain":
         assert _mod_chain(prompt) == (answer, level)
+    elif name == "pointer_chase":
+        assert _chase(prompt) == (answer, level)
     else:  # a new family must add its independent checker here
         raise AssertionError(f"no answer checker for task {name}")
 
@@ -132,6 +142,20 @@ def test_zero_hops_is_a_plain_lookup() -> None:
         assert {len(r["prompt"].split(",")) for r in rows} == set(range(lo, hi + 1))
 
 
+def test_pointer_chase_levels_and_fixed_layout() -> None:
+    task = get_task("pointer_chase", slots=8, hops=(0, 3), ood_hops=(5, 5))
+    rows = task.generate(200, "test")
+    assert {r["level"] for r in rows} == {0, 1, 2, 3} and {len(r["prompt"]) for r in rows} == {11}
+    for row in rows + task.generate(50, "ood"):  # exactly `roots` slots hold their own index
+        assert sum(int(d) == i for i, d in enumerate(row["prompt"][:8])) == 3
+    ood = get_task("pointer_chase", slots=8, roots=1, ood_hops=(7, 7)).generate(50, "ood")
+    assert {r["level"] for r in ood} == {7}  # a chain through every slot
+    assert all(len(set(r["prompt"][:8])) == 7 for r in ood)  # every slot but the query is pointed to
+    assert _chase("31134770;5?") == ("3", 3)
+    cot = task.generate(3, "test", cot=True)
+    assert all(c["answer"].endswith("#" + r["answer"]) for c, r in zip(cot, task.generate(3, "test")))
+
+
 def test_score_is_exact() -> None:
     task = get_task("addition")
     assert task.score("123", "123") and task.score(" 123\n", "123")
@@ -154,6 +178,9 @@ def test_alphabet_union() -> None:
     ("variable_binding", {"roots": 0}, "roots"),
     ("tree_path", {"path": (1, 20)}, "nodes"),
     ("modular_chain", {"ops": (0, 2)}, "ops"),
+    ("pointer_chase", {"slots": 11}, "slots"),
+    ("pointer_chase", {"slots": 6, "hops": (1, 2), "ood_hops": (4, 4)}, "ood_hops"),
+    ("pointer_chase", {"roots": 0}, "roots"),
     ("addition", {"hops": 3}, "knobs are \\[.digits.,"),
     ("nope", {}, "unknown task"),
 ])
