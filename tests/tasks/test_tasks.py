@@ -32,10 +32,10 @@ def _check_tree_path(prompt: str, answer: str) -> int:
 
 def _chase(prompt: str) -> tuple[str, int]:
     table, query = prompt.rstrip("?").split(";")
-    node, hops = int(query), 0
-    while int(table[node]) != node:  # follow slot -> digit until a slot that holds itself
-        node, hops = int(table[node]), hops + 1
-    return str(node), hops
+    node, hops = query, 0
+    while table[ord(node) - ord("a")] != node:  # follow slot -> letter until a slot that holds its own name
+        node, hops = table[ord(node) - ord("a")], hops + 1
+    return node, hops
 
 
 def _mod_chain(prompt: str) -> tuple[str, int]:
@@ -142,16 +142,25 @@ def test_zero_hops_is_a_plain_lookup() -> None:
         assert {len(r["prompt"].split(",")) for r in rows} == set(range(lo, hi + 1))
 
 
-def test_pointer_chase_levels_and_fixed_layout() -> None:
-    task = get_task("pointer_chase", slots=8, hops=(0, 3), ood_hops=(5, 5))
+def _tree_depths(table: str) -> dict[str, int]:
+    """Root -> the depth of its deepest slot."""
+    out: dict[str, int] = {}
+    for i in range(len(table)):
+        root, d = _chase(f"{table};{chr(ord('a') + i)}?")
+        out[root] = max(out.get(root, 0), d)
+    return out
+
+
+def test_pointer_chase_levels_and_no_tree_shape_shortcut() -> None:
+    task = get_task("pointer_chase", slots=12, hops=(0, 3), ood_hops=(5, 5), roots=2)
     rows = task.generate(200, "test")
-    assert {r["level"] for r in rows} == {0, 1, 2, 3} and {len(r["prompt"]) for r in rows} == {11}
-    for row in rows + task.generate(50, "ood"):  # exactly `roots` slots hold their own index
-        assert sum(int(d) == i for i, d in enumerate(row["prompt"][:8])) == 3
+    assert {r["level"] for r in rows} == {0, 1, 2, 3} and {len(r["prompt"]) for r in rows} == {15}
+    for row in rows + task.generate(50, "ood"):  # two trees, each exactly as deep as the query
+        depths = _tree_depths(row["prompt"][:12])
+        assert len(depths) == 2 and set(depths.values()) == {max(row["level"], 1)}  # level 0: leaves hang under roots
     ood = get_task("pointer_chase", slots=8, roots=1, ood_hops=(7, 7)).generate(50, "ood")
     assert {r["level"] for r in ood} == {7}  # a chain through every slot
-    assert all(len(set(r["prompt"][:8])) == 7 for r in ood)  # every slot but the query is pointed to
-    assert _chase("31134770;5?") == ("3", 3)
+    assert _chase("cbbcee;a?") == ("b", 2)
     cot = task.generate(3, "test", cot=True)
     assert all(c["answer"].endswith("#" + r["answer"]) for c, r in zip(cot, task.generate(3, "test")))
 
@@ -178,8 +187,8 @@ def test_alphabet_union() -> None:
     ("variable_binding", {"roots": 0}, "roots"),
     ("tree_path", {"path": (1, 20)}, "nodes"),
     ("modular_chain", {"ops": (0, 2)}, "ops"),
-    ("pointer_chase", {"slots": 11}, "slots"),
-    ("pointer_chase", {"slots": 6, "hops": (1, 2), "ood_hops": (4, 4)}, "ood_hops"),
+    ("pointer_chase", {"slots": 27}, "slots"),
+    ("pointer_chase", {"slots": 12, "hops": (1, 2), "ood_hops": (5, 6)}, "ood_hops"),
     ("pointer_chase", {"roots": 0}, "roots"),
     ("addition", {"hops": 3}, "knobs are \\[.digits.,"),
     ("nope", {}, "unknown task"),
