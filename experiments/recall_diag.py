@@ -100,9 +100,10 @@ def pointer_rows(n: int, slots: int, hops: tuple[int, int], split: str, seed: in
     return rows
 
 
-def mqar_rows(n: int, pairs: int, queries: int, split: str, seed: int) -> list[dict]:
+def mqar_rows(n: int, pairs: int, queries: int, split: str, seed: int, sep: str = "=") -> list[dict]:
     """Multi-query recall in the prompt/answer format: "a=3,b=7,c=1,d=0;bd?" -> "70" (each answer digit is the
-    value of one query key, in order: `queries` supervised recalls per row instead of one). Values may repeat."""
+    value of one query key, in order: `queries` supervised recalls per row instead of one). Values may repeat.
+    sep: what stands between a key and its value ("" puts them side by side: "a3,b7;b?")."""
     import random
     import string
 
@@ -113,7 +114,7 @@ def mqar_rows(n: int, pairs: int, queries: int, split: str, seed: int) -> list[d
         keys = rng.sample(string.ascii_lowercase, pairs)
         vals = [rng.choice(string.digits) for _ in keys]
         asked = rng.sample(range(pairs), queries)
-        prompt = ",".join(f"{k}={v}" for k, v in zip(keys, vals)) + ";" + "".join(keys[i] for i in asked) + "?"
+        prompt = ",".join(f"{k}{sep}{v}" for k, v in zip(keys, vals)) + ";" + "".join(keys[i] for i in asked) + "?"
         if in_held_out("mqar", prompt) == (split != "train"):
             rows.append({"prompt": prompt, "answer": "".join(vals[i] for i in asked)})
     return rows
@@ -126,6 +127,7 @@ def main() -> None:
     p.add_argument("--fields", default="", help="JSON object of RecurrentDepthConfig overrides")
     p.add_argument("--task", default="variable_binding", help="a built-in task, or mqar (see --mqar)")
     p.add_argument("--mqar", default="6,3", help="mqar: PAIRS,QUERIES per row")
+    p.add_argument("--sep", default="=", help="mqar: between a key and its value ('' for side by side)")
     p.add_argument("--pointer", default="8,1,1", help="pointer: SLOTS,MIN_HOPS,MAX_HOPS")
     p.add_argument("--knobs", default='{"hops": [0, 0], "ood_hops": [0, 0]}', help="JSON difficulty knobs")
     p.add_argument("--steps", type=int, default=600)
@@ -151,8 +153,8 @@ def main() -> None:
         test_rows = pointer_rows(512, slots, (lo, hi), "test", args.seed)
     elif args.task == "mqar":
         pairs, queries = (int(x) for x in args.mqar.split(","))
-        train_rows = mqar_rows(args.n_train, pairs, queries, "train", args.seed)
-        test_rows = mqar_rows(512, pairs, queries, "test", args.seed)
+        train_rows = mqar_rows(args.n_train, pairs, queries, "train", args.seed, args.sep)
+        test_rows = mqar_rows(512, pairs, queries, "test", args.seed, args.sep)
     else:
         train_rows, test_rows = task.generate(args.n_train, "train", args.seed), task.generate(512, "test", args.seed)
     train = encode_examples(train_rows, tok, 128, not args.full_loss)
