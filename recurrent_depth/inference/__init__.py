@@ -4,7 +4,9 @@
                     (FullSharing, LatestSharing, CyclicSharing(k); make_kv_policy("full" | "latest" | k))
     exit.py         ExitCriterion protocol: kl, minp-kl, entropy-diff, latent-diff, cosine, argmax-stability, none
     sampling.py     Sampler: greedy, temperature, top-k, top-p, min-p with an explicit torch.Generator
-    generate.py     generate(model, ids, mask, max_new_tokens=..., num_steps=...) and forward_rows (one row-subset step)
+    params.py       DepthParams / SamplingParams: the typed request every entry point builds, validated once
+    step.py         forward_rows: one forward of T tokens for a subset of rows, with per-row adaptive exit
+    generate.py     generate(model, ids, mask, max_new_tokens=..., num_steps=...): static batches over forward_rows
     speculative.py  self-speculative decoding: draft with few recurrences, verify with many
     compat.py       the reference's generate keywords (criterion, continuous_compute, draft_steps, ...) on the engine
 

@@ -30,13 +30,26 @@ from torch import Tensor
 from recurrent_depth.model.layers import LayerKey
 
 
+class SlotCopier(Protocol):
+    """What a policy needs from a cache to fill an exited token's deeper slots: both `KVCache` and
+    `RowKVCache` copy the positions being written now (the forward in progress) of `rows` from slot src to dst."""
+
+    def copy_slot(self, src: LayerKey, dst: LayerKey, rows: Tensor, n_tokens: int) -> None:
+        ...
+
+
 class SharingPolicy(Protocol):
-    """Maps a layer invocation to the cache slot it reads and writes."""
+    """Maps a layer invocation to the cache slot it reads and writes, and owns what an exited token leaves in the
+    deeper slots (`fill_exited`, called by every engine at the exit, the one place that behaviour lives)."""
 
     name: str
-    fills_exited: bool  # whether the engine must copy an exited token's latest step into deeper slots
+    fills_exited: bool  # whether fill_exited writes anything (engines skip the call otherwise)
 
     def slot(self, key: LayerKey) -> LayerKey:
+        ...
+
+    def fill_exited(self, cache: SlotCopier, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int,
+                    n_tokens: int) -> None:
         ...
 
 
@@ -50,6 +63,10 @@ class FullSharing:
     def slot(self, key: LayerKey) -> LayerKey:
         return key
 
+    def fill_exited(self, cache: SlotCopier, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int,
+                    n_tokens: int) -> None:
+        """Nothing: an exited token is a hole at deeper steps."""
+
 
 @dataclass(frozen=True)
 class LatestSharing(FullSharing):
@@ -57,6 +74,15 @@ class LatestSharing(FullSharing):
 
     name: str = "latest"
     fills_exited: bool = True
+
+    def fill_exited(self, cache: SlotCopier, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int,
+                    n_tokens: int) -> None:
+        """Copy rows' keys/values at recurrence `last_step` (their final one) into steps last_step+1 .. num_steps-1
+        for the positions being written (the reference's `latest` lookup, done once at the exit)."""
+        for j in range(n_core_layers):
+            src = self.slot(LayerKey("core", j, last_step))
+            for i in range(last_step + 1, num_steps):
+                cache.copy_slot(src, self.slot(LayerKey("core", j, i)), rows, n_tokens)
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,10 @@ class CyclicSharing:
             return key
         return LayerKey("core", key.layer, key.step % self.k)
 
+    def fill_exited(self, cache: SlotCopier, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int,
+                    n_tokens: int) -> None:
+        """Nothing: deeper steps read whatever their shared slot holds."""
+
 
 POLICY_NAMES = ("full", "latest", "<int k>")
 
@@ -91,7 +121,7 @@ def make_kv_policy(spec: str | int | SharingPolicy | None) -> SharingPolicy:
         spec = int(spec)
     if isinstance(spec, int) and not isinstance(spec, bool):
         return CyclicSharing(spec)
-    if hasattr(spec, "slot") and hasattr(spec, "fills_exited"):
+    if all(hasattr(spec, name) for name in ("slot", "fills_exited", "fill_exited")):
         return spec  # type: ignore[return-value]
     raise ValueError(f"unknown KV sharing policy {spec!r}; valid: {', '.join(POLICY_NAMES)}")
 
@@ -190,22 +220,19 @@ class KVCache:
                 slot.written = length
 
     # -------------------------------------------------------------------------------------------- engine
-    def fill_latest(self, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int, n_tokens: int) -> None:
-        """Copy rows' keys/values at recurrence `last_step` (their final one) into steps last_step+1 .. num_steps-1
-        for the current positions [seq_len, seq_len + n_tokens) (the `latest` policy's lookup, done once)."""
+    def copy_slot(self, src: LayerKey, dst: LayerKey, rows: Tensor, n_tokens: int) -> None:
+        """Copy rows' keys/values at positions [seq_len, seq_len + n_tokens) from slot src into slot dst (the
+        sharing policy's `fill_exited` for a token that exited; a missing src is left alone)."""
+        source = self.slots.get(src)
+        if source is None:
+            return
         start, end = self.seq_len, self.seq_len + n_tokens
-        for j in range(n_core_layers):
-            src = self.slots.get(self.policy.slot(LayerKey("core", j, last_step)))
-            if src is None:
-                continue
-            k_src, v_src = src.k[rows, :, start:end], src.v[rows, :, start:end]
-            for i in range(last_step + 1, num_steps):
-                dst = self._slot(self.policy.slot(LayerKey("core", j, i)), src.k, end)
-                self._mark_holes(dst)  # only some rows are filled
-                dst.k[rows, :, start:end] = k_src
-                dst.v[rows, :, start:end] = v_src
-                dst.valid[rows, start:end] = True
-                dst.written = max(dst.written, end)
+        dest = self._slot(dst, source.k, end)
+        self._mark_holes(dest)  # only some rows are filled
+        dest.k[rows, :, start:end] = source.k[rows, :, start:end]
+        dest.v[rows, :, start:end] = source.v[rows, :, start:end]
+        dest.valid[rows, start:end] = True
+        dest.written = max(dest.written, end)
 
     def nbytes(self) -> int:
         """Bytes currently allocated for keys and values (validity masks excluded)."""

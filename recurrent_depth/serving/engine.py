@@ -29,43 +29,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from recurrent_depth.inference.cache import SharingPolicy, make_kv_policy
-from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, resolve_kv_sharing
-from recurrent_depth.inference.exit import ExitCriterion, NoExit, make_exit_criterion
-from recurrent_depth.inference.sampling import Sampler
+from recurrent_depth.inference.cache import SharingPolicy
+from recurrent_depth.inference.exit import ExitCriterion, NoExit
+from recurrent_depth.inference.params import DepthParams, SamplingParams
+from recurrent_depth.inference.sampling import Sampler, ban_beyond
 from recurrent_depth.model.layers import AttentionContext, LayerKey
 from recurrent_depth.serving.kvstore import RowKVStore
 
-
-@dataclass(frozen=True)
-class DepthParams:
-    """Test-time compute of one request, with `inference.generate`'s meanings.
-
-    num_steps: recurrence count r (core applications) per token, the cap when an exit criterion is set;
-    exit_criterion / exit_threshold: `recurrent_depth.inference.exit` (threshold None: the criterion's default);
-    warm_start: False, True / "latent" (start each token from the previous token's final ln_f(s)) or "raw" (from the
-    raw core output); kv_sharing: "auto" (latest with an exit criterion, else full), "full", "latest" or an int k
-    (`recurrent_depth.inference.cache`); init_scale: std scale of the random initial state (0: zeros, deterministic)."""
-
-    num_steps: int
-    exit_criterion: str = "none"
-    exit_threshold: float | None = None
-    warm_start: bool | str = False
-    kv_sharing: str | int = KV_SHARING_AUTO
-    init_scale: float = INIT_SCALE
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """max_tokens >= 1; temperature 0 = greedy; top_p nucleus mass; seed for s0 draws and sampling (None: random);
-    stop: strings that end the text (not included); stop_token_ids: tokens that end it (EOS)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+__all__ = ["BatchEngine", "DepthParams", "SamplingParams", "Sequence", "TokenEvent"]
 
 
 @dataclass
@@ -137,11 +108,8 @@ class BatchEngine:
                                 self.cfg.block_size, self.dtype, self.device)
         self.live: list[Sequence] = []
         self._free = list(range(max_rows))[::-1]
-        n_tok = len(tokenizer) if tokenizer is not None else self.cfg.vocab_size
-        self._banned = None  # padded vocabulary rows beyond the tokenizer are never sampled
-        if n_tok < self.cfg.vocab_size:
-            self._banned = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
-            self._banned[n_tok:] = True
+        # padded vocabulary rows beyond the tokenizer are never sampled (`generate(vocab_limit=...)` alike)
+        self.vocab_limit = len(tokenizer) if tokenizer is not None else None
 
     # --------------------------------------------------------------------------------------- membership
     @property
@@ -157,18 +125,13 @@ class BatchEngine:
         if len(seq.prompt) + seq.sampling.max_tokens > self.cfg.block_size:
             raise ValueError(f"prompt ({len(seq.prompt)}) + max_tokens ({seq.sampling.max_tokens}) exceeds the "
                              f"context length {self.cfg.block_size}")
-        seq.criterion = make_exit_criterion(seq.depth.exit_criterion, seq.depth.exit_threshold)
-        seq.sharing = make_kv_policy(resolve_kv_sharing(seq.depth.kv_sharing, seq.depth.exit_criterion))
-        if seq.depth.warm_start not in (False, True, "latent", "raw"):
-            raise ValueError(f"warm_start must be false, true, 'latent' or 'raw', got {seq.depth.warm_start!r}")
+        seq.criterion, seq.sharing = seq.depth.criterion(), seq.depth.policy()  # validated by DepthParams
         seq.generator = torch.Generator(device=self.device)
         if seq.sampling.seed is None:
             seq.generator.seed()
         else:
             seq.generator.manual_seed(seq.sampling.seed % 2**64)
-        sp = seq.sampling
-        seq.sampler = Sampler(do_sample=sp.temperature > 0, temperature=sp.temperature or 1.0,
-                              top_p=sp.top_p if sp.top_p < 1 else None, generator=seq.generator)
+        seq.sampler = seq.sampling.sampler(seq.generator)
         seq.row = self._free.pop()
         seq.phase, seq.length, seq.pending = EMBED, 0, list(seq.prompt)
         self.live.append(seq)
@@ -242,7 +205,7 @@ class BatchEngine:
         e = self.t.embed(ids, self._context(group))  # (n, T, d)
         for i, s in enumerate(group):
             s.e = e[i:i + 1]
-            if s.depth.warm_start and s.warm is not None:
+            if s.depth.warm is not None and s.warm is not None:
                 s.state = s.warm
             else:
                 s.state = self.t.initial_state(s.e, s.depth.init_scale, s.generator)
@@ -281,10 +244,7 @@ class BatchEngine:
     def _logits(self, group: list[Sequence]) -> Tensor:
         """Coda + head on the rows' current states: (n, V) fp32 logits of each row's last position."""
         hidden, _ = self.t.decode(torch.cat([s.state for s in group]), self._context(group))
-        logits = self.model.lm_head(hidden[:, -1:]).float()[:, 0]  # (n, V)
-        if self._banned is not None:
-            logits = logits.masked_fill(self._banned, float("-inf"))
-        return logits
+        return ban_beyond(self.model.lm_head(hidden[:, -1:]).float()[:, 0], self.vocab_limit)  # (n, V)
 
     def _finish(self, group: list[Sequence]) -> None:
         todo = [s for s in group if s.logits is None]
@@ -302,8 +262,8 @@ class BatchEngine:
                 self.store.record_last(s.row, s.length, T, last)
             token = picked[s.id] if s.id in picked else int(s.sampler(s.logits)[0])  # own generator per row
             s.length += T
-            if s.depth.warm_start:
-                s.warm = (s.state if s.depth.warm_start == "raw" else self.t.ln_f(s.state))[:, -1:]
+            if s.depth.warm is not None:
+                s.warm = (s.state if s.depth.warm == "raw" else self.t.ln_f(s.state))[:, -1:]
             s.tokens.append(token)
             s.token_steps.append(s.step_count)
             s.pending, s.phase, s.logits = [token], EMBED, None

@@ -53,7 +53,7 @@ def test_latest_fill_copies_the_last_computed_step() -> None:
     cache = KVCache("latest", max_length=4, batch_size=2)
     for step in range(2):
         cache.update(LayerKey("core", 0, step), *_kv(2, 1, 10.0 + step))
-    cache.fill_latest(torch.tensor([1]), last_step=1, num_steps=4, n_core_layers=1, n_tokens=1)
+    cache.policy.fill_exited(cache, torch.tensor([1]), last_step=1, num_steps=4, n_core_layers=1, n_tokens=1)
     for step in (2, 3):
         slot = cache.slots[LayerKey("core", 0, step)]
         assert slot.k[1, 0, 0, 0].item() == 11.0 and slot.valid[:, 0].tolist() == [False, True]
