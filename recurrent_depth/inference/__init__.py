@@ -1,6 +1,7 @@
 """Inference: one algorithm or policy per module, all pure functions and small strategy objects over the model.
 
-    cache.py        KVCache (preallocated, one slot per recurrence step and layer) and sharing policies
+    cache.py        KVCache (preallocated, one slot per recurrence step and layer), RowKVCache (paged, rows that
+                    join and leave: the server's) and sharing policies, which own the exited-token fill
                     (FullSharing, LatestSharing, CyclicSharing(k); make_kv_policy("full" | "latest" | k))
     exit.py         ExitCriterion protocol: kl, minp-kl, entropy-diff, latent-diff, cosine, argmax-stability, none
     sampling.py     Sampler: greedy, temperature, top-k, top-p, min-p with an explicit torch.Generator

@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from recurrent_depth.inference.cache import SharingPolicy
+from recurrent_depth.inference.cache import RowKVCache, SharingPolicy
 from recurrent_depth.inference.exit import ExitCriterion, NoExit
 from recurrent_depth.inference.params import DepthParams, SamplingParams
 from recurrent_depth.inference.sampling import Sampler, ban_beyond
-from recurrent_depth.model.layers import AttentionContext, LayerKey
-from recurrent_depth.serving.kvstore import RowKVStore
+from recurrent_depth.model.layers import AttentionContext
 
 __all__ = ["BatchEngine", "DepthParams", "SamplingParams", "Sequence", "TokenEvent"]
 
@@ -104,7 +103,9 @@ class BatchEngine:
         self.cfg = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.store = RowKVStore(self.cfg.n_heads, self.cfg.n_embd // self.cfg.n_heads, max_rows,
+        layers = {"prelude": self.cfg.n_layers_in_prelude, "core": self.cfg.n_layers_in_recurrent_block,
+                  "coda": self.cfg.n_layers_in_coda}
+        self.store = RowKVCache(self.cfg.n_heads, self.cfg.n_embd // self.cfg.n_heads, layers, max_rows,
                                 self.cfg.block_size, self.dtype, self.device)
         self.live: list[Sequence] = []
         self._free = list(range(max_rows))[::-1]
@@ -178,31 +179,22 @@ class BatchEngine:
             by_len.setdefault(len(s.pending), []).append(s)
         return list(by_len.values())
 
-    def _context(self, group: list[Sequence], core: bool = False) -> AttentionContext:
-        """Bind the group's rows in the store and build their RoPE rows (no host-device sync per layer)."""
+    def _context(self, group: list[Sequence], part: str, steps: list[int] | None = None) -> AttentionContext:
+        """Bind the group's rows in the store for `part` (core: at `steps`, default each row's own next step) and
+        build their RoPE rows (no host-device sync per layer)."""
         T = len(group[0].pending)
         starts = [s.length for s in group]
-        rows = torch.tensor([s.row for s in group], device=self.device)
-        start = torch.tensor(starts, device=self.device)
-        slot = latest = None
-        n_slots = 1
-        if core:
-            slots = [self._slot(s, s.step_count) for s in group]
-            slot, n_slots = torch.tensor(slots, device=self.device), max(slots) + 1
-            if any(s.sharing.fills_exited for s in group):
-                latest = torch.tensor([s.sharing.fills_exited for s in group], device=self.device)
-        self.store.bind(rows, start, T, slot, latest, max_end=max(starts) + T, n_slots=n_slots)
-        positions = start[:, None] + torch.arange(T, device=self.device)  # (n, T)
-        return AttentionContext(rope=self.t.rope[0, positions], mask=None, cache=self.store)
-
-    @staticmethod
-    def _slot(s: Sequence, step: int) -> int:
-        """The core cache slot (recurrence index) the row's sharing policy gives recurrence `step`."""
-        return s.sharing.slot(LayerKey("core", 0, step)).step
+        if part == "core":
+            steps = [s.step_count for s in group] if steps is None else steps
+            self.store.bind([s.row for s in group], starts, T, part, steps, [s.sharing for s in group])
+        else:
+            self.store.bind([s.row for s in group], starts, T, part)
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
+        return AttentionContext(rope=self.t.rope[0, positions], mask=None, cache=self.store)  # positions (n, T)
 
     def _embed(self, group: list[Sequence]) -> None:
         ids = torch.tensor([s.pending for s in group], device=self.device)  # (n, T)
-        e = self.t.embed(ids, self._context(group))  # (n, T, d)
+        e = self.t.embed(ids, self._context(group, "prelude"))  # (n, T, d)
         for i, s in enumerate(group):
             s.e = e[i:i + 1]
             if s.depth.warm is not None and s.warm is not None:
@@ -213,7 +205,7 @@ class BatchEngine:
             s.step_count, s.exited, s.logits, s.phase = 0, False, None, ITERATE
 
     def _core_step(self, group: list[Sequence]) -> None:
-        ctx = self._context(group, core=True)
+        ctx = self._context(group, "core")
         state = torch.cat([s.state for s in group])
         e = torch.cat([s.e for s in group])
         new = self.t.core_step(state, e, 0, ctx)  # the store picks each row's slot from its own step
@@ -243,7 +235,7 @@ class BatchEngine:
 
     def _logits(self, group: list[Sequence]) -> Tensor:
         """Coda + head on the rows' current states: (n, V) fp32 logits of each row's last position."""
-        hidden, _ = self.t.decode(torch.cat([s.state for s in group]), self._context(group))
+        hidden, _ = self.t.decode(torch.cat([s.state for s in group]), self._context(group, "coda"))
         return ban_beyond(self.model.lm_head(hidden[:, -1:]).float()[:, 0], self.vocab_limit)  # (n, V)
 
     def _finish(self, group: list[Sequence]) -> None:
@@ -257,9 +249,10 @@ class BatchEngine:
                       if greedy else ())
         for s in group:
             T = len(s.pending)
-            if s.sharing.fills_exited:
-                last = self._slot(s, s.step_count - 1) if s.step_count else None
-                self.store.record_last(s.row, s.length, T, last)
+            if s.sharing.fills_exited and 0 < s.step_count < s.depth.num_steps:  # exited early
+                self._context([s], "core", [s.step_count - 1])
+                s.sharing.fill_exited(self.store, self.store.bound_rows, s.step_count - 1, s.depth.num_steps,
+                                      self.cfg.n_layers_in_recurrent_block, T)
             token = picked[s.id] if s.id in picked else int(s.sampler(s.logits)[0])  # own generator per row
             s.length += T
             if s.depth.warm is not None:
