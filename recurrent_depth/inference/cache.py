@@ -22,12 +22,15 @@ that have not finished. Positions a row never wrote at a slot are invalid and ma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from recurrent_depth.model.layers import LayerKey
+
+if TYPE_CHECKING:
+    from recurrent_depth.config import RecurrentDepthConfig
 
 
 class SlotCopier(Protocol):
@@ -484,3 +487,17 @@ class RowKVCache:
     def nbytes(self) -> int:
         """Bytes the pools hold for keys and values, live or free (validity masks and page tables excluded)."""
         return sum(t.nbytes for d in (self.k, self.v) for t in d.values())
+
+
+def kv_bytes_per_token(config: RecurrentDepthConfig, kv_sharing: str | int | SharingPolicy, num_steps: int,
+                       dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of keys and values one token holds at recurrence depth `num_steps` under a sharing policy: the distinct
+    slots its layer invocations map to (prelude + coda + the core's: every step for full and latest, whose fill
+    makes an exited token occupy its deeper steps too; k per core layer for cyclic k) x 2 (k and v) x n_heads x
+    head_dim x the dtype's size (bytes). Sizes a deployment: multiply by the live tokens."""
+    policy = make_kv_policy(kv_sharing)
+    keys = [LayerKey("prelude", j) for j in range(config.n_layers_in_prelude)]
+    keys += [LayerKey("coda", j) for j in range(config.n_layers_in_coda)]
+    keys += [LayerKey("core", j, i) for i in range(num_steps) for j in range(config.n_layers_in_recurrent_block)]
+    slots = {policy.slot(key) for key in keys}
+    return len(slots) * 2 * config.n_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()

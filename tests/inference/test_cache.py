@@ -12,6 +12,7 @@ from recurrent_depth.inference.cache import (
     KVCache,
     LatestSharing,
     RowKVCache,
+    kv_bytes_per_token,
     make_kv_policy,
 )
 from recurrent_depth.inference.compat import cache_policy_from_lookup
@@ -157,3 +158,23 @@ def test_latest_fill_in_the_row_cache() -> None:
     store.bind([1], [1], 1, "core", [3], [policy])
     k, _, ok = store.update(LayerKey("core", 0, 0), *_kv1(1, 1, 5.0))
     assert k[0, 0, :, 0].tolist() == [11.0, 5.0] and ok.flatten().tolist() == [True, True]
+
+
+def test_kv_bytes_per_token_at_the_huginn_shape() -> None:
+    from recurrent_depth.config import RecurrentDepthConfig
+
+    cfg = RecurrentDepthConfig.from_name("huginn-3.5b")
+    entry = 2 * 5280 * 4  # keys and values of one layer invocation, fp32
+    assert kv_bytes_per_token(cfg, "full", 32) == (2 + 4 * 32 + 2) * entry  # 132 entries, ~5.6 MB
+    assert kv_bytes_per_token(cfg, "latest", 32) == kv_bytes_per_token(cfg, "full", 32)
+    assert kv_bytes_per_token(cfg, 1, 32) == 8 * entry
+    assert kv_bytes_per_token(cfg, 1, 32, torch.bfloat16) == 4 * entry
+
+
+@pytest.mark.parametrize("kv_sharing", ["full", 3])
+def test_kv_bytes_per_token_matches_what_generate_holds(debug_model, kv_sharing) -> None:
+    from recurrent_depth.inference.generate import generate
+
+    ids = torch.tensor([[3, 4, 5, 6]])
+    out = generate(debug_model, ids, max_new_tokens=4, num_steps=5, kv_sharing=kv_sharing)
+    assert out.kv_cache_bytes == 8 * kv_bytes_per_token(debug_model.config, kv_sharing, 5)
