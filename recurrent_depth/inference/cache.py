@@ -316,7 +316,8 @@ class RowKVCache:
         self.free: dict[str, list[int]] = {}
         self._rows: Tensor | None = None
         self._start: Tensor | None = None
-        self._slots: Tensor | None = None
+        self._slots: list[list[int]] = []  # per layer of the bound part: each bound row's slot
+        self._index: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}  # slots -> (write, read, ok) indices
         self._T, self._part = 0, "prelude"
         self._host: tuple[list[int], list[int]] = ([], [])
 
@@ -339,7 +340,7 @@ class RowKVCache:
         self._rows = torch.tensor(rows, device=self.device)
         self._start = torch.tensor(starts, device=self.device)
         self._T, self._part = T, part
-        self._slots = torch.tensor(slots, device=self.device)  # (layers, n)
+        self._slots, self._index = slots, {}
         self._host = (rows, starts)
 
     @property
@@ -359,25 +360,32 @@ class RowKVCache:
     def update(self, key: LayerKey, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Write k, v (n, H, T, D) of the bound rows; return each row's visible keys and values (n, H, S, D) and
         the validity mask (n, 1, 1, S), S = the longest bound row's length after this write, each row right-aligned."""
-        rows, start, T = self._rows, self._start, self._T
-        if rows is None or key.part != self._part or k.shape[0] != rows.shape[0] or k.shape[2] != T:
+        if self._rows is None or key.part != self._part or k.shape[0] != self._rows.shape[0] or k.shape[2] != self._T:
             raise RuntimeError("RowKVCache.update called without a matching bind()")
-        slot = self._slots[key.layer][:, None]  # (n, 1)
+        write, read, inside = self._indices(self._slots[key.layer])
         K, V, ok_pages = self.k[(key.part, key.layer)], self.v[(key.part, key.layer)], self.valid[key.part]
-        pos = start[:, None] + torch.arange(T, device=self.device)  # (n, T)
-        flat = self._flat(key.part, rows, slot, pos)
-        K.view(-1, self.H, self.D)[flat] = k.transpose(1, 2).to(K.dtype)  # (n, T, H, D)
-        V.view(-1, self.H, self.D)[flat] = v.transpose(1, 2).to(V.dtype)
-        ok_pages.view(-1)[flat] = True
-        S = max(self._host[1]) + T
-        idx = start[:, None] + T - S + torch.arange(S, device=self.device)  # (n, S) positions, < 0 = padding
-        inside = idx >= 0
-        flat = self._flat(key.part, rows, slot, idx.clamp(min=0))
-        present = flat >= 0
-        flat = flat.clamp(min=0)
-        ok = ok_pages.view(-1)[flat] & present & inside
-        k_all, v_all = K.view(-1, self.H, self.D)[flat], V.view(-1, self.H, self.D)[flat]  # (n, S, H, D)
+        K.view(-1, self.H, self.D)[write] = k.transpose(1, 2).to(K.dtype)  # (n, T, H, D)
+        V.view(-1, self.H, self.D)[write] = v.transpose(1, 2).to(V.dtype)
+        ok_pages.view(-1)[write] = True
+        ok = ok_pages.view(-1)[read] & inside
+        k_all, v_all = K.view(-1, self.H, self.D)[read], V.view(-1, self.H, self.D)[read]  # (n, S, H, D)
         return k_all.transpose(1, 2), v_all.transpose(1, 2), ok[:, None, None, :]
+
+    def _indices(self, slots: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat pool indices for the bound rows at `slots` (one per row): where the T new positions go (n, T), where
+        the S visible positions are read from (n, S; right-aligned) and which of those exist (n, S). Computed once
+        per bind for the layers that share these slots (all of a part's layers, for the shipped policies)."""
+        cached = self._index.get(tuple(slots))
+        if cached is None:
+            rows, start, T = self._rows, self._start, self._T
+            slot = torch.tensor(slots, device=self.device)[:, None]  # (n, 1)
+            write = self._flat(self._part, rows, slot, start[:, None] + torch.arange(T, device=self.device))
+            S = max(self._host[1]) + T
+            idx = start[:, None] + T - S + torch.arange(S, device=self.device)  # (n, S) positions, < 0 = padding
+            read = self._flat(self._part, rows, slot, idx.clamp(min=0))
+            inside = (idx >= 0) & (read >= 0)
+            cached = self._index[tuple(slots)] = (write, read.clamp(min=0), inside)
+        return cached
 
     def _flat(self, part: str, rows: Tensor, slot: Tensor, pos: Tensor) -> Tensor:
         """Flat pool indices (page * P + offset) of rows' positions pos (n, X) at slot (n, 1); < 0: no page."""
