@@ -8,6 +8,7 @@
     params.py       DepthParams / SamplingParams: the typed request every entry point builds, validated once
     step.py         forward_rows: one forward of T tokens for a subset of rows, with per-row adaptive exit
     generate.py     generate(model, ids, mask, max_new_tokens=..., num_steps=...): static batches over forward_rows
+    rows.py         RowEngine: rows that join and leave, one recurrence step per engine step (the server's core)
     speculative.py  self-speculative decoding: draft with few recurrences, verify with many
     compat.py       the reference's generate keywords (criterion, continuous_compute, draft_steps, ...) on the engine
 
