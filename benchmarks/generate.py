@@ -21,6 +21,20 @@ Scenarios (each a key of the JSON output):
              modules in the same run (tokens/s, and whether tokens and steps agree).
   trained    the bundled trained checkpoint on its task, one prompt at a time: fixed depth vs exit criteria vs
              speculative decoding (tokens/s, steps per token, accuracy, agreement with fixed depth).
+  gemv       the matrix-vector product that bounds batch-1 decoding, on huginn-3.5b's shapes (35840 x 5280: mlp.fc,
+             5280 x 5280: attn.proj), fp32 and bf16 weights, at 1 and --threads threads: GB/s of weights streamed by
+             the fused op's kernel (rdepth.linear, fp32 x) and by torch's F.linear (x in the weights' dtype), and each
+             as a share of the bound: torch's fp32 GB/s on 35840 x 5280 at the same thread count.
+  huginn-3.5b  not in the default list (it needs ~14 GB of memory and the machine to itself): Huginn-0125's shape
+             with random weights (our init; built once and cached in ~/.cache/rdepth-bench/{preset}-{dtype}/,
+             sharded at 2 GB; the bf16 one is the fp32 one rounded), batch 1, a 16-token prompt + 8 new tokens,
+             r = 4, zero initial state, greedy, in fp32 and bf16, ours and the reference each in a fresh process
+             (one model in memory at a time), alternating: tokens/s (prompt included, both sides), decode tokens/s
+             (after the prompt's forward), and our decode rate as a share of the bound (the GEMV bandwidth measured
+             here over the weight bytes a token reads). --huginn-preset runs it at another preset's shape (a quick
+             check of the scenario itself), --huginn-* set the dtypes, r, tokens and device (benchmarks/gpu.sh).
+             The measurement asked for, on an otherwise idle machine, with REFERENCE_DIR and REFERENCE_PYTHON set:
+               .venv/bin/python benchmarks/generate.py --scenarios gemv,huginn-3.5b --threads 2
 """
 
 from __future__ import annotations
@@ -39,7 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------ reference worker
 def reference_worker(spec: dict) -> dict:
-    """Runs inside REFERENCE_PYTHON: load the reference from REFERENCE_DIR, time its generate on the checkpoint."""
+    """Runs inside REFERENCE_PYTHON: load the reference from REFERENCE_DIR, time its generate on the checkpoint (and,
+    with spec["prefill"], a one-token generate: the prompt's forward)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -48,33 +63,68 @@ def reference_worker(spec: dict) -> dict:
 
     RavenForCausalLM = import_reference(spec["reference_dir"])[0].RavenForCausalLM
 
-    model = RavenForCausalLM.from_pretrained(spec["checkpoint"], torch_dtype=torch.float32).eval()
-    ids = torch.tensor(spec["prompt"])
-    config = GenerationConfig(do_sample=False, max_new_tokens=spec["max_new_tokens"], return_dict_in_generate=True,
-                              eos_token_id=None, pad_token_id=0)
+    device = spec.get("device", "cpu")
+    model = RavenForCausalLM.from_pretrained(spec["checkpoint"], torch_dtype=torch_dtype(spec.get("dtype", "fp32")))
+    model = model.to(device).eval()
+    ids = torch.tensor(spec["prompt"], device=device)
     kwargs = dict(num_steps=spec["num_steps"], init_scale=0.0)
+
+    def run(new_tokens: int):
+        config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, return_dict_in_generate=True,
+                                  eos_token_id=None, pad_token_id=0)
+        return model.generate(ids, config, **kwargs)
+
     with torch.no_grad():
-        model.generate(ids, GenerationConfig(do_sample=False, max_new_tokens=2, eos_token_id=None, pad_token_id=0),
-                       **kwargs)  # warm-up
+        run(2)  # warm-up
+        prefill = _timed(lambda: run(1), device)[0] if spec.get("prefill") else None
         start, cpu = time.perf_counter(), time.process_time()
-        out = model.generate(ids, config, **kwargs)
+        out = run(spec["max_new_tokens"])
+        _sync(device)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     cache = out.past_key_values
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "sequences": out.sequences.tolist(),
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "prefill_seconds": prefill,
+            "sequences": out.sequences.tolist(),
             "kv_cache_mb": cache.get_memory_usage() if hasattr(cache, "get_memory_usage") else None}
 
 
+def torch_dtype(name: str):
+    """"fp32" or "bf16" as a torch dtype."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str = "cpu") -> tuple[float, object]:
+    """(wall seconds, result) of fn(), the device synchronised at the end."""
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def run_worker(python: str, flag: str, spec: dict) -> dict:
+    """Run this file as `python this-file flag JSON` (a worker, one model in its own process); its last stdout line."""
+    proc = subprocess.run([python, __file__, flag, json.dumps(spec)], capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{flag} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_reference(args: argparse.Namespace, checkpoint: Path, prompt: list, max_new_tokens: int,
-                  num_steps: int) -> dict | None:
+                  num_steps: int, **extra) -> dict | None:
+    """The reference's timing on `checkpoint` (None without REFERENCE_DIR); `extra`: dtype, device, prefill."""
     if not args.reference_dir:
         return None
     spec = dict(reference_dir=args.reference_dir, checkpoint=str(checkpoint), prompt=prompt,
-                max_new_tokens=max_new_tokens, num_steps=num_steps, threads=args.threads)
-    proc = subprocess.run([args.reference_python, __file__, "--reference-worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"reference worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+                max_new_tokens=max_new_tokens, num_steps=num_steps, threads=args.threads, **extra)
+    return run_worker(args.reference_python, "--reference-worker", spec)
 
 
 # ------------------------------------------------------------------------------------------------- ours
@@ -174,6 +224,98 @@ def matmul_flops(m: int, k: int, n: int, repeats: int = 5) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * m * k * n / best
+
+
+def ours_worker(spec: dict) -> dict:
+    """Our side of the `huginn-3.5b` scenario, in its own process: load the checkpoint in spec["dtype"], time a
+    one-token generate (the prompt's forward) and the full one after a warm-up; count the fused op's calls."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from recurrent_depth.inference import fused
+    from recurrent_depth.inference.generate import generate
+    from recurrent_depth.model import RecurrentDepthForCausalLM
+
+    device = spec["device"]
+    model = RecurrentDepthForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch_dtype(spec["dtype"]),
+                                                      device=device)
+    ids = torch.tensor(spec["prompt"], device=device)
+    calls = []
+    run_blocks = fused.run_blocks
+    fused.run_blocks = lambda *a, **k: calls.append(1) or run_blocks(*a, **k)
+    run = lambda n: generate(model, ids, max_new_tokens=n, num_steps=spec["num_steps"])  # noqa: E731
+    with torch.inference_mode():
+        run(2)  # warm-up (and the fused op's build)
+        prefill, _ = _timed(lambda: run(1), device)
+        seconds, out = _timed(lambda: run(spec["max_new_tokens"]), device)
+    return {"seconds": seconds, "prefill_seconds": prefill, "sequences": out.sequences.tolist(),
+            "fused_calls": len(calls), "weight_bytes_per_token": weight_bytes_per_token(model, spec["num_steps"])}
+
+
+BENCH_CACHE = Path.home() / ".cache" / "rdepth-bench"
+
+
+def bench_checkpoints(preset: str, dtypes: list[str]) -> dict[str, Path]:
+    """Random-weight checkpoints of `preset` (our init, seed 0), one folder per dtype,
+    ~/.cache/rdepth-bench/{preset}-{dtype}/, sharded at 2 GB; built once (a folder exists only once complete: the
+    save is atomic). The bf16 weights are the fp32 ones rounded (the model converted in place: one copy in memory)."""
+    import gc
+
+    paths = {dt: BENCH_CACHE / f"{preset}-{dt}" for dt in dtypes}
+    missing = [dt for dt in DTYPE_NAMES if dt in dtypes and not (paths[dt] / "config.json").is_file()]
+    if missing:
+        print(f"building the {preset} benchmark checkpoints {missing} under {BENCH_CACHE}", file=sys.stderr)
+        model = build(preset)
+        for dt in missing:
+            model = model.to(torch_dtype(dt))
+            model.save_pretrained(paths[dt], max_shard_size="2GB")
+        del model
+        gc.collect()
+    return paths
+
+
+DTYPE_NAMES = ("fp32", "bf16")  # in building order: bf16 rounds the fp32 weights
+GEMV_SHAPES = ((35840, 5280), (5280, 5280))  # huginn-3.5b's mlp.fc and attn.proj weights (out, in)
+
+
+def gemv_rates(n_out: int, n_in: int, dtype: str, repeats: int = 5, total_bytes: int = 1_200_000_000) -> dict:
+    """GB/s of weights streamed by a batch-1 product x (1, n_in) @ W^T over distinct (n_out, n_in) matrices of
+    `dtype`, at least two and `total_bytes` in all (more than the caches hold), the way decoding streams its
+    weights: ours (rdepth.linear, fp32 x, bf16 widened in registers) and torch's F.linear (x in W's dtype), taking
+    turns, best of `repeats` passes each (other jobs' load only ever slows a pass down)."""
+    import torch
+    import torch.nn.functional as F
+
+    from recurrent_depth import kernels
+
+    first = torch.randn(n_out, n_in).to(torch_dtype(dtype))
+    count = max(2, -(-total_bytes // (first.numel() * first.element_size())))
+    weights = [first] + [first.clone() for _ in range(count - 1)]
+    x = torch.randn(1, n_in)
+    xw = x.to(first.dtype)
+    kinds = {"torch": lambda w: F.linear(xw, w)}
+    if kernels.available():
+        kinds["ours"] = lambda w: torch.ops.rdepth.linear(x, w)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    best = dict.fromkeys(kinds, 0.0)
+    for _ in range(repeats):
+        for name, fn in kinds.items():
+            seconds, _ = _timed(lambda: [fn(w) for w in weights])  # noqa: B023
+            best[name] = max(best[name], nbytes / seconds / 1e9)
+    return {f"{name}_GBps": rate for name, rate in best.items()}
+
+
+def gemv_bound(threads: int) -> float:
+    """The machine's weight-streaming rate, GB/s, at `threads`: torch's fp32 F.linear on 35840 x 5280 (the decode
+    bound a token's weight bytes are divided by)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return gemv_rates(*GEMV_SHAPES[0], "fp32")["torch_GBps"]
+    finally:
+        torch.set_num_threads(saved)
 
 
 # ------------------------------------------------------------------------------------------------- scenarios
@@ -345,13 +487,90 @@ def scenario_trained(args: argparse.Namespace) -> dict:
             "prompts": len(rows), "max_steps": 32, "runs": results}
 
 
+def scenario_gemv(args: argparse.Namespace) -> dict:
+    """GB/s of ours and torch's batch-1 products on huginn-3.5b's shapes, fp32 and bf16, at 1 and --threads
+    threads, with each rate's share of the bound (torch fp32 on 35840 x 5280 at that thread count)."""
+    import torch
+
+    result: dict = {"load_average_before": os.getloadavg()}
+    for threads in sorted({1, args.threads}):
+        torch.set_num_threads(threads)
+        rows: dict = {}
+        for n_out, n_in in GEMV_SHAPES:
+            rows[f"{n_out}x{n_in}"] = {dt: gemv_rates(n_out, n_in, dt) for dt in DTYPE_NAMES}
+        bound = rows[f"{GEMV_SHAPES[0][0]}x{GEMV_SHAPES[0][1]}"]["fp32"]["torch_GBps"]
+        for shape in rows.values():
+            for rates in shape.values():
+                rates.update({k.replace("GBps", "share_of_bound"): v / bound for k, v in list(rates.items())})
+            if "ours_GBps" in shape["bf16"]:
+                shape["ours_bf16_over_fp32_GBps"] = shape["bf16"]["ours_GBps"] / shape["fp32"]["ours_GBps"]
+        result[f"threads_{threads}"] = {"bound_GBps": bound, **rows}
+    torch.set_num_threads(args.threads)
+    result["load_average_after"] = os.getloadavg()
+    return result
+
+
+def scenario_huginn(args: argparse.Namespace) -> dict:
+    """Batch-1 greedy generation at huginn-3.5b's shape (or --huginn-preset's), ours against the reference, per
+    dtype; each run a fresh process, so that only one model is ever in memory."""
+    preset, r, new = args.huginn_preset, args.huginn_num_steps, args.huginn_new_tokens
+    dtypes = args.huginn_dtypes.split(",")
+    unknown = sorted(set(dtypes) - set(DTYPE_NAMES))
+    if unknown:
+        raise SystemExit(f"--huginn-dtypes: unknown {unknown}; valid: {', '.join(DTYPE_NAMES)}")
+    paths = bench_checkpoints(preset, dtypes)
+    from recurrent_depth import RecurrentDepthConfig
+
+    vocab = RecurrentDepthConfig.from_name(preset).vocab_size
+    prompt = prompt_ids(vocab, 1, args.huginn_prompt_tokens).tolist()
+    device = args.huginn_device
+    result: dict = {"preset": preset, "num_steps": r, "batch": 1, "prompt": args.huginn_prompt_tokens,
+                    "new_tokens": new, "device": device, "threads": args.threads, "load_average": os.getloadavg()}
+    if device == "cpu":
+        result["gemv_bound_GBps"] = gemv_bound(args.threads)
+    spec = dict(prompt=prompt, max_new_tokens=new, num_steps=r, threads=args.threads, device=device)
+    for dt in dtypes:
+        ours, ref = [], []
+        for _ in range(args.repeats):  # alternate: ours, reference, ours, reference ...
+            ours.append(run_worker(sys.executable, "--ours-worker", {**spec, "checkpoint": str(paths[dt]),
+                                                                     "dtype": dt}))
+            got = run_reference(args, paths[dt], prompt, new, r, dtype=dt, device=device, prefill=True)
+            if got is not None:
+                ref.append(got)
+        result[dt] = _huginn_row(ours, ref, new, result.get("gemv_bound_GBps"))
+    if {"fp32", "bf16"} <= set(dtypes):
+        result["ours_bf16_over_ours_fp32"] = result["bf16"]["ours_tokens_per_s"] / result["fp32"]["ours_tokens_per_s"]
+    return result
+
+
+def _huginn_row(ours: list[dict], ref: list[dict], new: int, bound_GBps: float | None) -> dict:
+    """One dtype's figures from the workers' best runs: tokens/s over the whole generate (prompt included) and over
+    the decode steps alone (new - 1 tokens after the one-token generate's time), ours as a share of the bound."""
+    best = min(ours, key=lambda o: o["seconds"])
+    decode = lambda o: (new - 1) / max(o["seconds"] - o["prefill_seconds"], 1e-9)  # noqa: E731
+    row = {"ours_tokens_per_s": new / best["seconds"], "ours_decode_tokens_per_s": max(map(decode, ours)),
+           "ours_fused_calls": best["fused_calls"], "weight_GB_per_token": best["weight_bytes_per_token"] / 1e9}
+    if bound_GBps is not None:
+        row["bound_decode_tokens_per_s"] = bound_GBps * 1e9 / best["weight_bytes_per_token"]
+        row["ours_decode_share_of_bound"] = row["ours_decode_tokens_per_s"] / row["bound_decode_tokens_per_s"]
+    if ref:
+        ref_best = min(ref, key=lambda o: o["seconds"])
+        row.update(reference_tokens_per_s=new / ref_best["seconds"],
+                   reference_decode_tokens_per_s=max(map(decode, ref)),
+                   same_tokens_as_reference=ref_best["sequences"] == best["sequences"])
+        row["speedup"] = row["ours_tokens_per_s"] / row["reference_tokens_per_s"]
+        row["decode_speedup"] = row["ours_decode_tokens_per_s"] / row["reference_decode_tokens_per_s"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--ours-worker", help=argparse.SUPPRESS)
     parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
     parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
                                                                      str(REPO / ".venv-tf4" / "bin" / "python")))
-    parser.add_argument("--scenarios", default="small,medium,batch16,kv,adaptive,adaptive_batch,trained")
+    parser.add_argument("--scenarios", default="small,medium,batch16,kv,adaptive,adaptive_batch,trained,gemv")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads, both sides")
     parser.add_argument("--repeats", type=int, default=2, help="alternating timed runs per side (best kept)")
     parser.add_argument("--medium-new-tokens", type=int, default=64)
@@ -359,9 +578,18 @@ def main() -> None:
     parser.add_argument("--adaptive-new-tokens", type=int, default=32)
     parser.add_argument("--trained-prompts", type=int, default=50, help="task problems in the `trained` scenario")
     parser.add_argument("--quick", action="store_true", help="fewer tokens: a smoke run")
+    parser.add_argument("--huginn-preset", default="huginn-3.5b", help="the `huginn-3.5b` scenario's shape")
+    parser.add_argument("--huginn-dtypes", default="fp32,bf16", help="comma-separated, of fp32 and bf16")
+    parser.add_argument("--huginn-num-steps", type=int, default=4, help="recurrences per token (r)")
+    parser.add_argument("--huginn-prompt-tokens", type=int, default=16)
+    parser.add_argument("--huginn-new-tokens", type=int, default=8)
+    parser.add_argument("--huginn-device", default="cpu", help="cpu or cuda (both sides)")
     args = parser.parse_args()
     if args.reference_worker:
         print(json.dumps(reference_worker(json.loads(args.reference_worker))))
+        return
+    if args.ours_worker:
+        print(json.dumps(ours_worker(json.loads(args.ours_worker))))
         return
     import torch
 
@@ -388,8 +616,13 @@ def main() -> None:
                 report["adaptive_batch"] = scenario_adaptive_batch(args)
             elif name == "trained":
                 report["trained"] = scenario_trained(args)
+            elif name == "gemv":
+                report["gemv"] = scenario_gemv(args)
+            elif name == "huginn-3.5b":
+                report["huginn-3.5b"] = scenario_huginn(args)
             else:
-                raise SystemExit(f"unknown scenario {name!r}; valid: small, medium, batch16, kv, adaptive")
+                raise SystemExit(f"unknown scenario {name!r}; valid: small, medium, batch16, kv, adaptive, "
+                                 "adaptive_batch, trained, gemv, huginn-3.5b")
             print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=1))
 

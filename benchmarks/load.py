@@ -71,7 +71,7 @@ def worker(spec: dict) -> dict:
 
 
 def _checkpoint_folders(preset: str) -> dict[str, Path]:
-    return {"fp32": CACHE / f"load-{preset}-fp32", "bf16": CACHE / f"load-{preset}-bf16",
+    return {"fp32": CACHE / f"{preset}-fp32", "bf16": CACHE / f"{preset}-bf16",  # shared with generate.py
             "warmup": CACHE / "load-warmup"}
 
 

@@ -53,6 +53,9 @@ def _register(module_name: str) -> None:
     module has loaded (the model module may still be importing it), everything once the model module has."""
     try:
         if module_name == _AUTO_MODEL:
+            pending = sys.modules.get("recurrent_depth.model.registration")
+            if pending is not None and not hasattr(pending, "register_with_transformers"):
+                return  # that module's own import brought transformers in; recurrent_depth.model registers after it
             from recurrent_depth.model.registration import register_with_transformers
 
             register_with_transformers()

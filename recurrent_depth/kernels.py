@@ -4,7 +4,8 @@
     causal_attention(q, k, v)        # (B, T, H, D) each -> (B, T, H, D); differentiable; torch.compile traces it
     rope_attention(qkv, bias, cos, sin)  # the same after RoPE on q and k, from the fused projection's output
 
-Three ops live in the library: `rdepth::blocks`, the fused decode stage of `recurrent_depth.inference.fused`;
+Three ops live in the library: `rdepth::blocks`, the fused decode stage of `recurrent_depth.inference.fused` (fp32
+or bf16 weights; `vector_isa()` says whether its matrix-vector kernel has the AVX-512 path that makes bf16 pay);
 `rdepth::causal_attention` (+ its backward), the causal self-attention that the model's layers use on the CPU without
 a cache or mask: exact softmax per block of 64 query rows against only the keys the block can see, products through
 the BLAS that libtorch ships (csrc/causal_attention.cpp); and `rdepth::rope_attention` (+ its backward), the same
@@ -44,6 +45,15 @@ def available() -> bool:
         if _state["loaded"] is None:
             _state["loaded"] = _load()
     return _state["loaded"]
+
+
+def vector_isa() -> str | None:
+    """The vector instruction set the fused op's matrix-vector kernel was built for (-march=native): "avx512"
+    (AVX-512 F, BW and VL: bf16 weights widen in registers and stream as many GB/s as fp32) or "portable" (the
+    compiler's own vectorisation); None when the library is not loaded."""
+    if "isa" not in _state:
+        _state["isa"] = str(torch.ops.rdepth.vector_isa()) if available() else None
+    return _state["isa"]
 
 
 def load_error() -> str | None:

@@ -1,5 +1,5 @@
 // Fused forward of sandwich blocks for a few new tokens per row with a KV cache (decoding: T = 1; short prefills and
-// speculative verification: T > 1), fp32 on the CPU.
+// speculative verification: T > 1) on the CPU, for fp32 or bf16 weights: the arithmetic is fp32 either way.
 //
 // One call runs a stage of the network on x (B, T, d): the prelude's or the coda's blocks, or `n_steps` recurrences of
 // the core (adapter, then its blocks, repeated). Everything runs here in plain loops: RMSNorm, q/k bias,
@@ -9,7 +9,8 @@
 // torch.ops.rdepth.blocks; built on first use by recurrent_depth/inference/fused.py, which falls back to the eager
 // network when no compiler is available.
 //
-// Arguments:
+// Arguments (St, the storage type, is the weight matrices' dtype, fp32 or bf16; x, e, the adapter and the cache slots
+// are St too, the norm weights, biases and rope fp32):
 //   x        (B, T, d) input of the first block, or with `adapter` (d, 2d) and `e` (B, T, d) the state of the core:
 //            each of the n_steps recurrences runs the blocks on adapter([x, e])
 //   weights  9 tensors per block: norm_1 (d), Wqkv (3d, d), qk_bias (2, H*D) or empty, attn.proj (d, d), norm_2 (d),
@@ -32,11 +33,17 @@
 #endif
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kGemmRows = 16;  // at most this many rows: our loops; more: ATen's GEMM
+// At most this many rows: our loops; more: ATen's GEMM. bf16 hands over sooner: ATen's bf16 GEMM (oneDNN, AMX where
+// the CPU has it) is memory-bound from a few rows on, while our tiles are FMA-bound (35840 x 5280, one thread:
+// 4 rows ours 27.7 ms, ATen 30.4; 8 rows 39.3 vs 31.0; 16 rows 56.3 vs 32.1).
+template <typename Wt>
+constexpr int64_t kGemmRows = std::is_same_v<Wt, float> ? 16 : 4;
 
 // exp(x) for x in float range, arithmetic only so that loops over it vectorise: x = n ln2 + r (Cody-Waite split),
 // exp(r) by a degree-6 polynomial (Cephes' expf coefficients), times 2^n built in the exponent bits. Within about
@@ -59,153 +66,178 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
-#ifdef __AVX512F__
-// y[b0:b0+4, n:n+4] = x[b0:b0+4] @ W[n:n+4]^T for K a multiple of 16: sixteen 512-bit accumulators, each weight and
-// x vector loaded once per 16 products, one horizontal sum per output at the end.
-inline void block4x4(const float* x, const float* W, float* y, int64_t N, int64_t K, int64_t b0, int64_t n) {
-  __m512 acc[4][4];
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-  const float* w = W + n * K;
-  const float* xs = x + b0 * K;
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + K + k);
-    const __m512 w2 = _mm512_loadu_ps(w + 2 * K + k), w3 = _mm512_loadu_ps(w + 3 * K + k);
-    for (int i = 0; i < 4; ++i) {
-      const __m512 xv = _mm512_loadu_ps(xs + i * K + k);
-      acc[i][0] = _mm512_fmadd_ps(xv, w0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(xv, w1, acc[i][1]);
-      acc[i][2] = _mm512_fmadd_ps(xv, w2, acc[i][2]);
-      acc[i][3] = _mm512_fmadd_ps(xv, w3, acc[i][3]);
+// Storage types: the weight matrices, the KV cache and x / e at the op's boundary are fp32 or bf16 (`St`); everything
+// computed here (activations, accumulators, norms, softmax) is fp32. A bf16 value widens exactly to fp32 (its 16 bits
+// are the high half of the float); fp32 narrows to bf16 with round-to-nearest-even, as torch's own casts.
+inline float widen(float v) { return v; }
+inline float widen(at::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename St>
+St narrow(float v);
+template <>
+inline float narrow<float>(float v) {
+  return v;
+}
+template <>
+inline at::BFloat16 narrow<at::BFloat16>(float v) {
+  return at::BFloat16(v);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define RDEPTH_AVX512 1
+// A weight row is read as P fp32 vectors (16 P weights) at a time, the lanes past the row's end zero. bf16 widens
+// in-register: 32 bf16 loaded as sixteen 32-bit lanes hold an even element in each low half and an odd one in each
+// high half, so a shift gives the even weights as fp32 and a mask the odd ones, two instructions per 32 weights, and
+// the x vectors come in the matching order (`arrange`). A bf16 matrix thus streams half the bytes of an fp32 one for
+// the same fp32 products. Not AVX512-BF16's vdpbf16ps: it would round x to bf16, and with the product memory-bound the
+// exact widening costs no time (35840 x 5280, one thread: bf16 within ~6% of fp32's GB/s).
+template <typename Wt>
+struct Stream;
+template <>
+struct Stream<float> {
+  static constexpr int P = 1;
+  static void load(const float* p, int64_t left, __m512* v) {
+    v[0] = _mm512_maskz_loadu_ps(left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1), p);
+  }
+};
+template <>
+struct Stream<at::BFloat16> {
+  static constexpr int P = 2;
+  static void load(const at::BFloat16* p, int64_t left, __m512* v) {
+    const __m512i raw = _mm512_maskz_loadu_epi16(left >= 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1), p);
+    v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    v[1] = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+};
+
+// xa (B, Kp) = the rows of x (B, K) in Stream<Wt>'s order: chunk c of 16 P inputs holds, in its vector p, the inputs
+// c 16 P + P i + p (i < 16); zero past K (Kp is K rounded up to 16 P).
+template <int P>
+void arrange(const float* x, float* xa, int64_t B, int64_t K, int64_t Kp) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < Kp; c += 16 * P)
+      for (int p = 0; p < P; ++p)
+        for (int i = 0; i < 16; ++i) {
+          const int64_t src = c + P * i + p;
+          xa[b * Kp + c + 16 * p + i] = src < K ? x[b * K + src] : 0.f;
+        }
+}
+
+// y[b:b+NB, n:n+NW] = x[b:b+NB] @ W[n:n+NW]^T, x arranged (xa, rows of Kp): NB x NW 512-bit accumulators, each weight
+// vector loaded (and widened) once for the NB x rows, one horizontal sum per output at the end. Every output is the
+// same 16-lane sum in the same order whichever tile computes it, so a row's result depends neither on the rows
+// batched with it nor on how the weight rows are split over threads.
+template <int NB, int NW, typename Wt>
+inline void tile(const float* xa, int64_t Kp, const Wt* W, float* y, int64_t N, int64_t K, int64_t b, int64_t n) {
+  constexpr int P = Stream<Wt>::P;
+  __m512 acc[NB][NW];
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) acc[i][j] = _mm512_setzero_ps();
+  const Wt* w = W + n * K;
+  const float* xs = xa + b * Kp;
+  for (int64_t k = 0; k < K; k += 16 * P) {
+    __m512 xv[NB][P];
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i)
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) xv[i][p] = _mm512_loadu_ps(xs + i * Kp + k + 16 * p);
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) {
+      // 16 cache lines ahead in each row: the hardware prefetcher alone left bf16 rows (half the bytes per product)
+      // about 7% short of fp32's bandwidth on one core
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + 1024, _MM_HINT_T0);
+      __m512 wv[P];
+      Stream<Wt>::load(w + j * K + k, K - k, wv);
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int i = 0; i < NB; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i][p], wv[p], acc[i][j]);
     }
   }
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) y[(b0 + i) * N + n + j] = _mm512_reduce_add_ps(acc[i][j]);
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NW; ++j) y[(b + i) * N + n + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 #endif
 
-// y[:, n0:n1] = x (B, K) @ W[n0:n1]^T with W (N, K) row-major and y (B, N): eight weight rows at a time (kept in L1
-// while every x row passes over them), so each weight is read from memory once for all B rows.
-void linear_rows(const float* x, const float* W, float* y, int64_t B, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+// y[:, n0:n1] = x (B, K) @ W[n0:n1]^T with W (N, K) row-major (fp32 or bf16) and x, y (B, K), (B, N) fp32 (with
+// AVX-512, x arranged: xa, rows of Kp): eight weight rows at a time (kept in cache while every x row passes over
+// them), so each weight is read from memory once for all B rows.
+template <typename Wt>
+void linear_rows(const float* x, const float* xa, int64_t Kp, const Wt* W, float* y, int64_t B, int64_t N, int64_t K,
+                 int64_t n0, int64_t n1) {
+#ifdef RDEPTH_AVX512
   int64_t n = n0;
   for (; n + 8 <= n1; n += 8) {
-    const float* w0 = W + n * K;
-    const float* w1 = w0 + K;
-    const float* w2 = w1 + K;
-    const float* w3 = w2 + K;
-    const float* w4 = w3 + K;
-    const float* w5 = w4 + K;
-    const float* w6 = w5 + K;
-    const float* w7 = w6 + K;
     int64_t b = 0;
-#ifdef __AVX512F__
-    if (K % 16 == 0) {
-      for (; b + 4 <= B; b += 4) {  // four x rows at a time against each half of the block
-        block4x4(x, W, y, N, K, b, n);
-        block4x4(x, W, y, N, K, b, n + 4);
-      }
+    for (; b + 4 <= B; b += 4) {  // four x rows at a time against each half of the block
+      tile<4, 4>(xa, Kp, W, y, N, K, b, n);
+      tile<4, 4>(xa, Kp, W, y, N, K, b, n + 4);
     }
-#endif
-    for (; b + 2 <= B; b += 2) {  // two x rows against the eight weight rows: 16 independent accumulators
-      const float* xa = x + b * K;
-      const float* xc = xa + K;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f, a5 = 0.f, a6 = 0.f, a7 = 0.f;
-      float c0 = 0.f, c1 = 0.f, c2 = 0.f, c3 = 0.f, c4 = 0.f, c5 = 0.f, c6 = 0.f, c7 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7, c0, c1, c2, c3, c4, c5, c6, c7)
-      for (int64_t k = 0; k < K; ++k) {
-        const float xv = xa[k], xw = xc[k];
-        const float v0 = w0[k], v1 = w1[k], v2 = w2[k], v3 = w3[k], v4 = w4[k], v5 = w5[k], v6 = w6[k], v7 = w7[k];
-        a0 += xv * v0;
-        a1 += xv * v1;
-        a2 += xv * v2;
-        a3 += xv * v3;
-        a4 += xv * v4;
-        a5 += xv * v5;
-        a6 += xv * v6;
-        a7 += xv * v7;
-        c0 += xw * v0;
-        c1 += xw * v1;
-        c2 += xw * v2;
-        c3 += xw * v3;
-        c4 += xw * v4;
-        c5 += xw * v5;
-        c6 += xw * v6;
-        c7 += xw * v7;
-      }
-      float* ya = y + b * N + n;
-      float* yc = ya + N;
-      ya[0] = a0;
-      ya[1] = a1;
-      ya[2] = a2;
-      ya[3] = a3;
-      ya[4] = a4;
-      ya[5] = a5;
-      ya[6] = a6;
-      ya[7] = a7;
-      yc[0] = c0;
-      yc[1] = c1;
-      yc[2] = c2;
-      yc[3] = c3;
-      yc[4] = c4;
-      yc[5] = c5;
-      yc[6] = c6;
-      yc[7] = c7;
+    if (b + 2 <= B) {
+      tile<2, 8>(xa, Kp, W, y, N, K, b, n);
+      b += 2;
     }
-    for (; b < B; ++b) {
-      const float* xb = x + b * K;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f, a5 = 0.f, a6 = 0.f, a7 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
-      for (int64_t k = 0; k < K; ++k) {
-        const float xv = xb[k];
-        a0 += xv * w0[k];
-        a1 += xv * w1[k];
-        a2 += xv * w2[k];
-        a3 += xv * w3[k];
-        a4 += xv * w4[k];
-        a5 += xv * w5[k];
-        a6 += xv * w6[k];
-        a7 += xv * w7[k];
-      }
-      float* yb = y + b * N + n;
-      yb[0] = a0;
-      yb[1] = a1;
-      yb[2] = a2;
-      yb[3] = a3;
-      yb[4] = a4;
-      yb[5] = a5;
-      yb[6] = a6;
-      yb[7] = a7;
-    }
+    if (b < B) tile<1, 8>(xa, Kp, W, y, N, K, b, n);
   }
-  for (; n < n1; ++n) {
-    const float* w0 = W + n * K;
+  for (; n < n1; ++n)
+    for (int64_t b = 0; b < B; ++b) tile<1, 1>(xa, Kp, W, y, N, K, b, n);
+#else  // portable: one dot product at a time, vectorised by the compiler
+  for (int64_t n = n0; n < n1; ++n) {
+    const Wt* w = W + n * K;
     for (int64_t b = 0; b < B; ++b) {
       const float* xb = x + b * K;
-      float a0 = 0.f;
-#pragma omp simd reduction(+ : a0)
-      for (int64_t k = 0; k < K; ++k) a0 += xb[k] * w0[k];
-      y[b * N + n] = a0;
+      float a = 0.f;
+#pragma omp simd reduction(+ : a)
+      for (int64_t k = 0; k < K; ++k) a += xb[k] * widen(w[k]);
+      y[b * N + n] = a;
     }
   }
+#endif
 }
 
-// out (B, N) = in (B, K) @ W^T; the weight rows are split across ATen's intra-op threads (torch.set_num_threads).
+// out (B, N) = in (B, K) @ W^T, in and out fp32, W of the storage type; the weight rows are split across ATen's
+// intra-op threads (torch.set_num_threads). More than kGemmRows<Wt> rows go to ATen's GEMM, for bf16 weights on
+// activations rounded to bf16 (as the eager bf16 network computes every product).
+template <typename Wt>
 void linear(const at::Tensor& in, const at::Tensor& W, at::Tensor& out) {
   const int64_t B = in.size(0), N = W.size(0), K = W.size(1);
-  if (B > kGemmRows) {
-    at::mm_out(out, in, W.t());
+  if (B > kGemmRows<Wt>) {
+    if constexpr (std::is_same_v<Wt, float>) {
+      at::mm_out(out, in, W.t());
+    } else {
+      out.copy_(at::mm(in.to(W.scalar_type()), W.t()));
+    }
     return;
   }
   const float* x = in.data_ptr<float>();
-  const float* w = W.data_ptr<float>();
+  const Wt* w = W.data_ptr<Wt>();
   float* y = out.data_ptr<float>();
+#ifdef RDEPTH_AVX512
+  constexpr int64_t step = 16 * Stream<Wt>::P;
+  const int64_t Kp = (K + step - 1) / step * step;
+  std::vector<float> arranged(B * Kp);
+  arrange<Stream<Wt>::P>(x, arranged.data(), B, K, Kp);
+  const float* xa = arranged.data();
+#else
+  const int64_t Kp = K;
+  const float* xa = x;
+#endif
   const int64_t blocks = (N + 7) / 8;
   // at least 256 KiB of weights per task: smaller products stay on one thread, where a fork and join would cost
   // about what splitting them saves (measured on the `small` preset at 2 threads: 1 MiB 51, 256 KiB 68, 64 KiB 63
   // tokens/s)
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (8 * 4 * std::max<int64_t>(K, 1)));
+  const int64_t block_bytes = 8 * static_cast<int64_t>(sizeof(Wt)) * std::max<int64_t>(K, 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / block_bytes);
   at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
-    linear_rows(x, w, y, B, N, K, lo * 8, std::min(hi * 8, N));
+    linear_rows(x, xa, Kp, w, y, B, N, K, lo * 8, std::min(hi * 8, N));
   });
 }
 
@@ -228,17 +260,20 @@ void add_rms_norm_rows(const float* a, const float* b, const float* w, float* su
   rms_norm_rows(sum, w, out, rows, d, eps);
 }
 
-void check_f32(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "rdepth.blocks: ", name,
-              " must be a contiguous fp32 CPU tensor");
+// t is a contiguous CPU tensor of dtype st (kFloat: "fp32", kBFloat16: "bf16" in the message)
+void check(const at::Tensor& t, at::ScalarType st, const char* name, const char* op = "rdepth.blocks") {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == st && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous ", st == at::kFloat ? "fp32" : "bf16", " CPU tensor");
 }
 
-at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, const c10::optional<at::Tensor>& adapter,
-                  int64_t n_steps, at::TensorList weights, at::TensorList kslots, at::TensorList vslots, int64_t pos,
-                  at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads,
-                  const c10::optional<at::Tensor>& rows) {
-  check_f32(x_arg, "x");
-  check_f32(rope, "rope");
+template <typename St>
+at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e,
+                       const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
+                       at::TensorList kslots, at::TensorList vslots, int64_t pos, at::TensorList masks,
+                       const at::Tensor& rope, double eps, int64_t n_heads, const c10::optional<at::Tensor>& rows) {
+  const at::ScalarType st = c10::CppTypeToScalarType<St>::value;
+  check(x_arg, st, "x");
+  check(rope, at::kFloat, "rope");
   TORCH_CHECK(x_arg.dim() == 3, "rdepth.blocks: x must be (B, T, d)");
   TORCH_CHECK(n_steps >= 1, "rdepth.blocks: n_steps must be at least 1");
   TORCH_CHECK(pos >= 0, "rdepth.blocks: pos must be >= 0");
@@ -261,7 +296,8 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
     const at::Tensor* w = weights.data() + 9 * l;
     for (int j = 0; j < 9; ++j) {
       if (j == 2 && w[j].numel() == 0) continue;
-      check_f32(w[j], "a block weight");
+      const bool matrix = j == 1 || j == 3 || j == 6 || j == 7;
+      check(w[j], matrix ? st : at::kFloat, matrix ? "a block's weight matrix" : "a block's norm weight or bias");
     }
     TORCH_CHECK(w[1].size(0) == 3 * d && w[1].size(1) == d && w[3].size(0) == d && w[3].size(1) == d &&
                     w[6].size(1) == d && w[7].size(0) == d && w[7].size(1) * 2 == w[6].size(0),
@@ -270,14 +306,14 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
   at::Tensor xe;
   if (adapter.has_value()) {
     TORCH_CHECK(e.has_value() && e->sizes() == x_arg.sizes(), "rdepth.blocks: the adapter needs e shaped like x");
-    check_f32(*e, "e");
-    check_f32(*adapter, "adapter");
+    check(*e, st, "e");
+    check(*adapter, st, "adapter");
     TORCH_CHECK(adapter->size(0) == d && adapter->size(1) == 2 * d, "rdepth.blocks: adapter must be (d, 2d)");
-    xe = at::empty({R, 2 * d}, x_arg.options());  // [state | e]
+    xe = at::empty({R, 2 * d}, x_arg.options().dtype(at::kFloat));  // [state | e]
     float* xep = xe.data_ptr<float>();
-    const float* ep = e->data_ptr<float>();
+    const St* ep = e->data_ptr<St>();
     for (int64_t r = 0; r < R; ++r)
-      for (int64_t i = 0; i < d; ++i) xep[r * 2 * d + d + i] = ep[r * d + i];
+      for (int64_t i = 0; i < d; ++i) xep[r * 2 * d + d + i] = widen(ep[r * d + i]);
   }
   const int64_t* rowp = nullptr;  // x row b lives in cache row rowp[b] (all rows in order without `rows`)
   if (rows.has_value()) {
@@ -297,8 +333,8 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
   for (int64_t i = 0; i < n_steps * L; ++i) {
     const at::Tensor& ks = kslots[i];
     const at::Tensor& vs = vslots[i];
-    check_f32(ks, "k slot");
-    check_f32(vs, "v slot");
+    check(ks, st, "k slot");
+    check(vs, st, "v slot");
     TORCH_CHECK(ks.dim() == 4 && (rowp != nullptr || ks.size(0) == B) && ks.size(1) == H && ks.size(3) == D &&
                     ks.size(2) >= S && vs.sizes() == ks.sizes(),
                 "rdepth.blocks: cache slots must be (B, H, C >= pos + T, D)");
@@ -314,7 +350,8 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t I = weights[6].size(0) / 2;
 
-  at::Tensor x = x_arg.reshape({R, d}).clone();  // the residual stream (R = B * T rows, d)
+  // the residual stream (R = B * T rows, d), fp32 whatever the storage type
+  at::Tensor x = x_arg.reshape({R, d}).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
   at::Tensor h = at::empty({R, d}, x.options());
   at::Tensor y = at::empty({R, d}, x.options());
   at::Tensor o = at::empty({R, d}, x.options());
@@ -336,7 +373,7 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
       float* xep = xe.data_ptr<float>();
       for (int64_t r = 0; r < R; ++r)
         for (int64_t i = 0; i < d; ++i) xep[r * 2 * d + i] = xp[r * d + i];
-      linear(xe, *adapter, x);
+      linear<St>(xe, *adapter, x);
     }
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor* w = weights.data() + 9 * l;
@@ -349,11 +386,11 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
 
       // attention half: x = norm_2(attn(norm_1(x)) + x)
       rms_norm_rows(xp, w[0].data_ptr<float>(), hp, R, d, eps);
-      linear(h, w[1], qkv);  // (R, 3d): q | k | v
+      linear<St>(h, w[1], qkv);  // (R, 3d): q | k | v
       const bool has_bias = w[2].numel() > 0;
       const float* bias = has_bias ? w[2].data_ptr<float>() : nullptr;
-      float* kc = ks.data_ptr<float>();
-      float* vc = vs.data_ptr<float>();
+      St* kc = ks.data_ptr<St>();
+      St* vc = vs.data_ptr<St>();
       for (int64_t b = 0; b < B; ++b) {  // bias, RoPE and the cache write of every new token first
         for (int64_t t = 0; t < T; ++t) {
           float* q = qp + (b * T + t) * 3 * d;
@@ -378,11 +415,11 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
               kk[1] = k1 * c + k0 * sn;
             }
             const int64_t cb = rowp != nullptr ? rowp[b] : b;
-            float* kdst = kc + ((cb * H + hh) * C + pos + t) * D;
-            float* vdst = vc + ((cb * H + hh) * C + pos + t) * D;
+            St* kdst = kc + ((cb * H + hh) * C + pos + t) * D;
+            St* vdst = vc + ((cb * H + hh) * C + pos + t) * D;
             for (int64_t i = 0; i < D; ++i) {
-              kdst[i] = k[hh * D + i];
-              vdst[i] = v[hh * D + i];
+              kdst[i] = narrow<St>(k[hh * D + i]);
+              vdst[i] = narrow<St>(v[hh * D + i]);
             }
           }
         }
@@ -395,18 +432,18 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
           for (int64_t hh = 0; hh < H; ++hh) {
             const float* qh = q + hh * D;
             const int64_t cb = rowp != nullptr ? rowp[b] : b;
-            const float* kbase = kc + (cb * H + hh) * C * D;
-            const float* vbase = vc + (cb * H + hh) * C * D;
+            const St* kbase = kc + (cb * H + hh) * C * D;  // the token's own key and value as stored (rounded)
+            const St* vbase = vc + (cb * H + hh) * C * D;
             float m = -INFINITY;
             for (int64_t s = 0; s <= own; ++s) {
               if (mrow && !mrow[s] && s != own) {
                 scores[s] = -INFINITY;
                 continue;
               }
-              const float* kr = kbase + s * D;
+              const St* kr = kbase + s * D;
               float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-              for (int64_t i = 0; i < D; ++i) dot += qh[i] * kr[i];
+              for (int64_t i = 0; i < D; ++i) dot += qh[i] * widen(kr[i]);
               scores[s] = dot * scale;
               if (scores[s] > m) m = scores[s];
             }
@@ -423,46 +460,76 @@ at::Tensor blocks(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e, c
             for (int64_t s = 0; s <= own; ++s) {
               const float p = sc[s] / total;
               if (p == 0.f) continue;
-              const float* vr = vbase + s * D;
+              const St* vr = vbase + s * D;
 #pragma omp simd
-              for (int64_t i = 0; i < D; ++i) out[i] += p * vr[i];
+              for (int64_t i = 0; i < D; ++i) out[i] += p * widen(vr[i]);
             }
           }
         }
       }
-      linear(y, w[3], o);
+      linear<St>(y, w[3], o);
       add_rms_norm_rows(op, xp, w[4].data_ptr<float>(), hp, xp, R, d, eps);
 
       // MLP half: x = norm_4(mlp(norm_3(x)) + x)
       rms_norm_rows(xp, w[5].data_ptr<float>(), hp, R, d, eps);
-      linear(h, w[6], gu);  // (R, 2I): gate | up
+      linear<St>(h, w[6], gu);  // (R, 2I): gate | up
       for (int64_t r = 0; r < R; ++r) {
         const float* g = gp + r * 2 * I;
         float* ar = ap + r * I;
 #pragma omp simd
         for (int64_t i = 0; i < I; ++i) ar[i] = (g[i] / (1.f + exp_approx(-g[i]))) * g[I + i];
       }
-      linear(a, w[7], o);
+      linear<St>(a, w[7], o);
       add_rms_norm_rows(op, xp, w[8].data_ptr<float>(), hp, xp, R, d, eps);
     }
   }
-  return x.view({B, T, d});
+  return x.to(st).view({B, T, d});
 }
 
-// x (B, K) @ W^T through the same matrix-vector path the blocks use (tests and benchmarks)
+// The storage type is the weight matrices' dtype: fp32 or bf16.
+at::Tensor blocks(const at::Tensor& x, const c10::optional<at::Tensor>& e, const c10::optional<at::Tensor>& adapter,
+                  int64_t n_steps, at::TensorList weights, at::TensorList kslots, at::TensorList vslots, int64_t pos,
+                  at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads,
+                  const c10::optional<at::Tensor>& rows) {
+  TORCH_CHECK(weights.size() >= 2, "rdepth.blocks: expected 9 weights per block");
+  const at::ScalarType st = weights[1].scalar_type();
+  if (st == at::kBFloat16)
+    return blocks_impl<at::BFloat16>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps, n_heads,
+                                     rows);
+  TORCH_CHECK(st == at::kFloat, "rdepth.blocks: the weight matrices must be fp32 or bf16, not ", st);
+  return blocks_impl<float>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps, n_heads, rows);
+}
+
+// fp32 x (B, K) @ W^T, W fp32 or bf16, through the same matrix-vector path the blocks use (tests and benchmarks)
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& W) {
-  check_f32(x, "x");
-  check_f32(W, "W");
+  check(x, at::kFloat, "x", "rdepth.linear");
+  const bool bf16 = W.scalar_type() == at::kBFloat16;
+  check(W, bf16 ? at::kBFloat16 : at::kFloat, "W", "rdepth.linear");
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "rdepth.linear: x (B, K) and W (N, K)");
   at::Tensor out = at::empty({x.size(0), W.size(0)}, x.options());
-  linear(x, W, out);
+  if (bf16) {
+    linear<at::BFloat16>(x, W, out);
+  } else {
+    linear<float>(x, W, out);
+  }
   return out;
+}
+
+// The vector instruction set the matrix-vector kernel was built for: "avx512" (AVX-512 F, BW and VL: the fast
+// in-register bf16 widening) or "portable" (the compiler's own vectorisation).
+std::string vector_isa() {
+#ifdef RDEPTH_AVX512
+  return "avx512";
+#else
+  return "portable";
+#endif
 }
 
 }  // namespace
 
 TORCH_LIBRARY(rdepth, m) {
   m.def("linear(Tensor x, Tensor W) -> Tensor");
+  m.def("vector_isa() -> str", &vector_isa);
   m.def("blocks(Tensor x, Tensor? e, Tensor? adapter, int n_steps, Tensor[] weights, Tensor[] kslots, "
         "Tensor[] vslots, int pos, Tensor[] masks, Tensor rope, float eps, int n_heads, Tensor? rows=None) -> Tensor");
 }

@@ -3,18 +3,26 @@
 Batch-1 decoding of a recurrent-depth model is a long chain of tiny operations: at r = 32 a token runs 128 core-layer
 calls, each about forty small tensor ops whose dispatch costs more than their arithmetic. `torch.ops.rdepth.blocks`
 (recurrent_depth/csrc/fused_blocks.cpp, built by `recurrent_depth.kernels`) runs a whole stage's sandwich blocks in
-one call: matrix products of up to 16 rows are its own loops over the weights (ATen's GEMM above), the norms, RoPE,
-KV write, attention and gating are plain loops. It applies when:
+one call: matrix products of up to 16 rows (4 with bf16 weights) are its own loops over the weights (ATen's GEMM
+above), the norms, RoPE, KV write, attention and gating are plain loops. It applies when:
 
-    a stage with at least one block, at most MAX_TOKENS (64) new tokens per row, fp32 activations and weights on
-    the CPU, no autograd, no module hooks, and a `KVCache` (all of its rows or
-    the subset `cache.rows`): decoding and short prefills, speculative drafting and verification, the rows still
-    iterating under adaptive exit, HF `generate` with our cache.
+    a stage with at least one block, at most MAX_TOKENS (64) new tokens per row, activations and weights on the CPU
+    in fp32, or in bf16 where the library was built with AVX-512 (`kernels.vector_isa()`), no autograd, no module
+    hooks, and a `KVCache` (all of its rows or the subset `cache.rows`): decoding and short prefills, speculative
+    drafting and verification, the rows still iterating under adaptive exit, HF `generate` with our cache.
 
 Anything else runs the eager network. The library is built on first use with the system C++ compiler
 (`torch.utils.cpp_extension`, cached under ~/.cache/torch_extensions); without a compiler, or with
 RDEPTH_FUSED=0 in the environment, decoding stays eager. Results match the eager network to float rounding
 (different summation order), not bit for bit; `model.transformer.fused_decode = False` turns the path off per model.
+
+bf16 models: the op reads the weight matrices and the KV cache as bf16 (widened to fp32 in registers, so they stream
+half the bytes of fp32) and computes everything else in fp32: activations, accumulation, norms, RoPE, softmax, and the
+state across a call's recurrences. Rounded to bf16 are only the stage's output and the cached keys and values (as the
+eager bf16 network stores them), and the inputs of products of more than 4 rows (prompts, batches: ATen's bf16 GEMM,
+memory-bound where ours would be FMA-bound). It is therefore closer to the fp32 network on the same (bf16-rounded)
+weights than the eager bf16 network, which rounds every activation. Without AVX-512 (F, BW, VL) bf16
+models run eagerly: the portable kernel has not been measured to beat PyTorch there.
 """
 
 from __future__ import annotations
@@ -25,32 +33,36 @@ import torch
 from torch import Tensor
 
 from recurrent_depth.inference.cache import KVCache
-from recurrent_depth.kernels import available
+from recurrent_depth.kernels import available, vector_isa
 from recurrent_depth.model.layers import AttentionContext, LayerKey
 
 
 def _weights(blocks: Any) -> list[Tensor]:
+    """The op's 9 tensors per block: the matrices as stored (fp32 or bf16), the norm weights and q/k bias in fp32
+    (`float()` is the tensor itself in an fp32 model, a copy of d floats per vector in a bf16 one)."""
     out: list[Tensor] = []
     for b in blocks:
         a = b.attn
-        bias = a.qk_bias.reshape(2, -1) if a.qk_bias is not None else _EMPTY
-        out += [b.norm_1.weight, a.Wqkv.weight, bias, a.proj.weight, b.norm_2.weight, b.norm_3.weight,
-                b.mlp.fc.weight, b.mlp.proj.weight, b.norm_4.weight]
+        bias = a.qk_bias.reshape(2, -1).float() if a.qk_bias is not None else _EMPTY
+        out += [b.norm_1.weight.float(), a.Wqkv.weight, bias, a.proj.weight, b.norm_2.weight.float(),
+                b.norm_3.weight.float(), b.mlp.fc.weight, b.mlp.proj.weight, b.norm_4.weight.float()]
     return out
 
 
 _EMPTY = torch.empty(0)
 
 
+_DTYPES = (torch.float32, torch.bfloat16)
 MAX_TOKENS = 64  # longer forwards (long prompts) run eagerly: their attention is better served by SDPA's kernels
 
 
 def applicable(x: Tensor, ctx: AttentionContext, blocks: Any) -> bool:
     """Whether `run_blocks` may take this call (see the module docstring). Blocks with forward hooks (or global
     module hooks) run eagerly, so that hooks keep firing; an empty stage has nothing to fuse."""
-    return (len(blocks) > 0 and x.shape[1] <= MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu"
-            and blocks[0].attn.Wqkv.weight.dtype == torch.float32 and not torch.is_grad_enabled()
-            and isinstance(ctx.cache, KVCache) and not _hooked(blocks) and available())
+    return (len(blocks) > 0 and x.shape[1] <= MAX_TOKENS and x.dtype in _DTYPES and x.device.type == "cpu"
+            and blocks[0].attn.Wqkv.weight.dtype == x.dtype and not torch.is_grad_enabled()
+            and isinstance(ctx.cache, KVCache) and not _hooked(blocks) and available()
+            and (x.dtype == torch.float32 or vector_isa() == "avx512"))
 
 
 def _hooked(blocks: Any) -> bool:
@@ -77,7 +89,7 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
     if weights is None:  # gathered once per forward (not per recurrence): parameters may change between forwards
         weights = scratch[part] = _weights(blocks)
         if "rope" not in scratch:
-            scratch["rope"] = ctx.rope.reshape(ctx.rope.shape[0], T, D // 2, 2).contiguous()
+            scratch["rope"] = ctx.rope.reshape(ctx.rope.shape[0], T, D // 2, 2).float().contiguous()
             # the forward's own mask (padding; causal within the new tokens is the op's), per token: (B, T, S)
             scratch["pad"] = None if ctx.mask is None else ctx.mask[:, 0, :, :S]
     pad = scratch["pad"]

@@ -115,7 +115,8 @@ class Attention(nn.Module):
         rot_c, rot_s = ctx.rope_factors()
         pairs = qk.float().unflatten(-1, (-1, 2))  # (B, T, 2, H, D/2, 2), RoPE in fp32
         q, k = (pairs * rot_c + pairs.flip(-1) * rot_s).flatten(-2).type_as(x).unbind(dim=2)
-        if ctx.mask is None and ctx.cache is None and kernels.attention_applies(q):  # CPU fp32: our causal kernel
+        # CPU fp32 q, k and v (under bf16 autocast v stays bf16 while RoPE made q, k fp32): our causal kernel
+        if ctx.mask is None and ctx.cache is None and v.dtype == q.dtype and kernels.attention_applies(q):
             return self.proj(kernels.causal_attention(q, k, v).view(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         mask = ctx.mask

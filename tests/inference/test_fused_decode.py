@@ -4,6 +4,7 @@ same tokens and steps, through padding, KV policies, adaptive exit (holes in the
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -250,3 +251,185 @@ def test_stages_without_blocks_run_without_the_fused_op() -> None:
         fast = generate(model, ids, max_new_tokens=4, num_steps=3)
     assert calls == ["core"] * 4
     assert fast.sequences.tolist() == eager.sequences.tolist()
+
+
+# ------------------------------------------------------------------------------------------ bf16 weights
+requires_avx512 = pytest.mark.skipif(kernels.available() and kernels.vector_isa() != "avx512",
+                                     reason="bf16 decode takes the fused op only where it was built with AVX-512 "
+                                            "(F, BW, VL); on this CPU bf16 models run eagerly")
+
+
+def _bf16_pair(model):
+    """(the model in bf16, the fp32 network on the same bf16-rounded weights): the fused bf16 path computes in fp32,
+    so it should sit closer to the second than the eager bf16 network, which rounds every activation to bf16."""
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    return low, copy.deepcopy(low).float()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+class _Replay:
+    """An exit criterion that replays a plan: row r of the k-th forward exits after plans[k][r] steps (the same
+    exits, hence the same cache holes, on every path compared)."""
+
+    name, threshold, needs_logits = "replay", 0.0, False
+
+    def __init__(self, plans: list[torch.Tensor]) -> None:
+        self.plans = list(plans)
+
+    def init(self, state: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        plan = self.plans.pop(0)
+        return torch.stack([plan, torch.zeros_like(plan)], 1)  # (B, 2): planned steps, steps so far
+
+    def check(self, memory, state, logits, valid=None):
+        count = memory[:, 1] + 1
+        return count >= memory[:, 0], torch.stack([memory[:, 0], count], 1), count.float()
+
+
+@requires_avx512
+@pytest.mark.parametrize(("policy", "length"), [("full", 7), (1, 7), ("full", fused.MAX_TOKENS + 1)])
+def test_fused_bf16_decode_matches_eager_with_padding(debug_model, policy, length) -> None:
+    """bf16 weights through the fused op, padded rows, prefill plus five tokens: within bf16 rounding of the eager
+    bf16 network, and closer than it to the fp32 network on the same weights (fp32 activations inside the op). A
+    prompt too long for the op prefills eagerly into the bf16 cache that the fused steps then read."""
+    low, ref_model = _bf16_pair(debug_model)
+    ids, mask = _padded(0, length=length)
+    new = torch.randint(4, 256, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), _fused(low, False), _fused(ref_model, False):
+        eager, _ = _teacher_forced(low, ids, mask, new, policy=policy, num_steps=5)
+        ref, _ = _teacher_forced(ref_model, ids, mask, new, policy=policy, num_steps=5)
+    calls: list[str] = []
+    with torch.inference_mode(), _fused(low, True, calls):
+        fast, _ = _teacher_forced(low, ids, mask, new, policy=policy, num_steps=5)
+    assert calls == ["prelude", "core", "coda"] * (6 if length <= fused.MAX_TOKENS else 5)
+    assert _rel(fast, eager) < 2e-2  # bf16 rounding of activations (eager) and of stage outputs and the cache (ours)
+    assert _rel(fast, ref) < 1e-2
+    assert _rel(fast, ref) < _rel(eager, ref)
+
+
+@requires_avx512
+@pytest.mark.parametrize("policy", ["full", "latest", 1])
+def test_fused_bf16_decode_with_rows_exiting_at_different_depths(policy) -> None:
+    """A batch whose rows exit at different steps (a replayed plan, so that every path has the same holes): the
+    bf16 fused path, including the rows still iterating (cache.rows), against eager bf16 and fp32."""
+    low, ref_model = _bf16_pair(make_converging_model(contraction=0.6))
+    ids = torch.randint(4, 256, (3, 6), generator=torch.Generator().manual_seed(2))
+    new = torch.randint(4, 256, (3, 6), generator=torch.Generator().manual_seed(3))
+    plans = list(torch.randint(1, 13, (7, 3), generator=torch.Generator().manual_seed(4)))
+    run = dict(policy=policy, num_steps=12, mask=torch.ones_like(ids))
+    with torch.inference_mode(), _fused(low, False), _fused(ref_model, False):
+        eager, eager_steps = _teacher_forced(low, ids, new=new, criterion=_Replay(plans), **run)
+        ref, _ = _teacher_forced(ref_model, ids, new=new, criterion=_Replay(plans), **run)
+    calls: list[str] = []
+    with torch.inference_mode(), _fused(low, True, calls):
+        fast, fast_steps = _teacher_forced(low, ids, new=new, criterion=_Replay(plans), **run)
+    assert "core[rows]" in calls and "coda[rows]" in calls
+    assert fast_steps.tolist() == eager_steps.tolist() == torch.stack(plans, 1).tolist()
+    assert _rel(fast, eager) < 2e-2
+    assert _rel(fast, ref) < _rel(eager, ref)
+
+
+@requires_avx512
+def test_fused_bf16_greedy_tokens(debug_model) -> None:
+    """Greedy generation of a padded batch, plain and speculative: the fused bf16 path gives the tokens of the fp32
+    network on the same weights (the eager bf16 network, rounding every activation, may not)."""
+    low, ref_model = _bf16_pair(debug_model)
+    ids, mask = _padded(4)
+    kw = dict(max_new_tokens=8, num_steps=6)
+    with _fused(ref_model, False):
+        ref = generate(ref_model, ids, mask, **kw)
+    calls: list[str] = []
+    with _fused(low, True, calls):
+        fast = generate(low, ids, mask, **kw)
+        fast_spec = generate(low, ids, mask, draft_steps=2, lookahead=3, **kw)
+    assert calls
+    assert fast.sequences.tolist() == ref.sequences.tolist()
+    assert fast_spec.sequences.tolist() == ref.sequences.tolist()
+
+
+@requires_avx512
+def test_fused_bf16_bundled_model_answers_as_fp32() -> None:
+    """The bundled trained checkpoint in bf16 on its task's prompts: the fused path's greedy answers are the fp32
+    model's and the eager bf16 model's."""
+    from recurrent_depth.assets import bundle_info, resolve_model
+    from recurrent_depth.data.tokenizer import encode_prompt, load_tokenizer
+    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.tasks import get_task
+
+    path = resolve_model(None)
+    info = bundle_info(path)
+    model, tok = RecurrentDepthForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    task = get_task(info["task"], **info.get("difficulty", {}))
+    for row in task.generate(4, split="test", seed=11):
+        ids = torch.tensor([encode_prompt(tok, row["prompt"])])
+        kw = dict(max_new_tokens=6, num_steps=8)
+        with _fused(model, False), _fused(low, False):
+            fp32, eager = generate(model, ids, **kw), generate(low, ids, **kw)
+        calls: list[str] = []
+        with _fused(low, True, calls):
+            fast = generate(low, ids, **kw)
+        assert calls
+        assert fast.sequences.tolist() == fp32.sequences.tolist() == eager.sequences.tolist()
+
+
+def test_bf16_runs_eagerly_without_avx512(debug_model, monkeypatch) -> None:
+    """Where the library lacks the AVX-512 kernel, bf16 models keep the eager network (fp32 ones still fuse)."""
+    monkeypatch.setitem(kernels._state, "isa", "portable")
+    low = copy.deepcopy(debug_model).to(torch.bfloat16)
+    ids = torch.randint(4, 256, (1, 4), generator=torch.Generator().manual_seed(10))
+    calls: list[str] = []
+    with _fused(low, True, calls):
+        out = generate(low, ids, max_new_tokens=3, num_steps=2)
+    assert not calls and out.sequences.shape == (1, 7)
+    with _fused(debug_model, True, calls):
+        generate(debug_model, ids, max_new_tokens=3, num_steps=2)
+    assert calls
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17])
+def test_fused_matrix_vector_kernel_reads_bf16_weights(rows) -> None:
+    """fp32 x against bf16 W: exact fp32 products of the widened weights (up to 4 rows, with row lengths that leave
+    tails of every size below 32); above 4 rows ATen's bf16 GEMM, on x rounded to bf16 (csrc: kGemmRows)."""
+    g = torch.Generator().manual_seed(rows)
+    for n_out, n_in in [(13, 40), (64, 32), (200, 96), (9, 31), (24, 65)]:
+        x = torch.randn(rows, n_in, generator=g)
+        w = torch.randn(n_out, n_in, generator=g).to(torch.bfloat16)
+        got = torch.ops.rdepth.linear(x, w)
+        assert got.dtype == torch.float32
+        if rows <= 4:
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, w.float()), rtol=1e-5, atol=1e-5)
+        else:
+            want = torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    g2 = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 512, generator=g2), torch.randn(2050, 512, generator=g2).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    one = torch.ops.rdepth.linear(x, w)
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(torch.ops.rdepth.linear(x, w), one)  # split over threads: each output unchanged
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_op_rejects_mixed_storage_types(debug_model) -> None:
+    """bf16 weight matrices need bf16 x and cache slots, and fp32 norm weights; other weight dtypes are refused."""
+    d, H = debug_model.config.n_embd, debug_model.config.n_heads
+    block = copy.deepcopy(debug_model.transformer.core_block[:1]).to(torch.bfloat16)
+    weights = fused._weights(block)
+    slot = torch.zeros(1, H, 4, d // H, dtype=torch.bfloat16)
+    args = dict(x=torch.zeros(1, 1, d, dtype=torch.bfloat16), e=None, adapter=None, n_steps=1, weights=weights,
+                kslots=[slot], vslots=[slot], pos=0, masks=[fused._EMPTY], rope=torch.zeros(1, 1, d // H // 2, 2),
+                eps=1e-6, n_heads=H, rows=None)
+    assert torch.ops.rdepth.blocks(*args.values()).dtype == torch.bfloat16  # well-formed: runs
+    norm_bf16 = [weights[0].to(torch.bfloat16), *weights[1:]]
+    half = [w.half() if w.dim() == 2 else w for w in weights]
+    for change, message in [(dict(x=torch.zeros(1, 1, d)), "x must be a contiguous bf16"),
+                            (dict(kslots=[slot.float()]), "k slot must be a contiguous bf16"),
+                            (dict(weights=norm_bf16), "norm weight or bias must be a contiguous fp32"),
+                            (dict(weights=half), "must be fp32 or bf16")]:
+        with pytest.raises(RuntimeError, match=f"rdepth.blocks: .*{message}"):
+            torch.ops.rdepth.blocks(*{**args, **change}.values())

@@ -163,3 +163,18 @@ def test_build_tag_names_environment_and_sources(monkeypatch, tmp_path):
     src.write_text(kernels._SOURCES[0].read_text() + "\n// edited\n")
     monkeypatch.setattr(kernels, "_SOURCES", [src, *kernels._SOURCES[1:]])
     assert kernels.build_tag() != base
+
+
+def test_cpu_bf16_autocast_forward_and_backward_run() -> None:
+    """Under CPU bf16 autocast the projections give bf16 v while RoPE gives fp32 q and k: the layer must not hand
+    that mix to the fp32-only kernel (it raised 'q, k, v must be float32')."""
+    from recurrent_depth import RecurrentDepthConfig, RecurrentDepthForCausalLM
+
+    torch.manual_seed(0)
+    model = RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name("debug"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, num_steps=2, labels=ids, init_scale=0.0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
