@@ -9,7 +9,7 @@ used and its final state; it advances the cache by T positions (`cache.commit`),
 number of tokens T to the rows it names, and rows it does not name get holes at those positions. `attention_mask`
 covers those rows' whole cache (0 at positions where a row has no token).
 
-vocab_limit: logits of vocabulary rows at or beyond it (an embedding padded past the tokenizer) are -inf, for the
+vocab_limit: vocabulary rows at or beyond it (an embedding padded past the tokenizer) get probability 0, for the
 exit criteria and the sampler alike (`recurrent_depth.inference.sampling.ban_beyond`).
 """
 
@@ -70,8 +70,8 @@ def forward_rows(model: Any, input_ids: Tensor, cache: KVCache, *, num_steps: in
     input_ids: (R, T); attention_mask: (R, cache.seq_len + T) with 0 at padding (None: no padding);
     criterion: exit criterion (None / NoExit: fixed depth num_steps); min_steps: recurrences before the first
     exit check (at least 1); initial_state: s0 (R, T, d) (warm start), else drawn with init_scale (0: zeros).
-    Exits are decided per row over the whole T tokens (the reference's prefill behaviour). vocab_limit: logits at
-    or beyond this vocabulary row are -inf (module docstring; None: none banned).
+    Exits are decided per row over the whole T tokens (the reference's prefill behaviour). vocab_limit: vocabulary
+    rows at or beyond it get probability 0 (module docstring; None: none banned).
     """
     t = model.transformer
     R, T = input_ids.shape

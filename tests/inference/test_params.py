@@ -60,3 +60,12 @@ def test_speculative_does_not_import_generate() -> None:
     code = ("import sys, recurrent_depth.inference.speculative; "
             "assert 'recurrent_depth.inference.generate' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_banned_rows_leave_the_kl_exit_working(converging_model) -> None:
+    ids = torch.tensor([[5, 6, 7]])
+    V = converging_model.config.vocab_size
+    out = generate(converging_model, ids, max_new_tokens=4, num_steps=16, exit_criterion="kl", exit_threshold=5e-4,
+                   vocab_limit=V // 2)
+    assert int(out.steps.max()) < 16  # with -inf logits KL was NaN and no token ever exited
+    assert int(out.sequences[0, 3:].max()) < V // 2
