@@ -42,7 +42,7 @@ class DepthParams:
     previous token's final ln_f(s)) or "raw" (from the raw core output); kv_sharing: "auto" (latest with an exit
     criterion, else full), "full", "latest", an int k or a policy object (`recurrent_depth.inference.cache`);
     init_scale: std scale of the random initial state (0: zeros, deterministic). Invalid values raise ValueError
-    naming the field."""
+    whose message starts with the field's name."""
 
     num_steps: int
     exit_criterion: str | ExitCriterion | None = "none"
@@ -56,9 +56,16 @@ class DepthParams:
             raise ValueError(f"num_steps must be an integer >= 0 (recurrences per token), got {self.num_steps!r}")
         if self.exit_criterion is None and self.exit_threshold is not None:
             raise ValueError("exit_threshold was given without an exit_criterion")
-        self.criterion()  # validates name and threshold
+        try:
+            self.criterion()
+        except ValueError as err:
+            field_name = "exit_criterion" if str(err).startswith("unknown") else "exit_threshold"
+            raise ValueError(f"{field_name}: {err}") from None
         check_warm_start(self.warm_start)
-        self.policy()  # validates kv_sharing
+        try:
+            self.policy()
+        except ValueError as err:
+            raise ValueError(f"kv_sharing: {err}") from None
         object.__setattr__(self, "init_scale", check_init_scale(self.init_scale))
 
     def criterion(self) -> ExitCriterion:

@@ -28,7 +28,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from recurrent_depth.inference.cache import make_kv_policy
 from recurrent_depth.inference.defaults import INIT_SCALE, resolve_kv_sharing
 from recurrent_depth.inference.exit import EXIT_CRITERIA
 from recurrent_depth.inference.params import DepthParams, SamplingParams
@@ -174,11 +173,6 @@ def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
     if isinstance(sharing, str) and sharing.isdigit() and len(sharing) >= 6:
         sharing = -1
     sharing = resolve_kv_sharing(sharing, crit)
-    try:
-        make_kv_policy(sharing)
-    except ValueError:
-        raise _bad("kv_sharing", f"unknown policy {_show(sharing)}; valid: 'auto', 'full', 'latest' or an integer "
-                   "k >= 1") from None
     init_scale = _number(body, "init_scale", INIT_SCALE, 0.0, 4.0)
     warm = body.get("warm_start")
     try:
@@ -190,7 +184,7 @@ def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
 
 def _show_error(message: str, field_name: str) -> str:
     """A library error for the client: without a leading field name (`_bad` adds it) and cut to a readable size."""
-    message = message.removeprefix(field_name).lstrip()
+    message = message.removeprefix(field_name).removeprefix(":").lstrip()
     return message if len(message) <= 300 else message[:300] + "..."
 
 

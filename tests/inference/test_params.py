@@ -33,6 +33,12 @@ def test_generate_and_server_share_the_validation(debug_model) -> None:
 
     with pytest.raises(APIError, match="warm_start: must be"):
         parse_depth({"warm_start": 0}, 4, Limits())
+    for body, field in (({"kv_sharing": "widest"}, "kv_sharing"), ({"init_scale": 5}, "init_scale"),
+                        ({"exit_criterion": "kll"}, "exit_criterion")):
+        with pytest.raises(APIError) as err:
+            parse_depth(body, 4, Limits())
+        assert err.value.param == field and err.value.message.startswith(f"{field}: ")
+        assert not err.value.message.startswith(f"{field}: {field}")  # named once
 
 
 def test_depth_params_resolve_their_strategies() -> None:
