@@ -145,7 +145,7 @@ class RowEngine:
     # ------------------------------------------------------------------------------------------- stepping
     @torch.inference_mode()
     def step(self) -> None:
-        """Advance every live sequence by one phase-step (embed / one core step / finish)."""
+        """Advance every live row by one phase-step (embed / one core step / finish)."""
         for group in self._groups([s for s in self.live if s.phase == EMBED]):
             self._embed(group)
         for group in self._groups([s for s in self.live if s.phase == ITERATE and not self._done_iterating(s)]):
