@@ -170,8 +170,9 @@ def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any =
     mmap: a CPU load in the stored dtype maps the files instead (parameters view a private copy-on-write mapping:
     pages are read from the file on first use, writes stay in memory, the file is never written); None reads the
     environment variable RDEPTH_MMAP (0 turns mapping off), default on. The NaN/inf screen below still reads each
-    mapped tensor once at load (about 1.7 s for the 7 GB huginn-3.5b bf16 file from the page cache), so the first
-    forward then finds its pages resident.
+    mapped tensor once at load, so that the warning comes at load on every path: 1.2-1.8 s for the 7 GB huginn-3.5b
+    bf16 file and 2.4-6 s for the 14 GB fp32 one from the page cache (one thread), the disk's time when cold; the
+    first forward then finds its pages resident.
     Keywords transformers passes (`trust_remote_code`, `local_files_only`, ...) are accepted and ignored: nothing is
     downloaded and no remote code runs. Weights holding NaN or infinities load with a warning naming them.
     """
