@@ -7,8 +7,13 @@ A checkpoint of random `--preset` weights is written once, in fp32 and in bf16, 
 the repository; `huginn-3.5b` needs ~14 GB of memory to write and 21 GB of disk). Each case `SRC-DTYPE` loads the SRC
 checkpoint as DTYPE in a fresh process and reports its peak RSS (`ru_maxrss`) over the model's bytes in DTYPE:
 `peak_over_model` counts the whole process, `added_over_model` only what loading added to the RSS the process had
-after importing torch and the model code and loading a tiny warm-up checkpoint (lazy imports and first-use
-allocations: the interpreter's own few hundred MB would otherwise dominate a small model).
+after importing torch and the model code and loading and running a tiny warm-up checkpoint (lazy imports, our C++
+kernels' build or load, first-use allocations: the interpreter's own few hundred MB would otherwise dominate a small
+model). `seconds` times the load alone, `first_forward_seconds` one no-grad forward of 16 tokens at num_steps=1 right
+after it, `load_and_forward_seconds` their sum: a load that maps the file (same dtype, on both sides) reads its pages
+on first use, so compare the sum too. The peak is taken after the forward; it counts mapped file pages resident (the
+page cache, which the kernel may drop), not only private memory. A checkpoint already in the page cache loads faster
+than one read from disk: run the sides one after the other on the same cache state.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "rdepth-bench"
@@ -55,19 +61,34 @@ def worker(spec: dict) -> dict:
         from recurrent_depth.model import RecurrentDepthForCausalLM
 
         load = lambda path: RecurrentDepthForCausalLM.from_pretrained(path, dtype=dtype)  # noqa: E731
-    load(spec["warmup"])  # lazy imports and first-use allocations, so that `base` is what stays fixed
+    _first_forward(load(spec["warmup"]), spec["side"])  # lazy imports, kernel builds, first-use allocations
     gc.collect()
     base = max(_rss_bytes(), _peak_bytes())
     start = time.perf_counter()
     model = load(spec["checkpoint"])
     seconds = time.perf_counter() - start
+    forward_seconds = _first_forward(model, spec["side"])
     peak = _peak_bytes()
     params = {id(p): p for p in model.parameters()}.values()
     model_bytes = sum(p.numel() * p.element_size() for p in params)
     assert all(p.dtype == dtype for p in params)
-    return {"seconds": round(seconds, 3), "model_bytes": model_bytes, "peak_rss_bytes": peak, "base_rss_bytes": base,
+    return {"seconds": round(seconds, 3), "first_forward_seconds": round(forward_seconds, 3),
+            "load_and_forward_seconds": round(seconds + forward_seconds, 3), "model_bytes": model_bytes,
+            "peak_rss_bytes": peak, "base_rss_bytes": base,
             "peak_over_model": round(peak / model_bytes, 3),
             "added_over_model": round((peak - base) / model_bytes, 3)}
+
+
+def _first_forward(model: Any, side: str) -> float:
+    """Seconds for one no-grad forward of 16 tokens at one recurrence (where a mapped load reads its pages)."""
+    import torch
+
+    ids = torch.arange(16).unsqueeze(0) % model.config.vocab_size  # (B=1, T=16)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model(ids, num_steps=1) if side == "reference" else model(ids, num_steps=1, init_scale=0.0)
+    assert bool(torch.isfinite(out.logits).all())
+    return time.perf_counter() - start
 
 
 def _checkpoint_folders(preset: str) -> dict[str, Path]:
@@ -111,6 +132,8 @@ def main() -> None:
     parser.add_argument("--preset", default="medium", help="model preset (huginn-3.5b allowed: ~14 GB in fp32)")
     parser.add_argument("--cases", default="fp32-float32,bf16-float32,bf16-bfloat16",
                         help="comma-separated SRC-DTYPE: stored fp32|bf16, loaded as float32|bfloat16")
+    parser.add_argument("--sides", default="ours,reference",
+                        help="comma-separated: ours, reference (the reference needs --reference-dir)")
     parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
     parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
                                                                      str(REPO / ".venv-tf4" / "bin" / "python")))
@@ -126,7 +149,7 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--make", args.preset], check=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     results = {"preset": args.preset, "cases": {}}
-    sides = ["ours"] + (["reference"] if args.reference_dir else [])
+    sides = [side for side in args.sides.split(",") if side == "ours" or (side == "reference" and args.reference_dir)]
     for case in args.cases.split(","):
         src, dtype = case.split("-")
         if src not in ("fp32", "bf16") or dtype not in DTYPES:

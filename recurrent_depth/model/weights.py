@@ -5,8 +5,10 @@ data_offsets}`, offsets relative to the data that starts at byte 8 + N), then th
 header ourselves so that every way a file can be broken (empty, truncated, garbage header, offsets past the end,
 an integer tensor where a weight belongs) becomes a `CheckpointError` naming the file and the tensor, and so that
 loading never holds a second full copy of the model: a tensor stored in the target dtype is read directly into
-its destination, any other is converted through a staging buffer of at most `CHUNK_BYTES`. Writing likewise casts
-and writes one tensor at a time (`write_safetensors`).
+its destination, any other is converted through a staging buffer of at most `CHUNK_BYTES`. A tensor already in the
+target dtype on the CPU may instead be mapped (`map_tensor`): a view into a private, copy-on-write mapping of the file,
+read page by page on first use, as transformers and safetensors load. Writing likewise casts and writes one tensor at a
+time (`write_safetensors`).
 """
 
 from __future__ import annotations
@@ -147,6 +149,24 @@ def load_tensor(entry: StoredTensor, dtype: torch.dtype, device: torch.device | 
         else:
             _read_converted(fh, dest.view(-1), entry)
     return dest
+
+
+def map_tensor(entry: StoredTensor, maps: dict[Path, torch.UntypedStorage]) -> torch.Tensor | None:
+    """A CPU tensor viewing `entry`'s bytes through a private (MAP_PRIVATE, copy-on-write) mapping of its file, or
+    None where it cannot be mapped (empty, or an offset that is not a multiple of the element size: read it instead).
+
+    Nothing is read now: pages come from the file on first use. Writes to the tensor go to this process's own copy
+    of the page and never to the file. The mapping lives as long as any tensor viewing it, and stays valid when the
+    file is replaced by a rename (the atomic save) or unlinked; rewriting the file in place would show through in
+    pages not yet written to, so nothing here ever writes a checkpoint in place. `maps` holds one mapping per file.
+    """
+    if entry.nbytes == 0 or entry.offset % entry.dtype.itemsize:
+        return None
+    storage = maps.get(entry.file)
+    if storage is None:
+        size = entry.file.stat().st_size
+        storage = maps[entry.file] = torch.UntypedStorage.from_file(str(entry.file), shared=False, nbytes=size)
+    return torch.empty(0, dtype=entry.dtype).set_(storage, entry.offset // entry.dtype.itemsize, entry.shape)
 
 
 def _read_exact(fh: BinaryIO, buf: Any, entry: StoredTensor) -> None:
