@@ -52,7 +52,7 @@ def worker(spec: dict) -> dict:
         load = lambda path: cls.from_pretrained(path, torch_dtype=dtype)  # noqa: E731
     else:
         sys.path.insert(0, str(REPO))
-        from recurrent_depth.model import RecurrentDepthForCausalLM
+        from recurrent_depth.hf import RecurrentDepthForCausalLM
 
         load = lambda path: RecurrentDepthForCausalLM.from_pretrained(path, dtype=dtype)  # noqa: E731
     load(spec["warmup"])  # lazy imports and first-use allocations, so that `base` is what stays fixed
@@ -80,7 +80,7 @@ def make_checkpoints(preset: str) -> None:
     import torch
 
     from recurrent_depth.config import RecurrentDepthConfig
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     folders = _checkpoint_folders(preset)
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from recurrent_depth.evaluation.records import write_records
     from recurrent_depth.evaluation.report import format_table
     from recurrent_depth.evaluation.sweeps import depth_sweep
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
     from recurrent_depth.tasks import get_task
 
     path = resolve_model(args.model)

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from recurrent_depth.data.tokenizer import load_tokenizer
     from recurrent_depth.evaluation.report import format_table, run_evaluation
     from recurrent_depth.evaluation.sweeps import exact_match
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     if not any((args.data, args.task, args.text, args.corpus)):
         raise ValueError("give --data, --task, --text or --corpus")

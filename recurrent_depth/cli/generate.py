@@ -125,7 +125,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace, progress: Progress) -> tuple[Any, Any]:
     """The checkpoint named by --model (default: the bundled one) and its tokenizer (None without tokenizer.json)."""
     from recurrent_depth.assets import resolve_model
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     path = resolve_model(args.model)
     if not path.is_dir():

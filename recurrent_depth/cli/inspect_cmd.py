@@ -60,8 +60,8 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     from recurrent_depth.assets import resolve_model
     from recurrent_depth.data.tokenizer import load_tokenizer
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
     from recurrent_depth.inspection import inspect_prompt, write_report
-    from recurrent_depth.model import RecurrentDepthForCausalLM
 
     model_dir = resolve_model(args.model)
     if not model_dir.is_dir():
