@@ -124,10 +124,10 @@ def _applies(state: Tensor, ctx) -> bool:
 class FusedRecurrence(Recurrence):
     """The model's `recurrence` when the fused step is installed: `step` is one FusedCore call (compiled or not) and
     `recur` runs the whole loop through it when `_applies`, else the `fallback` recurrence (which also runs
-    `steps`, the path inference takes). `checkpoint_steps` recomputes each step with autograd in backward."""
+    `steps`, the path inference takes). `checkpointed` recomputes each step with autograd in backward."""
 
     def __init__(self, core: FusedCore, step: nn.Module, fallback: Recurrence, checkpoint_steps: bool) -> None:
-        self.core, self.fused_step, self.fallback, self.checkpoint_steps = core, step, fallback, checkpoint_steps
+        self.core, self.fused_step, self.fallback, self.checkpointed = core, step, fallback, checkpoint_steps
 
     def steps(self, model: nn.Module, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx) -> Tensor:
         return self.fallback.steps(model, state, e, first_step, n_steps, ctx)
@@ -142,7 +142,7 @@ class FusedRecurrence(Recurrence):
             for _ in range(n_no_grad):
                 state = self.fused_step(state, *args)
         for _ in range(n_grad):
-            if self.checkpoint_steps and torch.is_grad_enabled():
+            if self.checkpointed and torch.is_grad_enabled():
                 state = checkpoint(self.fused_step, state, *args, use_reentrant=False)
             else:
                 state = self.fused_step(state, *args)

@@ -36,7 +36,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     its steps, with the checkpointed loop as its fallback."""
     t = model.transformer
     if isinstance(t.recurrence, FusedRecurrence):
-        t.recurrence.checkpoint_steps = True
+        t.recurrence.checkpointed = True
         t.recurrence.fallback = CheckpointedRecurrence()
     elif not isinstance(t.recurrence, CheckpointedRecurrence):
         t.recurrence = CheckpointedRecurrence()
