@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+# The one map from dtype names to torch dtypes: the CLI's --dtype, the training config's `runtime.dtype` and
+# checkpoint loading all read it.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -45,7 +47,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Compute dtype for autocast: `auto` is bf16 on CUDA and fp32 elsewhere."""
+    """The dtype named `name` (a key of `DTYPES`) for autocast or for weights: `auto` is bf16 on CUDA and fp32
+    elsewhere. ValueError naming the valid names otherwise."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:

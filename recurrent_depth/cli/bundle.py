@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--from", dest="source", default=None,
                    help="a reproduce run's `recurrent` folder (its latest checkpoint is copied) instead of training")
     p.add_argument("--out", default=None, help="destination (default: the package's assets/default-model)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the full reproduce scale)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="optimizer steps (default: the full reproduce scale); not recurrences")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
@@ -27,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from recurrent_depth.model.checkpoint import atomic_folder
     from recurrent_depth.training.checkpoint import latest_checkpoint
 
-    scale = replace(reproduce.FULL, **{k: v for k, v in {"steps": args.steps, "threads": args.threads}.items() if v})
+    overrides = {"steps": args.train_steps, "threads": args.threads}
+    scale = replace(reproduce.FULL, **{k: v for k, v in overrides.items() if v})
     if args.source:
         arm = Path(args.source)
         command = f"rdepth bundle --from {args.source}"
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         tree = reproduce.train_tree(scale, reproduce.model_fields(scale), {"sampler": "poisson-lognormal-filling"},
                                     reproduce.task_data(scale), scale.steps, reproduce.task_seq_len(scale))
         reproduce.train_arm("recurrent", tree, arm.parent, print)
-        command = "rdepth bundle" + (f" --steps {args.steps}" if args.steps else "")
+        command = "rdepth bundle" + (f" --train-steps {args.train_steps}" if args.train_steps else "")
     ckpt = latest_checkpoint(arm)
     train_cfg = arm / "config.json"
     if ckpt is None or not train_cfg.is_file():

@@ -1,6 +1,6 @@
 """`rdepth chat`: a terminal chat with streaming, showing the recurrence steps each token took.
 
-    rdepth chat --model ckpt/ --num-steps 32 --exit-criterion kl
+    rdepth chat --model ckpt/ --num-steps 32 --exit kl:5e-4
 
 The model runs in this process through the same engine as `rdepth serve`. Each reply streams as it is generated;
 after it, a line lists the steps of every token (or, with --inline-steps, each token is followed by its count).
@@ -16,9 +16,9 @@ import queue
 import sys
 from typing import TextIO
 
-from recurrent_depth.cli.serve import add_model_args, load_for_serving
+from recurrent_depth.cli.options import add_exit_arg, add_model_args, parse_exit
+from recurrent_depth.cli.serve import load_for_serving
 from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, KV_SHARING_HELP
-from recurrent_depth.inference.exit import EXIT_CRITERIA
 from recurrent_depth.serving.protocol import Limits
 
 COMMANDS = "/steps N, /exit NAME[:THRESHOLD], /temp T, /reset, /quit"
@@ -28,11 +28,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p = sub.add_parser(name, help="chat with a model in the terminal, streaming, with steps per token",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--num-steps", type=int, default=None, help="recurrences per token (default: mean_recurrence)")
     p.add_argument("--max-num-steps", type=int, default=Limits().max_num_steps,
                    help="largest --num-steps or /steps accepted (the KV store keeps a slot per recurrence step)")
-    p.add_argument("--exit-criterion", default="none", choices=list(EXIT_CRITERIA), help="adaptive exit criterion")
-    p.add_argument("--exit-threshold", type=float, default=None, help="threshold (default: the criterion's own)")
+    add_exit_arg(p, help="adaptive exit per token, e.g. kl:5e-4 (default: fixed depth; /exit changes it)")
     p.add_argument("--kv-sharing", default=KV_SHARING_AUTO, help=KV_SHARING_HELP)
     p.add_argument("--warm-start", action="store_true", help="start each token from the previous token's state")
     p.add_argument("--init-scale", type=float, default=INIT_SCALE, help="initial-state noise scale (default 0: zeros)")
@@ -76,10 +74,11 @@ class Chat:
     def body(self, messages: list[dict[str, str]]) -> dict:
         """The request for `messages`; no max_tokens, so a reply gets min(--max-tokens, the context left)."""
         a = self.args
+        crit = parse_exit(a.exit)
         body = {"model": self.served.model_id, "messages": messages, "temperature": a.temperature,
-                "top_p": a.top_p, "seed": a.seed, "exit_criterion": a.exit_criterion,
-                "exit_threshold": a.exit_threshold, "kv_sharing": a.kv_sharing, "warm_start": a.warm_start,
-                "init_scale": a.init_scale}
+                "top_p": a.top_p, "seed": a.seed, "exit_criterion": crit.name if crit else None,
+                "exit_threshold": crit.threshold if crit else None, "kv_sharing": a.kv_sharing,
+                "warm_start": a.warm_start, "init_scale": a.init_scale}
         if a.num_steps is not None:
             body["num_steps"] = a.num_steps
         return body
@@ -93,7 +92,8 @@ class Chat:
                           self.limits, s.stop_token_ids, s.template_stop)
 
     def check(self) -> None:
-        """Validate the settings alone (a one-word conversation): ValueError with the server's message."""
+        """Validate the settings alone (a one-word conversation): ValueError with the server's message (or the
+        --exit parser's)."""
         from recurrent_depth.serving.protocol import APIError
 
         try:
@@ -178,13 +178,7 @@ class Chat:
             except ValueError:
                 out.write("(usage: /steps N, a whole number of recurrences)\n")
         elif cmd == "exit" and arg:
-            name, _, thr = arg.partition(":")
-            try:
-                threshold = float(thr) if thr else None
-            except ValueError:
-                out.write(f"(usage: /exit NAME[:THRESHOLD]; {thr!r} is not a number)\n")
-                return True
-            self._set(out, f"exit criterion = {arg}", exit_criterion=name, exit_threshold=threshold)
+            self._set(out, f"exit = {arg}", exit=arg)
         elif cmd == "temp":
             try:
                 self._set(out, f"temperature = {float(arg)}", temperature=float(arg))
@@ -199,7 +193,6 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | 
     from recurrent_depth.serving.protocol import APIError
 
     stdin, out = stdin or sys.stdin, stdout or sys.stdout
-    args.max_batch = 1
     chat = Chat(load_for_serving(args), args)
     chat.scheduler.start()
     interactive = stdin.isatty()

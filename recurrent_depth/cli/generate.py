@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from recurrent_depth.cli.options import add_exit_arg, add_model_args, load_model, parse_exit, resolve_num_steps
 from recurrent_depth.cli.progress import Progress
 from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, KV_SHARING_HELP, check_init_scale
 
@@ -25,16 +26,14 @@ _RESET = "\033[0m"
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="generate from a checkpoint, showing the recurrence steps of every token",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="checkpoint folder (model files + tokenizer.json); default: the bundled checkpoint")
+    add_model_args(p)
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a left-padded batch)")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt (no tokenizer needed)")
     p.add_argument("--no-bos", action="store_true",
                    help="do not put the tokenizer's BOS before each --prompt (training rows start with it)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
-    p.add_argument("--num-steps", type=int, default=None, help="recurrences per token (default: mean_recurrence)")
-    p.add_argument("--exit", default=None, metavar="NAME[:THRESHOLD]",
-                   help="adaptive exit, e.g. kl:5e-4, latent-diff, argmax-stability:5 (default: fixed depth)")
+    add_exit_arg(p, help="adaptive exit per token, e.g. kl:5e-4 (default: fixed depth; with an exit, --num-steps is "
+                         "the cap)")
     p.add_argument("--min-steps", type=int, default=0, help="recurrences before the first exit check")
     p.add_argument("--kv-sharing", default=KV_SHARING_AUTO, help=KV_SHARING_HELP)
     p.add_argument("--warm-start", action="store_true", help="start each token from the previous final state")
@@ -54,16 +53,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     return p
 
 
-def _colour(steps: int, max_steps: int) -> str:
-    idx = min(len(_COLOURS) - 1, int(len(_COLOURS) * steps / max(max_steps, 1)))
+def _colour(steps: int, num_steps: int) -> str:
+    idx = min(len(_COLOURS) - 1, int(len(_COLOURS) * steps / max(num_steps, 1)))
     return _COLOURS[max(idx, 0)]
 
 
 class _Printer:
     """Streams decoded text, coloured by steps in a terminal, or one JSON line per token (batch of one)."""
 
-    def __init__(self, tokenizer: Any, max_steps: int, colour: bool, as_json: bool) -> None:
-        self.tok, self.max_steps, self.colour, self.as_json = tokenizer, max_steps, colour, as_json
+    def __init__(self, tokenizer: Any, num_steps: int, colour: bool, as_json: bool) -> None:
+        self.tok, self.num_steps, self.colour, self.as_json = tokenizer, num_steps, colour, as_json
         self.prompt_seen, self.ids, self.text, self.steps = False, [], "", None
 
     def put_steps(self, steps: torch.Tensor) -> None:
@@ -81,7 +80,7 @@ class _Printer:
             if self.as_json:
                 piece = json.dumps({"token": token, "text": piece, "steps": steps}) + "\n"
             elif self.colour and steps is not None:
-                piece = f"{_colour(steps, self.max_steps)}{piece}{_RESET}"
+                piece = f"{_colour(steps, self.num_steps)}{piece}{_RESET}"
             sys.stdout.write(piece)
             sys.stdout.flush()
 
@@ -110,44 +109,26 @@ class _TokenProgress:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Flag errors found before the checkpoint is loaded, each naming its flag."""
-    from recurrent_depth.inference.exit import parse_exit_spec
     from recurrent_depth.inference.sampling import Sampler
 
     check_init_scale(args.init_scale, "--init-scale")
-    if args.exit:
-        parse_exit_spec(args.exit)
+    parse_exit(args.exit)
     try:
         Sampler(args.sample, args.temperature, args.top_k, args.top_p, args.min_p)
     except ValueError as err:
         raise ValueError(f"{err} (--sample, --temperature, --top-k, --top-p, --min-p)") from None
 
 
-def _load(args: argparse.Namespace, progress: Progress) -> tuple[Any, Any]:
-    """The checkpoint named by --model (default: the bundled one) and its tokenizer (None without tokenizer.json)."""
-    from recurrent_depth.assets import resolve_model
-    from recurrent_depth.hf import RecurrentDepthForCausalLM
-
-    path = resolve_model(args.model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {str(path)!r} is not a checkpoint folder")
-    progress.update(f"loading {path}")
-    model = RecurrentDepthForCausalLM.from_pretrained(path).eval()
-    if not (path / "tokenizer.json").is_file():
-        return model, None
-    from recurrent_depth.data.tokenizer import load_tokenizer
-
-    return model, load_tokenizer(path)
-
-
 def run(args: argparse.Namespace) -> int:
-    from recurrent_depth.inference.exit import parse_exit_spec
     from recurrent_depth.inference.generate import generate
 
     _check_args(args)
     with Progress() as progress:
-        model, tokenizer = _load(args, progress)
+        progress.update(f"loading {args.model or 'the bundled checkpoint'}")
+        _, model, tokenizer = load_model(args)
         ids, mask = _encode(args, tokenizer)
-        num_steps = args.num_steps if args.num_steps is not None else model.config.mean_recurrence
+        ids, mask = ids.to(model.device), None if mask is None else mask.to(model.device)
+        num_steps = resolve_num_steps(args, model)
         if args.stream and ids.shape[0] != 1:
             raise ValueError("--stream shows one prompt; give a single --prompt")
         colour = sys.stdout.isatty() and not args.json
@@ -158,11 +139,11 @@ def run(args: argparse.Namespace) -> int:
             streamer = _TokenProgress(progress, args.max_new_tokens)
         eos = tokenizer.eos_token_id if tokenizer is not None else None
         out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens, num_steps=num_steps,
-                       exit_criterion=parse_exit_spec(args.exit) if args.exit else None, min_steps=args.min_steps,
+                       exit_criterion=parse_exit(args.exit), min_steps=args.min_steps,
                        warm_start=args.warm_start, kv_sharing=args.kv_sharing, draft_steps=args.draft_steps,
                        lookahead=args.lookahead, do_sample=args.sample, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                       generator=torch.Generator().manual_seed(args.seed), init_scale=args.init_scale,
+                       generator=torch.Generator(model.device).manual_seed(args.seed), init_scale=args.init_scale,
                        eos_token_id=eos, streamer=streamer)
     T = ids.shape[1]
     for row in range(ids.shape[0]):

@@ -14,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--quick", action="store_true", help="a smoke run in under 5 minutes on 2 cores (too small to "
                    "test the claims)")
     p.add_argument("--task", default=None, help="reasoning task (default: the full run's)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the scale's)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="optimizer steps per arm (default: the scale's); not recurrences, which are --num-steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=None, help="seed for data, models and depth draws")
     p.add_argument("--reuse", action="store_true",
@@ -31,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
         print(reproduce.rejudge(args.out) and f"rewrote {args.out}/results.md")
         return 0
     scale = reproduce.QUICK if args.quick else reproduce.FULL
-    overrides = {k: v for k, v in {"task": args.task, "steps": args.steps, "threads": args.threads,
+    overrides = {k: v for k, v in {"task": args.task, "steps": args.train_steps, "threads": args.threads,
                                    "seed": args.seed}.items() if v is not None}
     if overrides.get("steps", 1) < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        raise ValueError(f"--train-steps must be >= 1, got {args.train_steps}")
     reproduce.run(args.out, quick=args.quick, scale=replace(scale, **overrides), reuse=args.reuse)
     return 0

@@ -1,6 +1,6 @@
 """`rdepth serve`: an OpenAI-compatible HTTP server with per-request depth and adaptive exit.
 
-    rdepth serve --model ckpt/ [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 8]
+    rdepth serve --model ckpt/ [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 8] [--num-steps 32]
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "ckpt", "prompt": "2+2=", "max_tokens": 8, "num_steps": 32, "exit_criterion": "kl"}'
@@ -15,26 +15,16 @@ import ipaddress
 import os
 import sys
 
-import torch
-
+from recurrent_depth.cli.options import add_model_args, model_path, resolve_runtime
 from recurrent_depth.serving.protocol import Limits
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="checkpoint folder (config.json, safetensors, tokenizer.json); default: the bundled checkpoint")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype: auto = float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="sequences decoded together (continuous batching); 1 = one at a time")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="serve a model behind an OpenAI-compatible API (per-request depth and exit)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    add_model_args(p)  # --num-steps: the depth of requests that give no num_steps
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together (continuous batching); 1 = one at a time")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=os.environ.get("RDEPTH_API_KEY"),
@@ -52,30 +42,18 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     return p
 
 
-def resolve_model_path(path: str | None) -> str:
-    """--model; without it, the bundled default checkpoint (a clear error if this install has none)."""
-    from recurrent_depth.assets import resolve_model
-
-    return str(resolve_model(path))
-
-
 def load_for_serving(args: argparse.Namespace):
-    """The ServedModel named by --model / --device / --dtype."""
-    from recurrent_depth.runtime import resolve_device
+    """The ServedModel named by --model / --device / --dtype, answering at --num-steps when a request names none."""
     from recurrent_depth.serving.model import load_served_model
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.max_batch < 1:
+    if getattr(args, "max_batch", 1) < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
-    return load_served_model(resolve_model_path(args.model), device, dtype,
-                             getattr(args, "served_model_name", None))
+    if args.num_steps is not None and args.num_steps < 0:
+        raise ValueError(f"--num-steps must be >= 0, got {args.num_steps}")
+    device, dtype = resolve_runtime(args)
+    served = load_served_model(model_path(args), device, dtype, getattr(args, "served_model_name", None))
+    served.num_steps = args.num_steps
+    return served
 
 
 def _is_loopback(host: str) -> bool:
@@ -99,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key:
         raise ValueError("the API key is empty (--api-key '' or RDEPTH_API_KEY set to ''): give a key, or unset "
                          "RDEPTH_API_KEY to serve without one")
+    if args.num_steps is not None and args.num_steps > args.max_num_steps:
+        raise ValueError(f"--num-steps {args.num_steps} is above --max-num-steps {args.max_num_steps}")
     check_api_key(args.api_key)
     served = load_for_serving(args)
     limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_num_steps, args.max_n, args.max_body_bytes,

@@ -6,7 +6,7 @@ scheduler can evaluate any subset of rows, drop rows, or add rows from another b
 
     crit = make_exit_criterion("kl", 5e-4)          # or parse_exit_spec("kl:5e-4")
     mem = crit.init(s0, vocab_size)                   # (B, ...) per-row memory
-    for n in range(1, max_steps + 1):
+    for n in range(1, num_steps + 1):
         s = core_step(s, ...)                         # (B, T, d) raw core output after n steps
         logits = head(coda(s))[:, -1] if crit.needs_logits else None    # (B, V) fp32, last position
         exit_now, mem, values = crit.check(mem, s, logits)
@@ -17,11 +17,16 @@ with `mem[idx] = new_mem` (memories are single tensors with rows first). `valid`
 positions for criteria that average over positions (latent-diff, cosine), so a left-padded row decides as it would
 alone.
 
-Semantics follow the reference (`raven_modeling_minimal.py`, see docs/reference-huginn.md §6.2): the quantity at
-step n is compared with the one at the previous *checked* step (the initial memory before the first check); a row
-exits when the quantity is below the threshold (argmax-stability: at least the threshold). A threshold of 0 never
-exits, for every criterion. Default thresholds (`DEFAULT_THRESHOLDS`) are the reference's `"auto"` values except
-`kl`, which uses the paper's 5e-4 (the reference's code later moved to 1e-3).
+Semantics follow the reference implementation's exit evaluators (`raven_modeling_minimal.py` of the Huginn
+release): the quantity at step n is compared with the one at the previous *checked* step (the initial memory before
+the first check); a row exits when the quantity is below the threshold (argmax-stability: at least the threshold).
+A threshold of 0 never exits, for every criterion. Default thresholds (each class's `default_threshold`, collected in
+`DEFAULT_THRESHOLDS`) are the reference's `"auto"` values except `kl`, which uses the paper's 5e-4 (the reference's
+code later moved to 1e-3).
+
+`EXIT_CRITERIA` is the one registry of names: every CLI flag, server field, help text and error message that lists
+the criteria reads it (`ADAPTIVE_CRITERIA`: all but `none`). `parse_exit_spec` parses the one spelling the CLI uses,
+`NAME[:THRESHOLD]`.
 """
 
 from __future__ import annotations
@@ -32,16 +37,6 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-DEFAULT_THRESHOLDS: dict[str, float] = {
-    "kl": 5e-4,
-    "minp-kl": 1e-5,
-    "entropy-diff": 1e-3,
-    "latent-diff": 0.03,
-    "cosine": 1e-3,
-    "argmax-stability": 5,
-    "none": 0.0,
-}
 
 
 @runtime_checkable
@@ -80,9 +75,11 @@ def _masked_mean(x: Tensor, valid: Tensor | None) -> Tensor:
 class _Base:
     name = "base"
     needs_logits = False
+    default_threshold: float = 0.0
+    exits_at_least = False  # True: exits when the value reaches the threshold (a count), not when below it
 
     def __init__(self, threshold: float | None = None) -> None:
-        value = DEFAULT_THRESHOLDS[self.name] if threshold is None else threshold
+        value = self.default_threshold if threshold is None else threshold
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise ValueError(f"exit threshold for {self.name!r} must be a finite number >= 0, got {threshold!r}")
         self.threshold = float(value)
@@ -112,6 +109,7 @@ class LatentDiffExit(_Base):
     """||s_n - s_prev|| / ||s_n|| over the hidden dim, averaged over positions; exit when below the threshold."""
 
     name = "latent-diff"
+    default_threshold = 0.03
 
     def init(self, state: Tensor, vocab_size: int) -> Tensor:
         return state.detach().clone()
@@ -126,6 +124,7 @@ class CosineExit(_Base):
     """1 - cos(s_n, s_prev), averaged over positions; exit when below the threshold."""
 
     name = "cosine"
+    default_threshold = 1e-3
 
     def init(self, state: Tensor, vocab_size: int) -> Tensor:
         return state.detach().clone()
@@ -141,6 +140,7 @@ class EntropyDiffExit(_Base):
     """|H(p_n) - H(p_prev)| of the next-token distribution (previous entropy starts at 100)."""
 
     name = "entropy-diff"
+    default_threshold = 1e-3
     needs_logits = True
 
     def init(self, state: Tensor, vocab_size: int) -> Tensor:
@@ -158,6 +158,7 @@ class KLExit(_Base):
     """KL(p_prev || p_n) of the next-token distributions (previous starts uniform); the paper's criterion."""
 
     name = "kl"
+    default_threshold = 5e-4
     needs_logits = True
 
     def init(self, state: Tensor, vocab_size: int) -> Tensor:
@@ -177,6 +178,7 @@ class MinPKLExit(KLExit):
     """KL after min-p filtering: probabilities below 0.1 * max are set to 1/V, then renormalised."""
 
     name = "minp-kl"
+    default_threshold = 1e-5
 
     def _log_probs(self, logits: Tensor) -> Tensor:
         probs = F.softmax(logits.float(), dim=-1)
@@ -189,6 +191,8 @@ class ArgmaxStabilityExit(_Base):
     """Number of consecutive checked steps with an unchanged argmax; exit when it reaches the threshold (0: never)."""
 
     name = "argmax-stability"
+    default_threshold = 5
+    exits_at_least = True
     needs_logits = True
 
     def init(self, state: Tensor, vocab_size: int) -> Tensor:
@@ -212,6 +216,8 @@ def _need(logits: Tensor | None, name: str) -> Tensor:
 
 EXIT_CRITERIA: dict[str, type[_Base]] = {c.name: c for c in (
     KLExit, MinPKLExit, EntropyDiffExit, LatentDiffExit, CosineExit, ArgmaxStabilityExit, NoExit)}
+ADAPTIVE_CRITERIA: tuple[str, ...] = tuple(name for name in EXIT_CRITERIA if name != NoExit.name)
+DEFAULT_THRESHOLDS: dict[str, float] = {name: c.default_threshold for name, c in EXIT_CRITERIA.items()}
 
 
 def make_exit_criterion(name: str | ExitCriterion | None, threshold: float | None = None) -> ExitCriterion:
@@ -231,13 +237,17 @@ def make_exit_criterion(name: str | ExitCriterion | None, threshold: float | Non
 
 
 def parse_exit_spec(spec: str) -> ExitCriterion:
-    """'kl:5e-4' -> KLExit(5e-4); 'kl' -> KLExit with its default threshold; 'none' -> NoExit."""
-    name, _, value = spec.partition(":")
-    if not value:
+    """'kl:5e-4' -> KLExit(5e-4); 'kl' -> KLExit with its default threshold; 'none' -> NoExit.
+
+    The one parser of the `NAME[:THRESHOLD]` spelling; a ValueError names the spec, the problem and the valid names."""
+    name, sep, value = spec.strip().partition(":")
+    expected = f"expected NAME[:THRESHOLD] with NAME one of {', '.join(EXIT_CRITERIA)}"
+    if name not in EXIT_CRITERIA:
+        raise ValueError(f"exit {spec!r}: unknown exit criterion {name!r}; {expected}")
+    if not sep:
         return make_exit_criterion(name)
     try:
         threshold = float(value)
     except ValueError:
-        raise ValueError(f"exit spec {spec!r}: threshold {value!r} is not a number "
-                         "(expected NAME[:THRESHOLD])") from None
+        raise ValueError(f"exit {spec!r}: threshold {value!r} is not a number ({expected})") from None
     return make_exit_criterion(name, threshold)

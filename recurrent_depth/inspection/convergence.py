@@ -1,6 +1,6 @@
 """Per-token convergence: how far each latent state moves per step, and when each exit criterion would stop.
 
-The criteria are those of `recurrent_depth.inference.exit` (the reference's, reference-huginn.md §6.2), evaluated
+The criteria are those of `recurrent_depth.inference.exit` (the reference implementation's), evaluated
 for every prompt position on its own by `trace_latents`. For each position and step t = 1..R they compare:
 
 | criterion | value at step t | exits when |
@@ -24,9 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from recurrent_depth.inference.exit import EXIT_CRITERIA
 from recurrent_depth.inspection.trace import CRITERIA, LatentTrace
 
-COUNT_CRITERIA = frozenset({"argmax-stability"})  # values are step counts, exiting when they reach the threshold
+# criteria whose values are step counts, exiting when they reach the threshold (the others: when below it)
+COUNT_CRITERIA = frozenset(name for name, c in EXIT_CRITERIA.items() if c.exits_at_least)
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,9 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _step_ticks(R: int) -> list[int]:
-    ticks = [1] + [2**i for i in range(1, int(math.log2(R)) + 1)]
-    return sorted({t for t in ticks if t <= R} | {R})
+def _step_ticks(num_steps: int) -> list[int]:
+    ticks = [1] + [2**i for i in range(1, int(math.log2(num_steps)) + 1)]
+    return sorted({t for t in ticks if t <= num_steps} | {num_steps})
 
 
 def plot_convergence(conv: Convergence, texts: Sequence[str], path: str | Path, criterion: str = "latent-diff") -> Path:
@@ -131,12 +131,12 @@ def plot_trajectories(trajs: Sequence[Trajectory], texts: Sequence[str], path: s
     return _save(fig, path)
 
 
-def lens_steps(R: int, count: int = 12) -> list[int]:
-    """About `count` steps spread geometrically over 1..R (always with 1 and R)."""
-    if R <= count:
-        return list(range(1, R + 1))
-    raw = [round(R ** (k / (count - 1))) for k in range(count)]
-    return sorted(set(raw) | {1, R})
+def lens_steps(num_steps: int, count: int = 12) -> list[int]:
+    """About `count` steps spread geometrically over 1..num_steps (always with 1 and num_steps)."""
+    if num_steps <= count:
+        return list(range(1, num_steps + 1))
+    raw = [round(num_steps ** (k / (count - 1))) for k in range(count)]
+    return sorted(set(raw) | {1, num_steps})
 
 
 def plot_logit_lens(lens: Sequence[Sequence[Sequence[LensEntry]]], texts: Sequence[str], path: str | Path) -> Path:

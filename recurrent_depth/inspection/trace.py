@@ -6,10 +6,10 @@ ln_f -> coda -> ln_f -> lm_head, as an early exit at step t would. Nothing is ca
 the prompt, which is what a prompt-sized inspection can afford, and every position's state at step t sees the
 other positions' states at the same step (the model's own uncached forward).
 
-The exit criteria are the shared strategy objects of `recurrent_depth.inference.exit` (the reference's definitions,
-reference-huginn.md §6.2). They decide per batch row from the last position; here every prompt position is given
-to them as a row of its own (state (T, 1, d), logits (T, V)), so each token gets the values and the exit decision
-that the criterion would compute if that token were the one being generated.
+The exit criteria are the shared strategy objects of `recurrent_depth.inference.exit` (the reference's definitions;
+`CRITERIA` is its registry less `none`). They decide per batch row from the last position; here every prompt
+position is given to them as a row of its own (state (T, 1, d), logits (T, V)), so each token gets the values
+and the exit decision that the criterion would compute if that token were the one being generated.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from recurrent_depth.inference.exit import ExitCriterion, make_exit_criterion
+from recurrent_depth.inference.exit import ADAPTIVE_CRITERIA, ExitCriterion, make_exit_criterion
 
-CRITERIA: tuple[str, ...] = ("kl", "minp-kl", "entropy-diff", "latent-diff", "cosine", "argmax-stability")
+CRITERIA: tuple[str, ...] = ADAPTIVE_CRITERIA  # every registered criterion that can exit (all but `none`)
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class LatentTrace:
 
 
 def default_criteria(thresholds: dict[str, float] | None = None) -> list[ExitCriterion]:
-    """The six criteria, with the shared module's default thresholds unless `thresholds` names one."""
+    """Every adaptive criterion (`CRITERIA`), with its default threshold unless `thresholds` names one."""
     thresholds = dict(thresholds or {})
     unknown = set(thresholds) - set(CRITERIA)
     if unknown:

@@ -39,12 +39,11 @@ from recurrent_depth.model.weights import (
     weight_files,
     write_safetensors,
 )
+from recurrent_depth.runtime import DTYPES as _DTYPES
 
 __all__ = ["CheckpointError", "load", "read_config", "read_state_dict", "save"]
 
 _IGNORED_KEYS = re.compile(r"(^|\.)freqs_cis$")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 _HF_ONLY = ("trust_remote_code", "local_files_only", "revision", "cache_dir", "low_cpu_mem_usage", "use_safetensors",
             "attn_implementation", "_from_auto", "_commit_hash", "code_revision", "adapter_kwargs", "token",
             "force_download", "subfolder", "_from_pipeline")

@@ -59,6 +59,7 @@ class ServedModel:
     template_stop: tuple[str, ...] = DEFAULT_TEMPLATE_STOPS
     eos_ids: tuple[int, ...] = ()  # end-of-sequence ids from the checkpoint's generation_config.json
     created: int = field(default_factory=lambda: int(time.time()))
+    num_steps: int | None = None  # the depth of requests that name none (`rdepth serve --num-steps`; None: mean)
 
     def __post_init__(self) -> None:
         if len(self.tokenizer) > self.model.config.vocab_size:
@@ -75,7 +76,7 @@ class ServedModel:
 
     @property
     def default_steps(self) -> int:
-        return self.model.config.mean_recurrence
+        return self.model.config.mean_recurrence if self.num_steps is None else self.num_steps
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:

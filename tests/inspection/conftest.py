@@ -35,6 +35,6 @@ def inspect_out(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Pa
     """The folder one `rdepth inspect` run wrote (PNG figures + index.html)."""
     out = tmp_path_factory.mktemp("inspect_out")
     rc = main(["inspect", "--model", str(model_dir), "--prompt", PAGE_PROMPT, "--num-steps", str(PAGE_STEPS),
-               "--out", str(out), "--threshold", "kl=1e-3"])
+               "--out", str(out), "--exit", "kl:1e-3"])
     assert rc == 0
     return out

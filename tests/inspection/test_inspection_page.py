@@ -49,7 +49,7 @@ def test_page_data_holds_the_inspection(inspect_out: Path) -> None:
     assert data["prompt"] == PAGE_PROMPT
     assert "".join(t["text"] for t in data["tokens"]) == PAGE_PROMPT
     assert data["num_steps"] == PAGE_STEPS and data["criteria"] == list(CRITERIA)
-    assert data["thresholds"]["kl"] == 1e-3  # --threshold kl=1e-3 reached the criterion
+    assert data["thresholds"]["kl"] == 1e-3  # --exit kl:1e-3 reached the criterion
     for c in CRITERIA:
         steps = data["exit_step"][c]
         assert len(steps) == T and all(1 <= s <= PAGE_STEPS for s in steps)
@@ -82,10 +82,12 @@ def test_page_matches_the_library(model_dir: Path) -> None:
 
 def test_cli_errors_name_the_problem(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cases = [
-        (["--model", str(tmp_path / "missing"), "--prompt", "x"], "is not a folder"),
+        (["--model", str(tmp_path / "missing"), "--prompt", "x"], "is not a checkpoint folder"),
         (["--model", str(tmp_path), "--prompt", "x"], "no tokenizer.json"),
-        (["--model", str(model_dir), "--prompt", "x", "--threshold", "kl"], "expected NAME=VALUE"),
-        (["--model", str(model_dir), "--prompt", "x", "--threshold", "kl=abc"], "'abc' is not a number"),
+        (["--model", str(model_dir), "--prompt", "x", "--exit", "kl=1e-3"], "--exit: exit 'kl=1e-3': unknown exit "
+         "criterion 'kl=1e-3'; expected NAME[:THRESHOLD] with NAME one of kl, minp-kl"),
+        (["--model", str(model_dir), "--prompt", "x", "--exit", "kl:abc"], "'abc' is not a number"),
+        (["--model", str(model_dir), "--prompt", "x", "--exit", "none"], "'none' never exits"),
         (["--model", str(model_dir), "--prompt", "abc", "--tokens", "z"], "no token 'z' in the prompt"),
         (["--model", str(model_dir), "--prompt", "", "--num-steps", "2"], "prompt is empty"),
         (["--model", str(model_dir), "--prompt", "ab", "--num-steps", "0"], "--num-steps must be >= 1"),

@@ -32,13 +32,25 @@ def test_serve_without_model_or_bundle_is_a_clear_error(tmp_path: Path, monkeypa
 
 def test_serve_defaults_to_the_bundled_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import recurrent_depth.assets as assets
-    from recurrent_depth.cli.serve import resolve_model_path
+    from recurrent_depth.cli.options import model_path
 
     (tmp_path / "bundle").mkdir()
     (tmp_path / "bundle" / "config.json").write_text("{}")
     monkeypatch.setattr(assets, "DEFAULT_MODEL", tmp_path / "bundle")
-    assert resolve_model_path(None) == str(tmp_path / "bundle")
-    assert resolve_model_path("elsewhere") == "elsewhere"
+    assert model_path(build_parser().parse_args(["serve"])) == tmp_path / "bundle"
+    with pytest.raises(FileNotFoundError, match="--model 'elsewhere' is not a checkpoint folder"):
+        model_path(build_parser().parse_args(["serve", "--model", "elsewhere"]))
+
+
+def test_serve_num_steps_is_the_depth_of_requests_that_name_none(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    from recurrent_depth.cli.serve import load_for_serving
+    from recurrent_depth.serving.protocol import Limits, parse_depth
+
+    served = load_for_serving(build_parser().parse_args(["serve", "--model", str(ckpt), "--num-steps", "3"]))
+    assert served.default_steps == 3 != served.model.config.mean_recurrence
+    assert parse_depth({}, served.default_steps, Limits()).num_steps == 3
+    assert main(["serve", "--model", str(ckpt), "--num-steps", "9", "--max-num-steps", "8"]) == 2
+    assert "--num-steps 9 is above --max-num-steps 8" in capsys.readouterr().err
 
 
 def test_serve_rejects_bad_limits(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
@@ -89,7 +101,7 @@ def test_chat_streams_and_shows_steps(ckpt: Path) -> None:
     assert chat.run(args, stdin=io.StringIO(script), stdout=out) == 0
     text = out.getvalue()
     assert "[3]" in text and "steps per token: 3" in text  # first reply at depth 3
-    assert "(num_steps = 5)" in text and "(exit criterion = kl:100)" in text
+    assert "(num_steps = 5)" in text and "(exit = kl:100)" in text
     assert "steps per token: 1" in text  # kl with a huge threshold exits after the first step
     assert "(commands:" in text and "not reached" not in text
 
@@ -120,11 +132,14 @@ def test_chat_refuses_bad_commands_at_once_and_keeps_the_old_settings(ckpt: Path
     args = _chat_args("--max-tokens", "3", "--num-steps", "3", model=ckpt)
     assert chat.run(args, stdin=io.StringIO(script), stdout=out) == 0
     text = out.getvalue()
-    for field in ("exit_threshold", "exit_criterion", "temperature", "num_steps"):
+    for field in ("temperature", "num_steps"):
         assert f"(rejected: {field}:" in text, (field, text)
-    assert text.count("(rejected:") == 6 and "(usage: /exit" in text
+    for message in ("must be a finite number >= 0, got nan", "threshold 'abc' is not a number",
+                    "unknown exit criterion 'magic'; expected NAME[:THRESHOLD] with NAME one of kl, minp-kl"):
+        assert message in text, (message, text)  # /exit is parsed as --exit is (one parser, naming the criteria)
+    assert text.count("(rejected:") == 7
     assert "steps per token: 3 3 3;" in text  # the reply ran with the settings from before the bad commands
-    assert (args.num_steps, args.temperature, args.exit_criterion) == (3, 0.0, "none")
+    assert (args.num_steps, args.temperature, args.exit) == (3, 0.0, None)
 
 
 def test_chat_flags_are_checked_at_start(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
