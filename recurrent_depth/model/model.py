@@ -227,7 +227,8 @@ class RecurrentDepthModel(nn.Module):
                 eye[:, past_length:] = torch.eye(T, dtype=torch.bool, device=device)
                 mask = mask | eye  # padded queries see themselves: no fully-masked row
         ctx = AttentionContext(rope=rope, mask=mask, cache=cache)
-        ctx.rope_factors()  # made once here, before any (compiled) block asks for them: no recompile when they appear
+        if cache is None:  # uncached forwards (training) run the eager blocks, which all read the factors: make them
+            ctx.rope_factors()  # here, before a compiled block asks (no recompile when they appear); decode: lazily
         return ctx
 
 
