@@ -4,6 +4,7 @@ test-time depth as a table and a plot, and one generated answer with the recurre
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     records = {}
     for split in ("test", "ood"):
         rows = task.generate(args.n, split=split, seed=args.seed)
-        recs = depth_sweep(model, tok, rows, steps, method="teacher_forced")
+        recs = depth_sweep(model, tok, rows, steps, method="teacher_forced", progress=_to_stderr)
         for r in recs:
             r["split"] = split
         records[split] = recs
@@ -58,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"plot: {plot}")
     _show_one(model, tok, task, args.seed, 4 * mean)
     return 0
+
+
+def _to_stderr(message: str) -> None:
+    print(f"rdepth demo: {message}", file=sys.stderr, flush=True)
 
 
 def _show_one(model, tok, task, seed: int, cap: int) -> None:

@@ -10,6 +10,7 @@ adaptive exit, for a checkpoint folder (model + tokenizer.json). Writes JSON, CS
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, KV_SHARING_HELP
@@ -27,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     src.add_argument("--text", default=None, help="a UTF-8 text file for perplexity against depth")
     src.add_argument("--corpus", default=None, choices=["docs", "code"],
                      help="perplexity on the validation split of the interpreter's docs / stdlib corpus")
+    p.add_argument("--task-args", action="append", default=[], metavar="KNOBS",
+                   help="--task difficulty knobs, a JSON object ('{\"hops\": [0, 2]}') or KEY=VALUE (hops=[0,2]); "
+                        "repeatable; default: the knobs the checkpoint was trained on, when it records them")
     p.add_argument("--split", default="test", choices=["test", "ood"], help="split of --task")
     p.add_argument("--n", type=int, default=500, help="problems generated for --task")
     p.add_argument("--cot", action="store_true", help="--task answers in chain-of-thought form (steps#answer)")
@@ -88,6 +92,10 @@ def read_jsonl_rows(path: str | Path, limit: int = 0) -> list[dict]:
     return rows
 
 
+def _to_stderr(message: str) -> None:
+    print(f"rdepth eval: {message}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -98,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not any((args.data, args.task, args.text, args.corpus)):
         raise ValueError("give --data, --task, --text or --corpus")
+    if args.task_args and not args.task:
+        raise ValueError("--task-args sets the knobs of --task; give --task too")
     if args.data and args.task:
         raise ValueError("give either --data or --task, not both")
     steps = _ints(args.steps, "--steps")
@@ -117,9 +127,11 @@ def run(args: argparse.Namespace) -> int:
         rows = read_jsonl_rows(args.data, args.limit)
         meta["data"] = str(args.data)
     if args.task:
-        from recurrent_depth.tasks import get_task
+        from recurrent_depth.evaluation.provenance import task_for_eval
+        from recurrent_depth.tasks import parse_task_args
 
-        task = get_task(args.task)
+        task, note = task_for_eval(args.task, model_dir, parse_task_args(args.task_args))
+        _to_stderr(note)
         rows = task.generate(args.n, split=args.split, seed=args.seed, cot=args.cot)
         scorer = task.score
         meta.update(task=args.task, split=args.split, n=args.n, cot=args.cot, difficulty=task.difficulty)
@@ -140,15 +152,21 @@ def run(args: argparse.Namespace) -> int:
                              exit_criterion=args.exit_criterion, thresholds=thresholds, max_steps=args.max_steps,
                              meta=meta, seq_len=args.seq_len, max_blocks=args.max_blocks, method=args.method,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             init_scale=args.init_scale, seed=args.seed, kv_sharing=args.kv_sharing)
+                             init_scale=args.init_scale, seed=args.seed, kv_sharing=args.kv_sharing,
+                             progress=_to_stderr)
     if "depth_sweep" in summary:
         print("accuracy against test-time depth\n" + format_table(summary["depth_sweep"],
                                                                    ["num_steps", "accuracy", "n"]))
+    if "depth_sweep_by_level" in summary:
+        by_level = [{str(k): v for k, v in r.items()} for r in summary["depth_sweep_by_level"]]
+        print("\naccuracy by difficulty level (one column per level)\n"
+              + format_table(by_level, list(by_level[0])))
     if "exit_sweep" in summary:
         print(f"\nadaptive exit ({args.exit_criterion})\n"
               + format_table(summary["exit_sweep"], ["threshold", "accuracy", "mean_steps", "steps_saved"]))
     if "perplexity_sweep" in summary:
         print("\nperplexity against test-time depth\n"
               + format_table(summary["perplexity_sweep"], ["num_steps", "perplexity", "tokens"]))
-    print(f"\nwrote {Path(args.out) / 'summary.json'} and the JSON/CSV/PNG records beside it")
+    print(f"\nwrote {Path(args.out) / 'summary.json'} and the JSON/CSV/PNG records beside it"
+          + (" (every row's prediction: predictions.jsonl)" if rows is not None else ""))
     return 0

@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
                        lookahead=args.lookahead, do_sample=args.sample, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                        generator=torch.Generator(model.device).manual_seed(args.seed), init_scale=args.init_scale,
-                       eos_token_id=eos, streamer=streamer)
+                       eos_token_id=eos, streamer=streamer,
+                       vocab_limit=len(tokenizer) if tokenizer is not None else None)  # as the server does
     T = ids.shape[1]
     for row in range(ids.shape[0]):
         new = out.sequences[row, T:].tolist()

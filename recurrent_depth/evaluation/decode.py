@@ -15,7 +15,7 @@ criterion fires; `token_steps` reports the recurrences each generated token used
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,14 +60,16 @@ def _decode_batch(model, seqs: list[list[int]], pad_id: int, eos_id: int,
 def greedy_decode(model, tokenizer, prompts: Sequence[str], num_steps: int, max_new_tokens: int,
                   exit_criterion=None, exit_threshold: float | None = None, batch_size: int = 64,
                   add_bos: bool = True, stop: Sequence[str] = (), init_scale: float = 1.0, seed: int = 0,
-                  truncate: bool = False, **engine: Any) -> DecodeOutput:
+                  truncate: bool = False, progress: Callable[[str], None] | None = None,
+                  **engine: Any) -> DecodeOutput:
     """Greedy continuations of `prompts` at recurrence depth `num_steps` (the maximum, with an exit criterion).
 
     exit_criterion / exit_threshold: a criterion name (kl, latent-diff, ...) and threshold, or an ExitCriterion.
     init_scale: scale of the random initial latent state (1.0, the training distribution; 0.0 for zeros); draws come
     from a generator seeded with `seed`, so a call is reproducible. stop: strings that end a continuation (cut from
     the text). truncate: cut prompts from the left (after <bos>) to fit block_size with the budget, instead of
-    raising. engine: further keywords for the engine's `generate` (min_steps, kv_sharing, warm_start, ...).
+    raising. progress: called with a one-line message after every batch. engine: further keywords for the
+    engine's `generate` (min_steps, kv_sharing, warm_start, ...).
     kv_sharing defaults to the engine's "auto" (`recurrent_depth.inference.defaults`): "latest" under an exit (a
     token that exited early is read at deeper recurrence steps from its last computed step; "full" leaves holes
     there, which cost the `tiny` addition model half its accuracy under a KL exit, 0.62 -> 0.29 at threshold 1e-3),
@@ -105,6 +107,8 @@ def greedy_decode(model, tokenizer, prompts: Sequence[str], num_steps: int, max_
             out_t, out_s = _decode_batch(model, [encoded[i] for i in chunk], pad_id, eos_id, **engine)
             for i, tk, st in zip(chunk, out_t, out_s):
                 tokens[i], steps[i] = tk, st
+            if progress is not None:
+                progress(f"r={num_steps}: {min(start + batch_size, len(order))}/{len(order)} rows decoded")
     finally:
         model.train(was_training)
     texts = []

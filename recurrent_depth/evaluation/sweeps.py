@@ -22,6 +22,7 @@ import torch
 from recurrent_depth.evaluation.decode import greedy_decode
 
 Scorer = Callable[[str, str], bool]
+Progress = Callable[[str], None]  # receives one-line progress messages (e.g. printed to stderr)
 
 
 def exact_match(prediction: str, answer: str) -> bool:
@@ -52,13 +53,16 @@ def default_max_new_tokens(tokenizer, rows: Sequence[dict], margin: int = 2) -> 
 
 @torch.no_grad()
 def teacher_forced_hits(model, tokenizer, rows: Sequence[dict], num_steps: int, batch_size: int = 64,
-                        add_bos: bool = True, init_scale: float = 1.0, seed: int = 0) -> list[bool]:
+                        add_bos: bool = True, init_scale: float = 1.0, seed: int = 0,
+                        progress: Progress | None = None) -> tuple[list[bool], list[list[int]]]:
     """Per row: does greedy decoding reproduce the answer and then stop? Computed in one teacher-forced forward.
 
     Greedy decoding emits `answer <eos>` exactly when, given the true prefix, the argmax at every answer position
     is the next answer token and then <eos>; so this equals exact-match greedy accuracy at fixed depth (up to float
     rounding and the draw of the initial state) at a fraction of the cost: one pass per row, no cache. Exact for
-    per-character tokenizers; with a BPE, greedy output that spells the answer with other tokens counts as a miss."""
+    per-character tokenizers; with a BPE, greedy output that spells the answer with other tokens counts as a miss.
+    Also returns, per row, the argmax token at each answer position (given the true prefix), cut after the first
+    <eos>: for a one-token answer, exactly what greedy decoding writes first. progress: told after every batch."""
     device = model.lm_head.weight.device
     prefix = [tokenizer.bos_token_id] if add_bos else []
     prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
@@ -66,6 +70,7 @@ def teacher_forced_hits(model, tokenizer, rows: Sequence[dict], num_steps: int, 
     seqs = [(prefix + p + a + [tokenizer.eos_token_id], len(prefix) + len(p)) for p, a in zip(prompts, answers)]
     gen = torch.Generator(device=device).manual_seed(seed)
     hits: list[bool] = []
+    argmax: list[list[int]] = []
     was_training = model.training
     model.eval()
     try:
@@ -80,38 +85,57 @@ def teacher_forced_hits(model, tokenizer, rows: Sequence[dict], num_steps: int, 
             pred = model(ids.to(device), num_steps=num_steps, input_states=s0).logits.argmax(-1).cpu()
             for i, (seq, n_prompt) in enumerate(chunk):
                 target = torch.tensor(seq[n_prompt:])  # answer tokens and <eos>
-                hits.append(bool((pred[i, n_prompt - 1: len(seq) - 1] == target).all()))
+                got = pred[i, n_prompt - 1: len(seq) - 1]
+                hits.append(bool((got == target).all()))
+                argmax.append(_cut_after(got.tolist(), tokenizer.eos_token_id))
+            if progress is not None:
+                progress(f"r={num_steps}: {len(hits)}/{len(seqs)} rows")
     finally:
         model.train(was_training)
-    return hits
+    return hits, argmax
+
+
+def _cut_after(tokens: list[int], eos_id: int) -> list[int]:
+    """`tokens` up to and with the first `eos_id`."""
+    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
 def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, scorer: Scorer = exact_match,
                       exit_criterion=None, max_new_tokens: int | None = None, batch_size: int = 64,
                       add_bos: bool = True, init_scale: float = 1.0, seed: int = 0,
-                      keep_predictions: bool = False, method: str = "greedy", **engine: Any) -> dict[str, Any]:
+                      keep_predictions: bool = False, method: str = "greedy", progress: Progress | None = None,
+                      **engine: Any) -> dict[str, Any]:
     """Greedy exact-match accuracy on `rows` at depth `num_steps` (the cap, with an exit criterion).
 
     method: "greedy" decodes (any scorer, exit criteria); "teacher_forced" checks exact token match in one forward
     per row (`teacher_forced_hits`: same accuracy at fixed depth, several times faster; the scorer is not used).
     engine: keywords for the inference engine's `generate` (kv_sharing, min_steps, warm_start), greedy only.
+    progress: called with one-line messages (after every batch, and the point's result), e.g. to print to stderr.
     Returns num_steps, accuracy, correct, n, mean_steps (per generated token), mean_new_tokens (generated tokens per
     row, <eos> included: the context a chain of thought spends), seconds, and accuracy_by_level (when rows carry a
-    `level`); with keep_predictions, also predictions (list of str) and token_steps (steps per generated token).
+    `level`); with keep_predictions, also predictions (list of str; teacher-forced: the argmax at each answer
+    position), hits (list of bool) and token_steps (steps per generated token).
     The decoding budget defaults to the longest reference answer + 3 tokens, so evaluate a chain-of-thought model
     on chain-of-thought rows (`task.generate(..., cot=True)`) or pass max_new_tokens."""
     _check_rows(rows)
     start = time.perf_counter()
     if method == "teacher_forced":
-        if exit_criterion is not None or keep_predictions or engine:
-            raise ValueError("method='teacher_forced' runs fixed depth and makes no predictions; use 'greedy'")
-        hits = teacher_forced_hits(model, tokenizer, rows, num_steps, batch_size, add_bos, init_scale, seed)
-        mean_steps, new_tokens, out = float(num_steps), None, None
+        if exit_criterion is not None or engine:
+            raise ValueError("method='teacher_forced' runs fixed depth without an exit or engine keywords; "
+                             "use 'greedy'")
+        hits, tokens = teacher_forced_hits(model, tokenizer, rows, num_steps, batch_size, add_bos, init_scale, seed,
+                                           progress)
+        eos = tokenizer.eos_token_id
+        texts = [tokenizer.decode(t[:-1] if t and t[-1] == eos else t, skip_special_tokens=True) for t in tokens]
+        token_steps = [[num_steps] * len(t) for t in tokens]
+        mean_steps, new_tokens = float(num_steps), None
     elif method == "greedy":
         budget = max_new_tokens or default_max_new_tokens(tokenizer, rows)
         out = greedy_decode(model, tokenizer, [r["prompt"] for r in rows], num_steps, budget, exit_criterion,
-                            batch_size=batch_size, add_bos=add_bos, init_scale=init_scale, seed=seed, **engine)
+                            batch_size=batch_size, add_bos=add_bos, init_scale=init_scale, seed=seed,
+                            progress=progress, **engine)
         hits = [bool(scorer(pred, r["answer"])) for pred, r in zip(out.texts, rows)]
+        texts, token_steps = out.texts, out.token_steps
         mean_steps, new_tokens = out.mean_steps(), sum(map(len, out.tokens)) / len(out.tokens)
     else:
         raise ValueError(f"unknown accuracy method {method!r}; choose 'greedy' or 'teacher_forced'")
@@ -123,9 +147,13 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, sc
         for hit, r in zip(hits, rows):
             by.setdefault(r["level"], []).append(hit)
         rec["accuracy_by_level"] = {lvl: sum(v) / len(v) for lvl, v in sorted(by.items())}
-    if keep_predictions and out is not None:
-        rec["predictions"] = out.texts
-        rec["token_steps"] = out.token_steps
+    if progress is not None:
+        progress(f"r={num_steps}: accuracy {rec['accuracy']:.4g} ({rec['correct']}/{rec['n']}, {method}) "
+                 f"in {rec['seconds']:.1f} s")
+    if keep_predictions:
+        rec["predictions"] = texts
+        rec["hits"] = hits
+        rec["token_steps"] = token_steps
     return rec
 
 
@@ -179,10 +207,11 @@ def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int 
 @torch.no_grad()
 def perplexity_sweep(model, tokenizer, texts: Sequence[str], steps: Sequence[int], seq_len: int = 128,
                      max_blocks: int = 64, batch_size: int = 16, init_scale: float = 1.0,
-                     seed: int = 0) -> list[dict[str, Any]]:
+                     seed: int = 0, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Mean next-token loss and perplexity on `texts` at every depth in `steps`.
 
-    The same blocks and the same seeded initial states are used at every depth, so the points differ only in r."""
+    The same blocks and the same seeded initial states are used at every depth, so the points differ only in r.
+    progress: told one line per depth."""
     steps = _check_steps(steps)
     blocks = token_blocks(tokenizer, texts, seq_len, max_blocks)
     device = model.lm_head.weight.device
@@ -206,6 +235,9 @@ def perplexity_sweep(model, tokenizer, texts: Sequence[str], steps: Sequence[int
             mean = total / count
             records.append({"num_steps": r, "loss": mean, "perplexity": math.exp(mean), "tokens": count,
                             "seconds": round(time.perf_counter() - start, 3)})
+            if progress is not None:
+                progress(f"r={r}: perplexity {records[-1]['perplexity']:.4g} over {count} tokens "
+                         f"in {records[-1]['seconds']:.1f} s")
     finally:
         model.train(was_training)
     return records

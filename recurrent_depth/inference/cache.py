@@ -22,21 +22,37 @@ that have not finished. Positions a row never wrote at a slot are invalid and ma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from recurrent_depth.model.layers import LayerKey
 
+if TYPE_CHECKING:
+    from recurrent_depth.config import RecurrentDepthConfig
+
+
+class SlotCopier(Protocol):
+    """What a policy needs from a cache to fill an exited token's deeper slots: both `KVCache` and
+    `RowKVCache` copy the positions being written now (the forward in progress) of `rows` from slot src to dst."""
+
+    def copy_slot(self, src: LayerKey, dst: LayerKey, rows: Tensor, n_tokens: int) -> None:
+        ...
+
 
 class SharingPolicy(Protocol):
-    """Maps a layer invocation to the cache slot it reads and writes."""
+    """Maps a layer invocation to the cache slot it reads and writes, and owns what an exited token leaves in the
+    deeper slots (`fill_exited`, called by every engine at the exit, the one place that behaviour lives)."""
 
     name: str
-    fills_exited: bool  # whether the engine must copy an exited token's latest step into deeper slots
+    fills_exited: bool  # whether fill_exited writes anything (engines skip the call otherwise)
 
     def slot(self, key: LayerKey) -> LayerKey:
+        ...
+
+    def fill_exited(self, cache: SlotCopier, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int,
+                    n_tokens: int) -> None:
         ...
 
 
@@ -50,6 +66,10 @@ class FullSharing:
     def slot(self, key: LayerKey) -> LayerKey:
         return key
 
+    def fill_exited(self, cache: SlotCopier, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int,
+                    n_tokens: int) -> None:
+        """Nothing: an exited token is a hole at deeper steps."""
+
 
 @dataclass(frozen=True)
 class LatestSharing(FullSharing):
@@ -57,6 +77,15 @@ class LatestSharing(FullSharing):
 
     name: str = "latest"
     fills_exited: bool = True
+
+    def fill_exited(self, cache: SlotCopier, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int,
+                    n_tokens: int) -> None:
+        """Copy rows' keys/values at recurrence `last_step` (their final one) into steps last_step+1 .. num_steps-1
+        for the positions being written (the reference's `latest` lookup, done once at the exit)."""
+        for j in range(n_core_layers):
+            src = self.slot(LayerKey("core", j, last_step))
+            for i in range(last_step + 1, num_steps):
+                cache.copy_slot(src, self.slot(LayerKey("core", j, i)), rows, n_tokens)
 
 
 @dataclass(frozen=True)
@@ -77,6 +106,10 @@ class CyclicSharing:
             return key
         return LayerKey("core", key.layer, key.step % self.k)
 
+    def fill_exited(self, cache: SlotCopier, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int,
+                    n_tokens: int) -> None:
+        """Nothing: deeper steps read whatever their shared slot holds."""
+
 
 POLICY_NAMES = ("full", "latest", "<int k>")
 
@@ -91,7 +124,7 @@ def make_kv_policy(spec: str | int | SharingPolicy | None) -> SharingPolicy:
         spec = int(spec)
     if isinstance(spec, int) and not isinstance(spec, bool):
         return CyclicSharing(spec)
-    if hasattr(spec, "slot") and hasattr(spec, "fills_exited"):
+    if all(hasattr(spec, name) for name in ("slot", "fills_exited", "fill_exited")):
         return spec  # type: ignore[return-value]
     raise ValueError(f"unknown KV sharing policy {spec!r}; valid: {', '.join(POLICY_NAMES)}")
 
@@ -190,22 +223,19 @@ class KVCache:
                 slot.written = length
 
     # -------------------------------------------------------------------------------------------- engine
-    def fill_latest(self, rows: Tensor, last_step: int, num_steps: int, n_core_layers: int, n_tokens: int) -> None:
-        """Copy rows' keys/values at recurrence `last_step` (their final one) into steps last_step+1 .. num_steps-1
-        for the current positions [seq_len, seq_len + n_tokens) (the `latest` policy's lookup, done once)."""
+    def copy_slot(self, src: LayerKey, dst: LayerKey, rows: Tensor, n_tokens: int) -> None:
+        """Copy rows' keys/values at positions [seq_len, seq_len + n_tokens) from slot src into slot dst (the
+        sharing policy's `fill_exited` for a token that exited; a missing src is left alone)."""
+        source = self.slots.get(src)
+        if source is None:
+            return
         start, end = self.seq_len, self.seq_len + n_tokens
-        for j in range(n_core_layers):
-            src = self.slots.get(self.policy.slot(LayerKey("core", j, last_step)))
-            if src is None:
-                continue
-            k_src, v_src = src.k[rows, :, start:end], src.v[rows, :, start:end]
-            for i in range(last_step + 1, num_steps):
-                dst = self._slot(self.policy.slot(LayerKey("core", j, i)), src.k, end)
-                self._mark_holes(dst)  # only some rows are filled
-                dst.k[rows, :, start:end] = k_src
-                dst.v[rows, :, start:end] = v_src
-                dst.valid[rows, start:end] = True
-                dst.written = max(dst.written, end)
+        dest = self._slot(dst, source.k, end)
+        self._mark_holes(dest)  # only some rows are filled
+        dest.k[rows, :, start:end] = source.k[rows, :, start:end]
+        dest.v[rows, :, start:end] = source.v[rows, :, start:end]
+        dest.valid[rows, start:end] = True
+        dest.written = max(dest.written, end)
 
     def nbytes(self) -> int:
         """Bytes currently allocated for keys and values (validity masks excluded)."""
@@ -248,3 +278,234 @@ class KVCache:
         if self.batch_size is None:
             raise ValueError("KVCache.rows is set but the cache was not told its batch size (set batch_size)")
         return self.batch_size
+
+
+class RowKVCache:
+    """A KV cache whose rows are independent sequences, stored by pages of tokens: continuous batching.
+
+    Rows join and leave between forwards, each with its own length, positions, depth and sharing policy, and rows
+    at different recurrence steps share one core call. Storage is paged: for each part ("prelude", "core",
+    "coda") a pool of pages of `page_size` positions per physical layer, (pages, page_size, H, D) for keys and
+    values, and a page table per (row, slot step, page index) shared by the part's layers (every layer of a part
+    writes the same positions). A row takes pages only for the slots and positions it writes, and gives them back
+    on `release`; a pool that is mostly free is compacted, so a deep request's memory is returned when it ends
+    (`bytes_in_use` counts live pages, `nbytes` what the pools hold).
+
+    Before each forward the engine `bind`s the rows taking part, the position each writes from, T, the part and,
+    for the core, each row's recurrence step and policy: layer j of row b writes slot
+    `policy_b.slot(LayerKey("core", j, step_b))`. `update` writes k and v and returns each row's visible keys and
+    values right-aligned to the longest row (the attention layer lets each query see the last T keys as its own),
+    with a validity mask; positions of other rows never mix. What an exited token leaves at deeper steps is its
+    policy's `fill_exited`, through `copy_slot`, as in `KVCache`.
+    """
+
+    is_compileable = False
+
+    def __init__(self, n_heads: int, head_dim: int, n_layers: dict[str, int], max_rows: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str, page_size: int = 16) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1 (positions per page), got {page_size}")
+        self.H, self.D, self.n_layers, self.max_rows = n_heads, head_dim, dict(n_layers), max_rows
+        self.P, self.dtype, self.device = page_size, dtype, torch.device(device)
+        self.max_pages = -(-max_len // page_size)  # pages per row and slot
+        self.k: dict[tuple[str, int], Tensor] = {}  # (part, layer) -> (pages, P, H, D)
+        self.v: dict[tuple[str, int], Tensor] = {}
+        self.valid: dict[str, Tensor] = {}  # part -> (pages, P) bool, shared by the part's layers
+        self.table: dict[str, Tensor] = {}  # part -> (rows, slots, max_pages) page id, -1: none
+        self.owned: dict[str, dict[int, dict[tuple[int, int], int]]] = {}  # part -> row -> (slot, page n) -> id
+        self.free: dict[str, list[int]] = {}
+        self._rows: Tensor | None = None
+        self._start: Tensor | None = None
+        self._slots: list[list[int]] = []  # per layer of the bound part: each bound row's slot
+        self._index: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}  # slots -> (write, read, ok) indices
+        self._T, self._part = 0, "prelude"
+        self._host: tuple[list[int], list[int]] = ([], [])
+
+    # ------------------------------------------------------------------------------------------ binding
+    def bind(self, rows: list[int], starts: list[int], T: int, part: str,
+             steps: list[int] | None = None, policies: list[SharingPolicy] | None = None) -> None:
+        """Set the rows of the next layer calls (store row ids), the position each writes from, the new tokens T
+        per row and the part; for the core, each row's recurrence step and sharing policy. Pages for the positions
+        the rows will write are taken here (host-side bookkeeping, no device sync in the layers)."""
+        if part not in self.n_layers:
+            raise ValueError(f"unknown part {part!r}; valid: {', '.join(self.n_layers)}")
+        slots = [[0] * len(rows) for _ in range(self.n_layers[part])]
+        if part == "core":
+            if steps is None or policies is None:
+                raise ValueError("binding the core needs each row's recurrence step and sharing policy")
+            slots = [[self._core_slot(p, j, s) for p, s in zip(policies, steps)] for j in range(self.n_layers[part])]
+        for i, (row, start) in enumerate(zip(rows, starts)):
+            for slot in {j_slots[i] for j_slots in slots}:
+                self._take_pages(part, row, slot, start, start + T)
+        self._rows = torch.tensor(rows, device=self.device)
+        self._start = torch.tensor(starts, device=self.device)
+        self._T, self._part = T, part
+        self._slots, self._index = slots, {}
+        self._host = (rows, starts)
+
+    @property
+    def bound_rows(self) -> Tensor | None:
+        """The store rows of the last `bind` (n,), as `SharingPolicy.fill_exited` takes them."""
+        return self._rows
+
+    @staticmethod
+    def _core_slot(policy: SharingPolicy, layer: int, step: int) -> int:
+        key = policy.slot(LayerKey("core", layer, step))
+        if key.part != "core" or key.layer != layer:
+            raise ValueError(f"RowKVCache stores a core layer's slots with that layer; policy {policy.name!r} maps "
+                             f"core layer {layer} to {key}")
+        return key.step
+
+    # ---------------------------------------------------------------------------------------- protocol
+    def update(self, key: LayerKey, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Write k, v (n, H, T, D) of the bound rows; return each row's visible keys and values (n, H, S, D) and
+        the validity mask (n, 1, 1, S), S = the longest bound row's length after this write, each row right-aligned."""
+        if self._rows is None or key.part != self._part or k.shape[0] != self._rows.shape[0] or k.shape[2] != self._T:
+            raise RuntimeError("RowKVCache.update called without a matching bind()")
+        write, read, inside = self._indices(self._slots[key.layer])
+        K, V, ok_pages = self.k[(key.part, key.layer)], self.v[(key.part, key.layer)], self.valid[key.part]
+        K.view(-1, self.H, self.D)[write] = k.transpose(1, 2).to(K.dtype)  # (n, T, H, D)
+        V.view(-1, self.H, self.D)[write] = v.transpose(1, 2).to(V.dtype)
+        ok_pages.view(-1)[write] = True
+        ok = ok_pages.view(-1)[read] & inside
+        k_all, v_all = K.view(-1, self.H, self.D)[read], V.view(-1, self.H, self.D)[read]  # (n, S, H, D)
+        return k_all.transpose(1, 2), v_all.transpose(1, 2), ok[:, None, None, :]
+
+    def _indices(self, slots: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat pool indices for the bound rows at `slots` (one per row): where the T new positions go (n, T), where
+        the S visible positions are read from (n, S; right-aligned) and which of those exist (n, S). Computed once
+        per bind for the layers that share these slots (all of a part's layers, for the shipped policies)."""
+        cached = self._index.get(tuple(slots))
+        if cached is None:
+            rows, start, T = self._rows, self._start, self._T
+            slot = torch.tensor(slots, device=self.device)[:, None]  # (n, 1)
+            write = self._flat(self._part, rows, slot, start[:, None] + torch.arange(T, device=self.device))
+            S = max(self._host[1]) + T
+            idx = start[:, None] + T - S + torch.arange(S, device=self.device)  # (n, S) positions, < 0 = padding
+            read = self._flat(self._part, rows, slot, idx.clamp(min=0))
+            inside = (idx >= 0) & (read >= 0)
+            cached = self._index[tuple(slots)] = (write, read.clamp(min=0), inside)
+        return cached
+
+    def _flat(self, part: str, rows: Tensor, slot: Tensor, pos: Tensor) -> Tensor:
+        """Flat pool indices (page * P + offset) of rows' positions pos (n, X) at slot (n, 1); < 0: no page."""
+        page = self.table[part][rows[:, None], slot, pos // self.P]
+        return torch.where(page >= 0, page * self.P + pos % self.P, -1)
+
+    def copy_slot(self, src: LayerKey, dst: LayerKey, rows: Tensor, n_tokens: int) -> None:
+        """Copy the bound rows' current positions (the forward just run) from core slot src into dst (the
+        sharing policy's `fill_exited`); `rows` must be the bound rows."""
+        if self._rows is None or not torch.equal(rows.to(self.device), self._rows) or n_tokens != self._T:
+            raise RuntimeError("RowKVCache.copy_slot needs the rows and T of the last bind()")
+        host_rows, starts = self._host
+        for row, start in zip(host_rows, starts):
+            self._take_pages("core", row, dst.step, start, start + n_tokens)
+        pos = self._start[:, None] + torch.arange(n_tokens, device=self.device)
+        src_flat = self._flat("core", self._rows, torch.full_like(self._rows, src.step)[:, None], pos)
+        dst_flat = self._flat("core", self._rows, torch.full_like(self._rows, dst.step)[:, None], pos)
+        for name in (("core", src.layer),):
+            for pool in (self.k[name], self.v[name]):
+                flat_pool = pool.view(-1, self.H, self.D)
+                flat_pool[dst_flat] = flat_pool[src_flat]
+        ok = self.valid["core"].view(-1)
+        ok[dst_flat] = ok[src_flat]
+
+    # ----------------------------------------------------------------------------------------------- pages
+    def _take_pages(self, part: str, row: int, slot: int, start: int, end: int) -> None:
+        """Give row `row` pages covering positions [start, end) at `slot` (no-op where it has them)."""
+        if end > self.max_pages * self.P:
+            raise ValueError(f"RowKVCache holds {self.max_pages * self.P} positions per row, a write reaches {end}")
+        table = self._table(part, slot)
+        held = self.owned[part].setdefault(row, {})
+        for n in range(start // self.P, -(-end // self.P)):
+            if (slot, n) not in held:
+                held[slot, n] = page = self._new_page(part)
+                table[row, slot, n] = page
+
+    def _table(self, part: str, slot: int) -> Tensor:
+        table = self.table.get(part)
+        if table is None:
+            table = torch.full((self.max_rows, slot + 1, self.max_pages), -1, dtype=torch.long, device=self.device)
+            self.table[part], self.owned[part], self.free[part] = table, {}, []
+        elif table.shape[1] <= slot:
+            grow = max(slot + 1, 2 * table.shape[1]) - table.shape[1]
+            table = torch.cat([table, table.new_full((self.max_rows, grow, self.max_pages), -1)], dim=1)
+            self.table[part] = table
+        return table
+
+    def _new_page(self, part: str) -> int:
+        if not self.free[part]:
+            self._resize(part, max(8, 2 * self._capacity(part)))
+        return self.free[part].pop()
+
+    def _capacity(self, part: str) -> int:
+        return self.valid[part].shape[0] if part in self.valid else 0
+
+    def _resize(self, part: str, cap: int, keep: Tensor | None = None) -> None:
+        """Make the part's pools hold `cap` pages; `keep` (live page ids, in order) compacts them to the front."""
+        old = self._capacity(part)
+        if keep is None:
+            keep = torch.arange(old, device=self.device)
+        for j in range(self.n_layers[part]):
+            for pools in (self.k, self.v):
+                new = torch.zeros(cap, self.P, self.H, self.D, dtype=self.dtype, device=self.device)
+                if (part, j) in pools:
+                    new[: len(keep)] = pools[(part, j)][keep]
+                pools[(part, j)] = new
+        valid = torch.zeros(cap, self.P, dtype=torch.bool, device=self.device)
+        if part in self.valid:
+            valid[: len(keep)] = self.valid[part][keep]
+        self.valid[part] = valid
+        self.free[part] = list(range(cap - 1, len(keep) - 1, -1))
+
+    def release(self, row: int) -> None:
+        """Give back every page row `row` holds (its request finished or its client left)."""
+        for part, owned in self.owned.items():
+            pages = list(owned.pop(row, {}).values())
+            if not pages:
+                continue
+            self.table[part][row] = -1
+            self.valid[part][pages] = False
+            self.free[part].extend(pages)
+            self._maybe_compact(part)
+
+    def _maybe_compact(self, part: str) -> None:
+        """Shrink a pool that is at most a quarter used to twice its live pages, moving them to the front."""
+        cap, live = self._capacity(part), sum(len(p) for p in self.owned[part].values())
+        if cap <= 8 or 4 * live > cap:
+            return
+        keep = sorted(page for held in self.owned[part].values() for page in held.values())
+        remap = torch.full((cap,), -1, dtype=torch.long, device=self.device)
+        remap[keep] = torch.arange(len(keep), device=self.device)
+        table = self.table[part]
+        self.table[part] = torch.where(table >= 0, remap[table.clamp(min=0)], -1)
+        new_id = {old: new for new, old in enumerate(keep)}
+        self.owned[part] = {row: {at: new_id[p] for at, p in held.items()} for row, held in self.owned[part].items()}
+        self._resize(part, max(8, 2 * len(keep)), torch.tensor(keep, dtype=torch.long, device=self.device))
+
+    # ---------------------------------------------------------------------------------------------- sizes
+    def _page_bytes(self, part: str) -> int:
+        """Bytes of one page of keys and values across the part's layers."""
+        return 2 * self.n_layers[part] * self.P * self.H * self.D * torch.empty((), dtype=self.dtype).element_size()
+
+    def bytes_in_use(self) -> int:
+        """Bytes of keys and values in the pages live rows hold."""
+        return sum(len(p) * self._page_bytes(part) for part, owned in self.owned.items() for p in owned.values())
+
+    def nbytes(self) -> int:
+        """Bytes the pools hold for keys and values, live or free (validity masks and page tables excluded)."""
+        return sum(t.nbytes for d in (self.k, self.v) for t in d.values())
+
+
+def kv_bytes_per_token(config: RecurrentDepthConfig, kv_sharing: str | int | SharingPolicy, num_steps: int,
+                       dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of keys and values one token holds at recurrence depth `num_steps` under a sharing policy: the distinct
+    slots its layer invocations map to (prelude + coda + the core's: every step for full and latest, whose fill
+    makes an exited token occupy its deeper steps too; k per core layer for cyclic k) x 2 (k and v) x n_heads x
+    head_dim x the dtype's size (bytes). Sizes a deployment: multiply by the live tokens."""
+    policy = make_kv_policy(kv_sharing)
+    keys = [LayerKey("prelude", j) for j in range(config.n_layers_in_prelude)]
+    keys += [LayerKey("coda", j) for j in range(config.n_layers_in_coda)]
+    keys += [LayerKey("core", j, i) for i in range(num_steps) for j in range(config.n_layers_in_recurrent_block)]
+    slots = {policy.slot(key) for key in keys}
+    return len(slots) * 2 * config.n_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()

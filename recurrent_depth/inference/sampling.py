@@ -6,6 +6,9 @@ set of most likely tokens whose mass reaches p (the token that crosses p stays i
 
     sampler = Sampler(do_sample=True, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
     next_ids = sampler(logits)          # logits (B, V) fp32 -> (B,) long
+
+`ban_beyond(logits, n)` gives vocabulary rows >= n probability 0: an embedding padded past its tokenizer
+(Huginn's 65536 rows) has rows no tokenizer can decode; every engine applies it before exit criteria and sampling.
 """
 
 from __future__ import annotations
@@ -15,6 +18,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def ban_beyond(logits: Tensor, vocab_limit: int | None) -> Tensor:
+    """logits (..., V) with every entry at vocabulary index >= vocab_limit set to the dtype's lowest finite value
+    (None, or >= V: unchanged). Its probability is exactly 0, as with -inf, but log-probabilities stay finite, so
+    the KL exit criterion's 0 * (log p - log q) is 0, not NaN (which would never exit). Writes in place: callers
+    pass freshly computed logits."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        if vocab_limit < 1:
+            raise ValueError(f"vocab_limit must be >= 1 (the tokenizer's size), got {vocab_limit}")
+        logits[..., vocab_limit:] = torch.finfo(logits.dtype).min
+    return logits
 
 
 @dataclass

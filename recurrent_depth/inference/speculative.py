@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from recurrent_depth.inference.cache import KVCache, SharingPolicy
+from recurrent_depth.inference.step import GenerateOutput, forward_rows
 
 
 def _check(draft_steps: int | None, lookahead: int | None, num_steps: int) -> tuple[int, int]:
@@ -51,9 +52,9 @@ def _stream(streamer: Any, new: Tensor, finished: Tensor, eos: Tensor | None, nu
 
 def generate_speculative(model: Any, input_ids: Tensor, attention_mask: Tensor | None, *, max_new_tokens: int,
                          num_steps: int, draft_steps: int | None, lookahead: int | None, kv_sharing: SharingPolicy,
-                         init_scale: float, eos: Tensor | None, streamer: Any = None) -> Any:
-    """Greedy self-speculative generation; see the module docstring. Returns a `GenerateOutput`."""
-    from recurrent_depth.inference.generate import GenerateOutput, forward_rows
+                         init_scale: float, eos: Tensor | None, streamer: Any = None,
+                         vocab_limit: int | None = None) -> GenerateOutput:
+    """Greedy self-speculative generation; see the module docstring. vocab_limit: as in `forward_rows`."""
 
     draft_steps, lookahead = _check(draft_steps, lookahead, num_steps)
     B, T0 = input_ids.shape
@@ -68,7 +69,7 @@ def generate_speculative(model: Any, input_ids: Tensor, attention_mask: Tensor |
     def run(ids: Tensor, steps: int, all_logits: bool = False) -> Tensor:
         mask = None if full_mask is None else full_mask[:, : cache.seq_len + ids.shape[1]]
         return forward_rows(model, ids, cache, num_steps=steps, attention_mask=mask, init_scale=init_scale,
-                            all_logits=all_logits).logits
+                            all_logits=all_logits, vocab_limit=vocab_limit).logits
 
     if streamer is not None:
         streamer.put(input_ids.cpu())

@@ -1,8 +1,8 @@
 """Serving: an OpenAI-compatible HTTP server with per-request depth and adaptive exit (`rdepth serve`).
 
-    engine.py     BatchEngine: continuous batching one recurrence step at a time, each row with its own depth, exit
-                  criterion, threshold, cache sharing and positions (Sequence, DepthParams, SamplingParams)
-    kvstore.py    RowKVStore: per-row KV storage behind the attention layers' KVStore protocol
+    engine.py     BatchEngine: the library's per-row step engine (`inference.rows.RowEngine`: each row with its own
+                  depth, exit criterion, cache sharing and positions, in the paged RowKVCache) plus text, stop
+                  strings and events (Sequence, TokenEvent; DepthParams / SamplingParams from inference.params)
     scheduler.py  Scheduler: the engine on a background thread; requests join and leave between steps
     protocol.py   request validation (OpenAI fields + num_steps, exit_criterion, exit_threshold, warm_start,
                   kv_sharing, init_scale), OpenAI-style errors, usage with recurrence steps

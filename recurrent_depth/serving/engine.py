@@ -1,71 +1,22 @@
-"""Continuous batching at the granularity of one recurrence step.
+"""The server's continuous batching: `inference.rows.RowEngine` (the per-row step engine) plus text.
 
-A `Sequence` is one generated continuation (one `choices[i]` of a request). Each advances through a small cycle per
-token: *embed* (prelude on the new token, or on the whole prompt at first, and its initial state s0), *iterate* (core
-steps, its own exit criterion checked after each), *finish* (coda + head, sample, emit). `BatchEngine.step()` moves
-every live sequence by one phase-step:
-
-    1. sequences with a token to embed run the prelude (rows batched) and draw s0 (or take the warm state);
-    2. every sequence still iterating runs ONE core step (rows batched, each at its own recurrence step and cache
-       slot), then its exit criterion decides;
-    3. sequences whose recurrence ended (depth reached or exited) run coda + head, sample a token and emit it.
-
-So one engine step costs one core step for the rows still iterating, and a sequence at r = 4 produces a token
-every 4 engine steps whatever the others ask for; rows that finished their recurrence cost nothing until their next
-token. Sequences join (`add`) and leave (`remove`, or when done) between steps. Prompts are prefilled through the
-same cycle; rows that feed the same number of tokens (all decoding rows; prompts of equal length) share each call.
-
-Every row reads and writes only its own cache row, its own RoPE positions and its own random generator, so a
-sequence produces what it would produce alone (bit-for-bit apart from floating-point reduction order; greedy
-tokens are tested equal).
+A `Sequence` is one generated continuation (one `choices[i]` of a request), a `Row` with an event callback.
+`BatchEngine` decodes it with the library's row engine (one recurrence step per engine step, each row with its own
+depth, exit criterion, cache sharing and positions; see `recurrent_depth.inference.rows`) and adds what only a
+server needs: detokenized text, held back while it may begin a stop string, stop strings, and a `TokenEvent` per
+token. Every sequence produces what `inference.generate` produces for it alone (greedy tokens tested equal).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-import torch
-from torch import Tensor
+from recurrent_depth.inference.params import DepthParams, SamplingParams
+from recurrent_depth.inference.rows import Row, RowEngine
 
-from recurrent_depth.inference.cache import SharingPolicy, make_kv_policy
-from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, resolve_kv_sharing
-from recurrent_depth.inference.exit import ExitCriterion, NoExit, make_exit_criterion
-from recurrent_depth.inference.sampling import Sampler
-from recurrent_depth.model.layers import AttentionContext, LayerKey
-from recurrent_depth.serving.kvstore import RowKVStore
-
-
-@dataclass(frozen=True)
-class DepthParams:
-    """Test-time compute of one request, with `inference.generate`'s meanings.
-
-    num_steps: recurrence count r (core applications) per token, the cap when an exit criterion is set;
-    exit_criterion / exit_threshold: `recurrent_depth.inference.exit` (threshold None: the criterion's default);
-    warm_start: False, True / "latent" (start each token from the previous token's final ln_f(s)) or "raw" (from the
-    raw core output); kv_sharing: "auto" (latest with an exit criterion, else full), "full", "latest" or an int k
-    (`recurrent_depth.inference.cache`); init_scale: std scale of the random initial state (0: zeros, deterministic)."""
-
-    num_steps: int
-    exit_criterion: str = "none"
-    exit_threshold: float | None = None
-    warm_start: bool | str = False
-    kv_sharing: str | int = KV_SHARING_AUTO
-    init_scale: float = INIT_SCALE
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """max_tokens >= 1; temperature 0 = greedy; top_p nucleus mass; seed for s0 draws and sampling (None: random);
-    stop: strings that end the text (not included); stop_token_ids: tokens that end it (EOS)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+__all__ = ["BatchEngine", "DepthParams", "SamplingParams", "Sequence", "TokenEvent"]
 
 
 @dataclass
@@ -79,235 +30,28 @@ class TokenEvent:
     finish_reason: str | None = None
 
 
-EMBED, ITERATE, DONE = "embed", "iterate", "done"
-_ids = itertools.count()
-
-
 @dataclass(eq=False)
-class Sequence:
-    """One continuation being generated; the engine fills the private fields."""
+class Sequence(Row):
+    """One continuation of a request: a `Row` whose tokens go to `on_event` as text."""
 
-    prompt: list[int]
-    depth: DepthParams
-    sampling: SamplingParams
     on_event: Callable[[TokenEvent], None] = lambda event: None
-    tokens: list[int] = field(default_factory=list)
-    token_steps: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
     cancelled: bool = False
-    # engine state
-    id: int = field(default_factory=lambda: next(_ids))
-    row: int = -1
-    phase: str = EMBED
-    length: int = 0  # positions committed to the cache
-    pending: list[int] = field(default_factory=list)  # token ids to feed next
-    e: Tensor | None = None
-    state: Tensor | None = None
-    warm: Tensor | None = None
-    memory: Tensor | None = None
-    logits: Tensor | None = None  # last position's logits of the current state, if already computed
-    step_count: int = 0
-    exited: bool = False
     emitted: int = 0  # characters of text already sent
-    criterion: ExitCriterion | None = None
-    sharing: SharingPolicy | None = None
-    sampler: Sampler | None = None
-    generator: torch.Generator | None = None
-
-    @property
-    def total_steps(self) -> int:
-        return sum(self.token_steps)
 
 
-class BatchEngine:
-    """Owns the model, the per-row KV store and the live sequences; `step()` advances them (see module docstring).
+class BatchEngine(RowEngine):
+    """The row engine with a tokenizer: text, stop strings and events (module docstring). Vocabulary rows beyond
+    the tokenizer are never produced. Not thread-safe: one thread calls `add`, `remove` and `step` (the
+    `Scheduler` does)."""
 
-    Not thread-safe: one thread calls `add`, `remove` and `step` (the `Scheduler` does).
-    """
+    def __init__(self, model: Any, tokenizer: Any, max_rows: int = 8) -> None:
+        super().__init__(model, max_rows, len(tokenizer) if tokenizer is not None else None)
+        self.tokenizer = tokenizer
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_rows: int = 8) -> None:
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
-        self.t = model.transformer
-        self.cfg = model.config
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.store = RowKVStore(self.cfg.n_heads, self.cfg.n_embd // self.cfg.n_heads, max_rows,
-                                self.cfg.block_size, self.dtype, self.device)
-        self.live: list[Sequence] = []
-        self._free = list(range(max_rows))[::-1]
-        n_tok = len(tokenizer) if tokenizer is not None else self.cfg.vocab_size
-        self._banned = None  # padded vocabulary rows beyond the tokenizer are never sampled
-        if n_tok < self.cfg.vocab_size:
-            self._banned = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
-            self._banned[n_tok:] = True
-
-    # --------------------------------------------------------------------------------------- membership
-    @property
-    def free_rows(self) -> int:
-        return len(self._free)
-
-    def add(self, seq: Sequence) -> None:
-        """Admit a sequence (raises if no row is free or its prompt does not fit the context)."""
-        if not self._free:
-            raise RuntimeError("no free row in the batch")
-        if not seq.prompt:
-            raise ValueError("empty prompt")
-        if len(seq.prompt) + seq.sampling.max_tokens > self.cfg.block_size:
-            raise ValueError(f"prompt ({len(seq.prompt)}) + max_tokens ({seq.sampling.max_tokens}) exceeds the "
-                             f"context length {self.cfg.block_size}")
-        seq.criterion = make_exit_criterion(seq.depth.exit_criterion, seq.depth.exit_threshold)
-        seq.sharing = make_kv_policy(resolve_kv_sharing(seq.depth.kv_sharing, seq.depth.exit_criterion))
-        if seq.depth.warm_start not in (False, True, "latent", "raw"):
-            raise ValueError(f"warm_start must be false, true, 'latent' or 'raw', got {seq.depth.warm_start!r}")
-        seq.generator = torch.Generator(device=self.device)
-        if seq.sampling.seed is None:
-            seq.generator.seed()
-        else:
-            seq.generator.manual_seed(seq.sampling.seed % 2**64)
-        sp = seq.sampling
-        seq.sampler = Sampler(do_sample=sp.temperature > 0, temperature=sp.temperature or 1.0,
-                              top_p=sp.top_p if sp.top_p < 1 else None, generator=seq.generator)
-        seq.row = self._free.pop()
-        seq.phase, seq.length, seq.pending = EMBED, 0, list(seq.prompt)
-        self.live.append(seq)
-
-    @torch.inference_mode()  # the store's tensors are inference tensors
-    def remove(self, seq: Sequence, reason: str = "abort") -> None:
-        """Drop a sequence now (client gone); frees its row."""
-        if seq in self.live:
-            self._release(seq, reason, emit=False)
-
-    def _release(self, seq: Sequence, reason: str, emit: bool = True, text: str = "", token: int | None = None,
+    def _release(self, seq: Sequence, reason: str, text: str = "", token: int | None = None,
                  steps: int | None = None) -> None:
-        seq.finish_reason, seq.phase = reason, DONE
-        self.live.remove(seq)
-        self.store.release(seq.row)
-        self._free.append(seq.row)
-        seq.e = seq.state = seq.warm = seq.memory = seq.logits = None
-        if emit:
-            seq.on_event(TokenEvent(text, token, steps, reason))
-
-    # ------------------------------------------------------------------------------------------- stepping
-    @torch.inference_mode()
-    def step(self) -> None:
-        """Advance every live sequence by one phase-step (embed / one core step / finish)."""
-        for group in self._groups([s for s in self.live if s.phase == EMBED]):
-            self._embed(group)
-        for group in self._groups([s for s in self.live if s.phase == ITERATE and not self._done_iterating(s)]):
-            self._core_step(group)
-        for group in self._groups([s for s in self.live if s.phase == ITERATE and self._done_iterating(s)]):
-            self._finish(group)
-
-    @staticmethod
-    def _done_iterating(s: Sequence) -> bool:
-        return s.exited or s.step_count >= s.depth.num_steps
-
-    @staticmethod
-    def _groups(seqs: list[Sequence]) -> list[list[Sequence]]:
-        """Rows feeding the same number of tokens T share a call (decode rows T = 1; prompts of equal length).
-
-        Rows may start at different positions: the store right-aligns every row's keys, so the causal mask for the
-        last T keys is the same for all of them."""
-        by_len: dict[int, list[Sequence]] = {}
-        for s in seqs:
-            by_len.setdefault(len(s.pending), []).append(s)
-        return list(by_len.values())
-
-    def _context(self, group: list[Sequence], core: bool = False) -> AttentionContext:
-        """Bind the group's rows in the store and build their RoPE rows (no host-device sync per layer)."""
-        T = len(group[0].pending)
-        starts = [s.length for s in group]
-        rows = torch.tensor([s.row for s in group], device=self.device)
-        start = torch.tensor(starts, device=self.device)
-        slot = latest = None
-        n_slots = 1
-        if core:
-            slots = [self._slot(s, s.step_count) for s in group]
-            slot, n_slots = torch.tensor(slots, device=self.device), max(slots) + 1
-            if any(s.sharing.fills_exited for s in group):
-                latest = torch.tensor([s.sharing.fills_exited for s in group], device=self.device)
-        self.store.bind(rows, start, T, slot, latest, max_end=max(starts) + T, n_slots=n_slots)
-        positions = start[:, None] + torch.arange(T, device=self.device)  # (n, T)
-        return AttentionContext(rope=self.t.rope[0, positions], mask=None, cache=self.store)
-
-    @staticmethod
-    def _slot(s: Sequence, step: int) -> int:
-        """The core cache slot (recurrence index) the row's sharing policy gives recurrence `step`."""
-        return s.sharing.slot(LayerKey("core", 0, step)).step
-
-    def _embed(self, group: list[Sequence]) -> None:
-        ids = torch.tensor([s.pending for s in group], device=self.device)  # (n, T)
-        e = self.t.embed(ids, self._context(group))  # (n, T, d)
-        for i, s in enumerate(group):
-            s.e = e[i:i + 1]
-            if s.depth.warm_start and s.warm is not None:
-                s.state = s.warm
-            else:
-                s.state = self.t.initial_state(s.e, s.depth.init_scale, s.generator)
-            s.memory = s.criterion.init(s.state, self.cfg.vocab_size)
-            s.step_count, s.exited, s.logits, s.phase = 0, False, None, ITERATE
-
-    def _core_step(self, group: list[Sequence]) -> None:
-        ctx = self._context(group, core=True)
-        state = torch.cat([s.state for s in group])
-        e = torch.cat([s.e for s in group])
-        new = self.t.core_step(state, e, 0, ctx)  # the store picks each row's slot from its own step
-        for i, s in enumerate(group):
-            s.state, s.step_count, s.logits = new[i:i + 1], s.step_count + 1, None
-        needs = [s for s in group if s.criterion.needs_logits]
-        if needs:
-            logits = self._logits(needs)
-            for i, s in enumerate(needs):
-                s.logits = logits[i:i + 1]
-        self._check_exits(group)
-
-    @staticmethod
-    def _check_exits(group: list[Sequence]) -> None:
-        """Each row's own criterion, evaluated once per (criterion, threshold) over the rows that share it."""
-        by_criterion: dict[tuple, list[Sequence]] = {}
-        for s in group:
-            if not isinstance(s.criterion, NoExit):  # never exits: nothing to evaluate
-                by_criterion.setdefault((type(s.criterion), s.criterion.threshold), []).append(s)
-        for members in by_criterion.values():
-            crit = members[0].criterion
-            logits = torch.cat([s.logits for s in members]) if crit.needs_logits else None
-            exit_now, memory, _ = crit.check(torch.cat([s.memory for s in members]),
-                                             torch.cat([s.state for s in members]), logits)
-            for i, (s, flag) in enumerate(zip(members, exit_now.tolist())):
-                s.memory, s.exited = memory[i:i + 1], bool(flag)
-
-    def _logits(self, group: list[Sequence]) -> Tensor:
-        """Coda + head on the rows' current states: (n, V) fp32 logits of each row's last position."""
-        hidden, _ = self.t.decode(torch.cat([s.state for s in group]), self._context(group))
-        logits = self.model.lm_head(hidden[:, -1:]).float()[:, 0]  # (n, V)
-        if self._banned is not None:
-            logits = logits.masked_fill(self._banned, float("-inf"))
-        return logits
-
-    def _finish(self, group: list[Sequence]) -> None:
-        todo = [s for s in group if s.logits is None]
-        if todo:
-            logits = self._logits(todo)
-            for i, s in enumerate(todo):
-                s.logits = logits[i:i + 1]
-        greedy = [s for s in group if not s.sampler.do_sample]
-        picked = dict(zip((s.id for s in greedy), torch.cat([s.logits for s in greedy]).argmax(-1).tolist())
-                      if greedy else ())
-        for s in group:
-            T = len(s.pending)
-            if s.sharing.fills_exited:
-                last = self._slot(s, s.step_count - 1) if s.step_count else None
-                self.store.record_last(s.row, s.length, T, last)
-            token = picked[s.id] if s.id in picked else int(s.sampler(s.logits)[0])  # own generator per row
-            s.length += T
-            if s.depth.warm_start:
-                s.warm = (s.state if s.depth.warm_start == "raw" else self.t.ln_f(s.state))[:, -1:]
-            s.tokens.append(token)
-            s.token_steps.append(s.step_count)
-            s.pending, s.phase, s.logits = [token], EMBED, None
-            self._emit(s, token)
+        self._free_row(seq, reason)
+        seq.on_event(TokenEvent(text, token, steps, reason))
 
     # ----------------------------------------------------------------------------------------------- text
     def _emit(self, s: Sequence, token: int) -> None:

@@ -28,10 +28,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from recurrent_depth.inference.cache import make_kv_policy
 from recurrent_depth.inference.defaults import INIT_SCALE, resolve_kv_sharing
-from recurrent_depth.inference.exit import EXIT_CRITERIA, make_exit_criterion
-from recurrent_depth.serving.engine import DepthParams, SamplingParams
+from recurrent_depth.inference.exit import EXIT_CRITERIA
+from recurrent_depth.inference.params import DepthParams, SamplingParams
 
 DEPTH_FIELDS = ("num_steps", "exit_criterion", "exit_threshold", "warm_start", "kv_sharing", "init_scale")
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "user",
@@ -157,7 +156,8 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 
 def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
-    """The recurrent-depth fields (module docstring) -> DepthParams, validated with the library's own parsers."""
+    """The recurrent-depth fields (module docstring) -> DepthParams: the server's own limits checked here, every value
+    then validated by `DepthParams` itself (one place for the library, the CLI and the server)."""
     num_steps = _integer(body, "num_steps", min(default_steps, limits.max_num_steps), 0, limits.max_num_steps)
     crit = body.get("exit_criterion")
     if crit is not None and (not isinstance(crit, str) or crit not in EXIT_CRITERIA):
@@ -165,15 +165,6 @@ def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
     threshold = _number(body, "exit_threshold", None, 0.0, 1e6)
     if threshold is not None and crit is None:
         raise _bad("exit_threshold", "was given without an exit_criterion")
-    try:
-        make_exit_criterion(crit or "none", threshold)
-    except (ValueError, TypeError) as err:
-        raise _bad("exit_threshold", str(err)) from None
-    warm = body.get("warm_start")
-    if warm is None:
-        warm = False
-    if warm not in (False, True, "latent", "raw") or not isinstance(warm, bool | str):
-        raise _bad("warm_start", f"must be false, true, 'latent' or 'raw', got {_show(warm)}")
     sharing = body.get("kv_sharing")
     if isinstance(sharing, bool) or not isinstance(sharing, str | int | None) or (isinstance(sharing, int)
                                                                                    and not 1 <= sharing <= 4096):
@@ -182,13 +173,19 @@ def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
     if isinstance(sharing, str) and sharing.isdigit() and len(sharing) >= 6:
         sharing = -1
     sharing = resolve_kv_sharing(sharing, crit)
-    try:
-        make_kv_policy(sharing)
-    except ValueError:
-        raise _bad("kv_sharing", f"unknown policy {_show(sharing)}; valid: 'auto', 'full', 'latest' or an integer "
-                   "k >= 1") from None
     init_scale = _number(body, "init_scale", INIT_SCALE, 0.0, 4.0)
-    return DepthParams(num_steps, crit or "none", threshold, warm, sharing, init_scale)
+    warm = body.get("warm_start")
+    try:
+        return DepthParams(num_steps, crit or "none", threshold, False if warm is None else warm, sharing, init_scale)
+    except (ValueError, TypeError) as err:
+        field_name = next((f for f in DEPTH_FIELDS if str(err).startswith(f)), "exit_threshold")
+        raise _bad(field_name, _show_error(str(err), field_name)) from None
+
+
+def _show_error(message: str, field_name: str) -> str:
+    """A library error for the client: without a leading field name (`_bad` adds it) and cut to a readable size."""
+    message = message.removeprefix(field_name).removeprefix(":").lstrip()
+    return message if len(message) <= 300 else message[:300] + "..."
 
 
 def _invalid_text(value: Any, where: str) -> str | None:

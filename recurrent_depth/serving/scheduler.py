@@ -76,7 +76,10 @@ class Scheduler:
         self.steps = 0  # engine steps run (for stats)
         self.peak_running = 0  # most sequences decoded together so far
         self.aborted = 0  # sequences dropped because their client went away
-        self.kv_bytes = 0  # bytes the KV store holds (updated by the engine thread after each step)
+        self.kv_bytes = 0  # bytes the KV store's pools hold (updated by the engine thread after each step)
+        self.kv_bytes_in_use = 0  # bytes of the pages live sequences hold
+        self.peak_kv_bytes_in_use = 0
+        self.live_tokens = 0  # positions the live sequences hold in the cache
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> None:
@@ -123,9 +126,16 @@ class Scheduler:
     def load(self) -> dict[str, int]:
         return {"running": len(self.engine.live), "waiting": len(self._waiting), "max_batch": self.engine.max_rows,
                 "peak_running": self.peak_running, "aborted": self.aborted, "engine_steps": self.steps,
-                "kv_cache_bytes": self.kv_bytes}
+                "kv_cache_bytes": self.kv_bytes, "kv_bytes_in_use": self.kv_bytes_in_use,
+                "peak_kv_bytes_in_use": self.peak_kv_bytes_in_use, "live_tokens": self.live_tokens}
 
     # ---------------------------------------------------------------------------------------------- loop
+    def _measure(self) -> None:
+        store = self.engine.store
+        self.kv_bytes, self.kv_bytes_in_use = store.nbytes(), store.bytes_in_use()
+        self.peak_kv_bytes_in_use = max(self.peak_kv_bytes_in_use, self.kv_bytes_in_use)
+        self.live_tokens = sum(s.length for s in self.engine.live)
+
     def _admit(self) -> None:
         """Under the lock: drop cancelled sequences, then move waiting ones into free rows (first come first)."""
         for seq in self._cancelled:
@@ -155,12 +165,13 @@ class Scheduler:
                     break
                 self._admit()
             if not self.engine.live:
+                self._measure()  # sequences removed on cancel gave their pages back
                 continue
             self.peak_running = max(self.peak_running, len(self.engine.live))
             try:
                 self.engine.step()
                 self.steps += 1
-                self.kv_bytes = self.engine.store.nbytes()
+                self._measure()
             except Exception:  # a bug must not take the server down: fail the live sequences, keep serving
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 for seq in list(self.engine.live):

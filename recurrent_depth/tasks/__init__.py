@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from recurrent_depth.tasks.base import COT_SEP, SPLITS, Instance, Task, in_held_out
-from recurrent_depth.tasks.families import Addition, ModularChain, TreePath, VariableBinding
+from recurrent_depth.tasks.families import Addition, ModularChain, PointerChase, TreePath, VariableBinding
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Addition, VariableBinding, TreePath, ModularChain)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Addition, VariableBinding, PointerChase, TreePath,
+                                                          ModularChain)}
 
 
 def get_task(name: str, **difficulty: Any) -> Task:
@@ -34,6 +35,33 @@ def get_task(name: str, **difficulty: Any) -> Task:
     if unknown:
         raise ValueError(f"task {name!r} has no difficulty knob {unknown}; its knobs are {knobs}")
     return cls(**difficulty)
+
+
+def parse_task_args(items: list[str]) -> dict[str, Any]:
+    """Difficulty knobs from command-line strings: each a JSON object (`{"hops": [0, 2]}`) or `KEY=VALUE` with a
+    YAML value (`hops=[0,2]`, `roots=4`); later items win. Raises ValueError naming the item that does not parse."""
+    import yaml
+
+    knobs: dict[str, Any] = {}
+    for item in items:
+        text = item.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--task-args {item!r} is not a JSON object ({err.msg})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"--task-args {item!r} is not a JSON object")
+            knobs.update(value)
+            continue
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--task-args {item!r}: expected KEY=VALUE (e.g. hops=[0,2]) or a JSON object")
+        try:
+            knobs[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"--task-args {item!r}: the value {raw!r} does not parse") from None
+    return knobs
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -51,4 +79,4 @@ def combined_alphabet(names: list[str] | None = None) -> str:
 
 
 __all__ = ["COT_SEP", "SPLITS", "TASKS", "Instance", "Task", "combined_alphabet", "get_task", "in_held_out",
-           "write_jsonl"]
+           "parse_task_args", "write_jsonl"]

@@ -1,4 +1,4 @@
-"""Four procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
+"""Five procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
 its difficulty level (so more recurrence can help on harder instances):
 
 - `addition`: "821+379=" -> "1200". Most significant digit first, so the first answer digit depends on the whole
@@ -9,6 +9,9 @@ its difficulty level (so more recurrence can help on harder instances):
   hops above its root, so resolving it takes k lookups. Level: k. CoT: the variables visited, then the value.
 - `tree_path`: "ab,cb,bd,de;a>e?" -> "bde". A random tree as shuffled undirected edges; the answer is the unique path
   from the start (excluded) to the target. Level: path length. CoT: the breadth-first layers from the start.
+- `pointer_chase`: "cbbcee;a?" -> "b". Slot i (the i-th letter) holds the slot it points to (a root, itself); the
+  answer is the root reached from the query slot. Level: hops. Slots are fixed positions: a hop is a positional
+  read, not a search. CoT: the slots visited.
 - `modular_chain`: "3+4*2-7=" -> "8". Operations applied left to right, modulo 10. Level: number of operations.
   CoT: the running value after each operation.
 
@@ -116,6 +119,9 @@ class VariableBinding(Task):
         for name, value in zip(extra, values[1:]):  # distractor roots
             parent[name], depth[name] = value, 0
         for name in extra[self.roots - 1:]:  # the rest hang anywhere that keeps depth within the split's range
+            if h_hi == 0:  # every variable is a root: the rest reuse the root values (a plain key-value lookup)
+                parent[name], depth[name] = rng.choice(values), 0
+                continue
             target = rng.choice([v for v in parent if depth[v] < h_hi])
             parent[name], depth[name] = target, depth[target] + 1
         query = names[hops]
@@ -126,6 +132,56 @@ class VariableBinding(Task):
             node = parent[node]
             steps.append(node)
         return Instance(",".join(assignments) + f";{query}?", values[0], tuple(steps), hops)
+
+
+@dataclass(frozen=True)
+class PointerChase(Task):
+    """Pointer chasing by position: slot i of the prompt (named by the i-th letter) holds the name of the slot it
+    points to, a root holds its own name, and the answer is the root reached from the query slot:
+    "cbbcee;a?" -> "b" (a -> c -> b). `hops` is the query's distance from its root. Every one of the `roots` trees
+    holds a chain as long as the query's, and the other slots hang no deeper, so neither a tree's size nor its depth
+    tells which root is the answer (a first version with one tree, or with shallow distractors, was solved by such
+    shortcuts). Slots sit at fixed positions (the prompt has `slots` + 3 characters at every level), so a hop is a
+    positional read with no content search; `ood` differs in hops only. Following a pointer past the root changes
+    nothing, so extra recurrence cannot overshoot."""
+
+    name: ClassVar[str] = "pointer_chase"
+    symbols: ClassVar[str] = LETTERS + ";?"
+
+    slots: int = 16
+    hops: tuple[int, int] = (1, 4)
+    ood_hops: tuple[int, int] = (5, 7)
+    roots: int = 2  # trees (chance is 1/roots)
+
+    def _validate(self) -> None:
+        for knob, low, high in (("slots", 2, 26), ("roots", 1, 26)):
+            value = getattr(self, knob)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"difficulty knob `{knob}` must be an integer in [{low}, {high}], got {value!r}")
+        for knob in ("hops", "ood_hops"):
+            _, hi = self._set_range(knob, 0, 25)
+            if self.roots * (hi + 1) > self.slots:
+                raise ValueError(f"difficulty knob `{knob}` max ({hi}): `roots` ({self.roots}) chains of {hi + 1} "
+                                 f"slots need `slots` >= {self.roots * (hi + 1)}, got {self.slots}")
+
+    def _sample(self, rng: random.Random, ood: bool) -> Instance:
+        hops = rng.randint(*(self.ood_hops if ood else self.hops))
+        order = rng.sample(range(self.slots), self.slots)
+        parent: dict[int, int] = {}
+        depth: dict[int, int] = {}
+        for t in range(self.roots):  # one chain of hops + 1 slots per tree; tree 0 holds the query at its end
+            chain = order[t * (hops + 1):(t + 1) * (hops + 1)]
+            for i, slot in enumerate(chain):
+                parent[slot], depth[slot] = chain[max(i - 1, 0)], i
+        for slot in order[self.roots * (hops + 1):]:  # the rest hang anywhere, no deeper than the chains
+            target = rng.choice([v for v in parent if depth[v] < max(hops, 1)])
+            parent[slot], depth[slot] = target, depth[target] + 1
+        query, steps, node = order[hops], [], order[hops]
+        while parent[node] != node:
+            node = parent[node]
+            steps.append(LETTERS[node])
+        prompt = "".join(LETTERS[parent[i]] for i in range(self.slots)) + f";{LETTERS[query]}?"
+        return Instance(prompt, LETTERS[order[0]], tuple(steps), hops)
 
 
 @dataclass(frozen=True)

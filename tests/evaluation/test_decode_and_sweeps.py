@@ -145,3 +145,21 @@ def test_teacher_forced_accuracy_equals_greedy_accuracy(trained_model, tokenizer
         assert forced["correct"] == greedy["correct"] and forced["mean_steps"] == r
     with pytest.raises(ValueError, match="method"):
         evaluate_accuracy(trained_model, tokenizer, rows, 1, method="beam")
+
+
+def test_teacher_forced_predictions_and_progress(trained_model, tokenizer) -> None:
+    rows = get_task("modular_chain").generate(30, "test", seed=1)
+    messages: list[str] = []
+    forced = evaluate_accuracy(trained_model, tokenizer, rows, 2, init_scale=0.0, method="teacher_forced",
+                               batch_size=8, keep_predictions=True, progress=messages.append)
+    greedy = greedy_decode(trained_model, tokenizer, [x["prompt"] for x in rows], 2, 1, init_scale=0.0)
+    # one-token answers: the argmax at the first answer position is what greedy decoding writes first
+    assert [p[:1] for p in forced["predictions"]] == [t[:1] for t in greedy.texts]
+    assert forced["hits"] == [p == x["answer"] for p, x in zip(forced["predictions"], rows)]
+    assert sum(forced["hits"]) == forced["correct"] and all(s == [2] * len(s) for s in forced["token_steps"])
+    assert messages[:4] == ["r=2: 8/30 rows", "r=2: 16/30 rows", "r=2: 24/30 rows", "r=2: 30/30 rows"]
+    assert messages[4].startswith(f"r=2: accuracy {forced['accuracy']:.4g} ({forced['correct']}/30")
+    decoded: list[str] = []
+    evaluate_accuracy(trained_model, tokenizer, rows, 1, max_new_tokens=3, init_scale=0.0, batch_size=16,
+                      progress=decoded.append)
+    assert decoded[:2] == ["r=1: 16/30 rows decoded", "r=1: 30/30 rows decoded"] and len(decoded) == 3

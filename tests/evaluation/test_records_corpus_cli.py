@@ -114,3 +114,65 @@ def test_rdepth_eval_bad_jsonl(checkpoint, tmp_path, capsys) -> None:
     bad.write_text('{"prompt": "1+1="}\n')
     assert main(["eval", "--model", str(checkpoint), "--data", str(bad), "--out", str(tmp_path)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def _trained_on(checkpoint, tmp_path, task: dict) -> object:
+    """A copy of the checkpoint folder whose trainer_state.json says it was trained on `task`."""
+    import shutil
+
+    folder = tmp_path / "trained"
+    shutil.copytree(checkpoint, folder)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 1, "config": {"data": {"kind": "task",
+                                                                                          "task": task}}}))
+    return folder
+
+
+def test_rdepth_eval_task_reads_trained_knobs_and_writes_predictions(checkpoint, tmp_path, capsys) -> None:
+    folder = _trained_on(checkpoint, tmp_path, {"name": "variable_binding", "difficulty": {"hops": [0, 0]}})
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(folder), "--task", "variable_binding", "--n", "6", "--steps", "1,2",
+            "--method", "teacher_forced", "--out", str(out)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert f"difficulty as trained, read from {folder / 'trainer_state.json'}" in captured.err
+    assert "r=2: 6/6 rows" in captured.err and "r=1: accuracy" in captured.err  # progress, on stderr
+    assert "accuracy by difficulty level" in captured.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["difficulty"]["hops"] == [0, 0]
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and {x["num_steps"] for x in lines} == {1, 2} and {x["level"] for x in lines} == {0}
+    assert set(lines[0]) == {"sweep", "num_steps", "threshold", "prompt", "answer", "prediction", "correct",
+                             "level", "steps"}
+    assert sum(x["correct"] for x in lines if x["num_steps"] == 2) == summary["depth_sweep"][1]["accuracy"] * 6
+    assert all(x["correct"] == (x["prediction"] == x["answer"]) for x in lines)
+    # --task-args on top of the trained knobs, as JSON or KEY=VALUE
+    assert main([*args, "--task-args", '{"hops": [1, 2]}', "--task-args", "roots=3"]) == 0
+    assert "overridden by --task-args" in capsys.readouterr().err
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert meta["difficulty"]["hops"] == [1, 2] and meta["difficulty"]["roots"] == 3
+    assert {json.loads(x)["level"] for x in (out / "predictions.jsonl").read_text().splitlines()} <= {1, 2}
+
+
+def test_rdepth_eval_greedy_predictions_with_exit(checkpoint, tmp_path) -> None:
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(checkpoint), "--task", "modular_chain", "--n", "4", "--steps", "1,3",
+                 "--exit", "kl", "--thresholds", "1e-2", "--out", str(out), "--init-scale", "0"]) == 0
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(x["sweep"], x["threshold"]) for x in lines[::4]] == [("depth", None), ("depth", None),
+                                                                  ("exit", None), ("exit", 0.01)]
+    assert all(x["steps"] and max(x["steps"]) <= 3 for x in lines if x["sweep"] == "exit")
+    records = json.loads((out / "depth_sweep.json").read_text())["records"]
+    assert "predictions" not in records[0] and "hits" not in records[0]  # they live in predictions.jsonl only
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--task", "variable_binding", "--task-args", "hops"], "KEY=VALUE"),
+    (["--task", "variable_binding", "--task-args", "{bad"], "not a JSON object"),
+    (["--task", "variable_binding", "--task-args", "[1]"], "KEY=VALUE"),
+    (["--task", "variable_binding", "--task-args", "depth=3"], "no difficulty knob ['depth']"),
+    (["--task", "variable_binding", "--task-args", "hops=[1,9]"], "n_vars"),
+    (["--data", "x.jsonl", "--task-args", "hops=1"], "give --task too"),
+])
+def test_rdepth_eval_bad_task_args(checkpoint, tmp_path, capsys, args, message) -> None:
+    rc = main(["eval", "--model", str(checkpoint), "--out", str(tmp_path), *args])
+    assert rc == 2 and message in capsys.readouterr().err

@@ -85,6 +85,7 @@ def test_bundle_then_demo(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["demo", "--model", str(tmp_path / "bundle"), "--n", "8", "--steps", "1,2",
                  "--out", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "num_steps" in out and "token:steps" in out
+    captured = capsys.readouterr()
+    assert "num_steps" in captured.out and "token:steps" in captured.out
+    assert "rdepth demo: r=2: 8/8 rows" in captured.err and "rdepth demo: r=1: accuracy" in captured.err
     assert (tmp_path / "demo" / "depth.png").is_file()

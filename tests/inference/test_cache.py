@@ -6,13 +6,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recurrent_depth.inference.cache import CyclicSharing, FullSharing, KVCache, LatestSharing, make_kv_policy
+from recurrent_depth.inference.cache import (
+    CyclicSharing,
+    FullSharing,
+    KVCache,
+    LatestSharing,
+    RowKVCache,
+    kv_bytes_per_token,
+    make_kv_policy,
+)
 from recurrent_depth.inference.compat import cache_policy_from_lookup
 from recurrent_depth.model.layers import LayerKey
 
 
 def _kv(B: int, T: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full((B, 2, T, 4), value), torch.full((B, 2, T, 4), -value)
+
+
+def _kv1(B: int, T: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (B, 1 head, T, 2) for the RowKVCache tests."""
+    return torch.full((B, 1, T, 2), value), torch.full((B, 1, T, 2), -value)
 
 
 def test_policies_map_slots() -> None:
@@ -53,7 +66,7 @@ def test_latest_fill_copies_the_last_computed_step() -> None:
     cache = KVCache("latest", max_length=4, batch_size=2)
     for step in range(2):
         cache.update(LayerKey("core", 0, step), *_kv(2, 1, 10.0 + step))
-    cache.fill_latest(torch.tensor([1]), last_step=1, num_steps=4, n_core_layers=1, n_tokens=1)
+    cache.policy.fill_exited(cache, torch.tensor([1]), last_step=1, num_steps=4, n_core_layers=1, n_tokens=1)
     for step in (2, 3):
         slot = cache.slots[LayerKey("core", 0, step)]
         assert slot.k[1, 0, 0, 0].item() == 11.0 and slot.valid[:, 0].tolist() == [False, True]
@@ -83,3 +96,85 @@ def test_reference_lookup_strings() -> None:
     assert cache_policy_from_lookup("latest-m4-compress-s16", 4) == CyclicSharing(4)
     with pytest.raises(ValueError, match="unsupported cache_lookup_strategy 'compress-anchor'"):
         cache_policy_from_lookup("compress-anchor", 4)
+
+
+def test_row_cache_rows_are_right_aligned_and_isolated() -> None:  # moved from tests/serving (RowKVStore)
+    store = RowKVCache(n_heads=1, head_dim=2, n_layers={"prelude": 1}, max_rows=3, max_len=32,
+                       dtype=torch.float32, device="cpu", page_size=2)
+    key = LayerKey("prelude", 0)
+    store.bind([2], [0], 3, "prelude")
+    k = torch.arange(6, dtype=torch.float32).view(1, 1, 3, 2)
+    store.update(key, k, k)
+    store.bind([0, 2], [0, 3], 1, "prelude")
+    k_all, _, ok = store.update(key, torch.full((2, 1, 1, 2), 7.0), torch.full((2, 1, 1, 2), 7.0))
+    assert k_all.shape == (2, 1, 4, 2)
+    assert ok[:, 0, 0].tolist() == [[False, False, False, True], [True, True, True, True]]
+    assert k_all[0, 0, -1].tolist() == [7.0, 7.0] and k_all[1, 0, :3].flatten().tolist() == list(range(6))
+    store.release(2)
+    store.bind([2], [0], 1, "prelude")
+    _, _, ok = store.update(key, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+    assert ok.flatten().tolist() == [True]  # nothing of the released row's earlier request is visible
+
+
+def test_row_cache_pages_follow_live_tokens() -> None:
+    page = 2 * 4 * 1 * 2 * 4  # k and v, page_size 4, H 1, D 2, fp32: one core layer
+    store = RowKVCache(n_heads=1, head_dim=2, n_layers={"core": 1}, max_rows=2, max_len=64,
+                       dtype=torch.float32, device="cpu", page_size=4)
+    policy = FullSharing()
+    for step in range(40):  # row 0: 5 positions at 40 recurrence steps -> 2 pages per step
+        store.bind([0], [0], 5, "core", [step], [policy])
+        store.update(LayerKey("core", 0, 0), *_kv1(1, 5, 1.0))
+    store.bind([1], [0], 1, "core", [0], [policy])
+    store.update(LayerKey("core", 0, 0), *_kv1(1, 1, 2.0))
+    assert store.bytes_in_use() == (80 + 1) * page
+    grown = store.nbytes()
+    store.release(0)
+    assert store.bytes_in_use() == page and store.nbytes() < grown / 8  # compacted: the pool shrank
+    store.bind([1], [1], 1, "core", [0], [policy])
+    k, _, ok = store.update(LayerKey("core", 0, 0), *_kv1(1, 1, 3.0))
+    assert k[0, 0, :, 0].tolist() == [2.0, 3.0] and ok.flatten().tolist() == [True, True]  # row 1 moved intact
+
+
+def test_row_cache_uses_the_layer_of_the_policy_slot() -> None:
+    class SwapLayers(FullSharing):
+        def slot(self, key: LayerKey) -> LayerKey:
+            return LayerKey(key.part, 1 - key.layer, key.step) if key.part == "core" else key
+
+    store = RowKVCache(n_heads=1, head_dim=2, n_layers={"core": 2}, max_rows=1, max_len=8,
+                       dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="maps core layer 0"):
+        store.bind([0], [0], 1, "core", [0], [SwapLayers()])
+
+
+def test_latest_fill_in_the_row_cache() -> None:
+    store = RowKVCache(n_heads=1, head_dim=2, n_layers={"core": 1}, max_rows=2, max_len=8,
+                       dtype=torch.float32, device="cpu")
+    policy = LatestSharing()
+    for step in range(2):
+        store.bind([1], [0], 1, "core", [step], [policy])
+        store.update(LayerKey("core", 0, 0), *_kv1(1, 1, 10.0 + step))
+    store.bind([1], [0], 1, "core", [1], [policy])
+    policy.fill_exited(store, store.bound_rows, last_step=1, num_steps=4, n_core_layers=1, n_tokens=1)
+    store.bind([1], [1], 1, "core", [3], [policy])
+    k, _, ok = store.update(LayerKey("core", 0, 0), *_kv1(1, 1, 5.0))
+    assert k[0, 0, :, 0].tolist() == [11.0, 5.0] and ok.flatten().tolist() == [True, True]
+
+
+def test_kv_bytes_per_token_at_the_huginn_shape() -> None:
+    from recurrent_depth.config import RecurrentDepthConfig
+
+    cfg = RecurrentDepthConfig.from_name("huginn-3.5b")
+    entry = 2 * 5280 * 4  # keys and values of one layer invocation, fp32
+    assert kv_bytes_per_token(cfg, "full", 32) == (2 + 4 * 32 + 2) * entry  # 132 entries, ~5.6 MB
+    assert kv_bytes_per_token(cfg, "latest", 32) == kv_bytes_per_token(cfg, "full", 32)
+    assert kv_bytes_per_token(cfg, 1, 32) == 8 * entry
+    assert kv_bytes_per_token(cfg, 1, 32, torch.bfloat16) == 4 * entry
+
+
+@pytest.mark.parametrize("kv_sharing", ["full", 3])
+def test_kv_bytes_per_token_matches_what_generate_holds(debug_model, kv_sharing) -> None:
+    from recurrent_depth.inference.generate import generate
+
+    ids = torch.tensor([[3, 4, 5, 6]])
+    out = generate(debug_model, ids, max_new_tokens=4, num_steps=5, kv_sharing=kv_sharing)
+    assert out.kv_cache_bytes == 8 * kv_bytes_per_token(debug_model.config, kv_sharing, 5)

@@ -112,3 +112,14 @@ def test_progress_goes_to_stderr_and_json_stdout_stays_clean(checkpoint, capsys,
                       "--num-steps", "2", "--json")
     assert rc == 0 and "loading" in stderr.getvalue() and "generated 3/3 tokens" in stderr.getvalue()
     assert json.loads(out)["tokens"]  # stdout holds the JSON object only
+
+
+def test_generate_never_emits_vocabulary_rows_beyond_the_tokenizer(checkpoint, capsys) -> None:
+    from recurrent_depth.data.tokenizer import load_tokenizer
+
+    n_tok = len(load_tokenizer(checkpoint))
+    rc = main(["generate", "--model", str(checkpoint), "--prompt", "abc", "--prompt", "hello", "--max-new-tokens",
+               "12", "--num-steps", "4", "--json"])
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert n_tok < 256 and all(t < n_tok for r in rows for t in r["tokens"])  # the embedding has 256 rows

@@ -8,7 +8,6 @@ import torch
 
 from recurrent_depth.inference.generate import generate
 from recurrent_depth.serving.engine import BatchEngine, DepthParams, SamplingParams, Sequence
-from recurrent_depth.serving.kvstore import RowKVStore
 from recurrent_depth.serving.scheduler import QueueFull, Scheduler
 
 TEXTS = ["hello world", "abc", "the quick brown fox", "x", "why?"]
@@ -132,23 +131,28 @@ def test_add_rejects_what_does_not_fit(served) -> None:
         engine.add(Sequence([5], DepthParams(2), SamplingParams(1, 0.0)))
 
 
-def test_kvstore_rows_are_right_aligned_and_isolated() -> None:
-    store = RowKVStore(n_heads=1, head_dim=2, max_rows=3, max_len=32, dtype=torch.float32, device="cpu")
-    from recurrent_depth.model.layers import LayerKey
-
-    key = LayerKey("prelude", 0)
-    store.bind(torch.tensor([2]), torch.tensor([0]), 3)
-    k = torch.arange(6, dtype=torch.float32).view(1, 1, 3, 2)
-    store.update(key, k, k)
-    store.bind(torch.tensor([0, 2]), torch.tensor([0, 3]), 1)
-    k_all, _, ok = store.update(key, torch.full((2, 1, 1, 2), 7.0), torch.full((2, 1, 1, 2), 7.0))
-    assert k_all.shape == (2, 1, 4, 2)
-    assert ok[:, 0, 0].tolist() == [[False, False, False, True], [True, True, True, True]]
-    assert k_all[0, 0, -1].tolist() == [7.0, 7.0] and k_all[1, 0, :3].flatten().tolist() == list(range(6))
-    store.release(2)
-    store.bind(torch.tensor([2]), torch.tensor([0]), 1)
-    _, _, ok = store.update(key, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
-    assert ok.flatten().tolist() == [True]  # nothing of the released row's earlier request is visible
+def test_kv_bytes_in_use_fall_back_after_a_deep_request(served) -> None:
+    engine = BatchEngine(served.model, None, max_rows=3)
+    shallow = Sequence(served.tokenize("abc"), DepthParams(2), SamplingParams(40, 0.0, seed=0))
+    engine.add(shallow)
+    for _ in range(6):
+        engine.step()
+    before, pools_before = engine.store.bytes_in_use(), engine.store.nbytes()
+    deep = Sequence(served.tokenize("the quick brown fox"), DepthParams(64), SamplingParams(4, 0.0))
+    engine.add(deep)
+    peak = 0
+    while deep.finish_reason is None:
+        engine.step()
+        peak = max(peak, engine.store.bytes_in_use())
+    assert peak > 10 * before  # the deep request held 64 core slots
+    engine.step()  # the shallow row goes on: a few more tokens at 2 steps
+    after = engine.store.bytes_in_use()
+    assert after <= before + engine.store._page_bytes("core") + engine.store._page_bytes("prelude") \
+        + engine.store._page_bytes("coda")  # at most one new page per part for the shallow row's new tokens
+    assert engine.store.nbytes() < peak  # the pools shrank too, not only the count
+    _drain(engine, [])
+    assert engine.store.bytes_in_use() == 0 and shallow.tokens == _alone(served, shallow)[0]
+    assert pools_before > 0
 
 
 def test_scheduler_queue_limit(served) -> None:

@@ -30,6 +30,14 @@ def _check_tree_path(prompt: str, answer: str) -> int:
     return len(answer)
 
 
+def _chase(prompt: str) -> tuple[str, int]:
+    table, query = prompt.rstrip("?").split(";")
+    node, hops = query, 0
+    while table[ord(node) - ord("a")] != node:  # follow slot -> letter until a slot that holds its own name
+        node, hops = table[ord(node) - ord("a")], hops + 1
+    return node, hops
+
+
 def _mod_chain(prompt: str) -> tuple[str, int]:
     expr = prompt.rstrip("=")
     value = int(expr[0])
@@ -50,6 +58,8 @@ def _check_row(name: str, row: dict) -> None:
         assert _check_tree_path(prompt, answer) == level
     elif name == "modular_chain":
         assert _mod_chain(prompt) == (answer, level)
+    elif name == "pointer_chase":
+        assert _chase(prompt) == (answer, level)
     else:  # a new family must add its independent checker here
         raise AssertionError(f"no answer checker for task {name}")
 
@@ -119,6 +129,42 @@ def test_difficulty_knobs_change_levels() -> None:
     assert {r["level"] for r in rows} == {3} and all(r["prompt"].count(",") == 4 for r in rows)
 
 
+def test_zero_hops_is_a_plain_lookup() -> None:
+    # hops (0, 0) used to pass validation and then crash in _sample (no variable to hang the rest under)
+    task = get_task("variable_binding", hops=(0, 0), ood_hops=(0, 0))
+    for split in SPLITS:
+        rows = task.generate(100, split)
+        for row in rows:
+            _check_row("variable_binding", row)
+            assert all(a.split("=")[1].isdigit() for a in row["prompt"].split(";")[0].split(","))
+        assert {r["level"] for r in rows} == {0}
+        lo, hi = task.ood_n_vars if split == "ood" else task.n_vars  # every variable still appears
+        assert {len(r["prompt"].split(",")) for r in rows} == set(range(lo, hi + 1))
+
+
+def _tree_depths(table: str) -> dict[str, int]:
+    """Root -> the depth of its deepest slot."""
+    out: dict[str, int] = {}
+    for i in range(len(table)):
+        root, d = _chase(f"{table};{chr(ord('a') + i)}?")
+        out[root] = max(out.get(root, 0), d)
+    return out
+
+
+def test_pointer_chase_levels_and_no_tree_shape_shortcut() -> None:
+    task = get_task("pointer_chase", slots=12, hops=(0, 3), ood_hops=(5, 5), roots=2)
+    rows = task.generate(200, "test")
+    assert {r["level"] for r in rows} == {0, 1, 2, 3} and {len(r["prompt"]) for r in rows} == {15}
+    for row in rows + task.generate(50, "ood"):  # two trees, each exactly as deep as the query
+        depths = _tree_depths(row["prompt"][:12])
+        assert len(depths) == 2 and set(depths.values()) == {max(row["level"], 1)}  # level 0: leaves hang under roots
+    ood = get_task("pointer_chase", slots=8, roots=1, ood_hops=(7, 7)).generate(50, "ood")
+    assert {r["level"] for r in ood} == {7}  # a chain through every slot
+    assert _chase("cbbcee;a?") == ("b", 2)
+    cot = task.generate(3, "test", cot=True)
+    assert all(c["answer"].endswith("#" + r["answer"]) for c, r in zip(cot, task.generate(3, "test")))
+
+
 def test_score_is_exact() -> None:
     task = get_task("addition")
     assert task.score("123", "123") and task.score(" 123\n", "123")
@@ -141,6 +187,9 @@ def test_alphabet_union() -> None:
     ("variable_binding", {"roots": 0}, "roots"),
     ("tree_path", {"path": (1, 20)}, "nodes"),
     ("modular_chain", {"ops": (0, 2)}, "ops"),
+    ("pointer_chase", {"slots": 27}, "slots"),
+    ("pointer_chase", {"slots": 12, "hops": (1, 2), "ood_hops": (5, 6)}, "ood_hops"),
+    ("pointer_chase", {"roots": 0}, "roots"),
     ("addition", {"hops": 3}, "knobs are \\[.digits.,"),
     ("nope", {}, "unknown task"),
 ])
