@@ -2,8 +2,8 @@
 sandwich block. Shapes: B batch, T query tokens, S key tokens, H heads, D head dim, d model width.
 
 Attention reads its keys and values through an optional `KVStore` (a Protocol; the caches that implement it live in
-`recurrent_depth.inference.cache` and `recurrent_depth.serving.kvstore`, above this layer): the
-network does not know how caches share or compress slots, it only names the layer invocation it is computing.
+`recurrent_depth.inference.cache`, above this layer): the network does not know how caches share or compress slots,
+it only names the layer invocation it is computing.
 Without a cache or mask, fp32 attention on the CPU runs the package's causal kernel (`recurrent_depth.kernels`:
 exact, about twice as fast as SDPA's CPU kernel forward and backward at a few hundred tokens); elsewhere SDPA.
 """
