@@ -9,12 +9,16 @@ from pathlib import Path
 
 import torch
 
+from recurrent_depth.cli.options import add_model_args, load_model
+from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO
+
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="accuracy against test-time depth on the bundled checkpoint and task",
                        description=__doc__)
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled checkpoint)")
-    p.add_argument("--steps", default=None, help="comma-separated depths (default: 1,2,4,r̄,2r̄,4r̄; r̄ = training mean)")
+    add_model_args(p, num_steps=False)  # --num-steps here is a list of depths
+    p.add_argument("--num-steps", default=None,
+                   help="comma-separated depths (default: 1,2,4,r̄,2r̄,4r̄; r̄ = training mean)")
     p.add_argument("--n", type=int, default=200, help="problems per split")
     p.add_argument("--out", default="demo-out", help="folder for the plot and records")
     p.add_argument("--seed", type=int, default=7, help="seed for the generated problems")
@@ -22,23 +26,22 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from recurrent_depth.assets import bundle_info, resolve_model
-    from recurrent_depth.data.tokenizer import load_tokenizer
+    from recurrent_depth.assets import bundle_info
     from recurrent_depth.evaluation.plots import plot_depth_sweep
     from recurrent_depth.evaluation.records import write_records
     from recurrent_depth.evaluation.report import format_table
     from recurrent_depth.evaluation.sweeps import depth_sweep
-    from recurrent_depth.hf import RecurrentDepthForCausalLM
     from recurrent_depth.tasks import get_task
 
-    path = resolve_model(args.model)
+    if args.threads is None:
+        args.threads = min(2, torch.get_num_threads())
+    path, model, tok = load_model(args, need_tokenizer=True)
     info = bundle_info(path)
     if "task" not in info:
         raise ValueError(f"{path} has no bundle.json naming its task; give a checkpoint made by `rdepth bundle`")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, tok = RecurrentDepthForCausalLM.from_pretrained(path), load_tokenizer(path)
     mean = int(info["mean_recurrence"])
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else sorted({1, 2, 4, mean, 2 * mean, 4 * mean})
+    steps = ([int(s) for s in args.num_steps.split(",")] if args.num_steps
+             else sorted({1, 2, 4, mean, 2 * mean, 4 * mean}))
     task = get_task(info["task"], **info.get("difficulty", {}))
     print(f"bundled checkpoint {path} ({model.num_parameters():,} parameters, trained at mean depth {mean})")
     print(f"task {task}; {args.n} problems per split\n")
@@ -65,22 +68,22 @@ def _to_stderr(message: str) -> None:
     print(f"rdepth demo: {message}", file=sys.stderr, flush=True)
 
 
-def _show_one(model, tok, task, seed: int, cap: int) -> None:
+def _show_one(model, tok, task, seed: int, num_steps: int) -> None:
     """Generate one in-distribution answer with the KL exit and print each token with the steps it used."""
     from recurrent_depth.data.tokenizer import encode_prompt
     from recurrent_depth.inference.generate import generate
 
     row = task.generate(1, split="test", seed=seed + 1)[0]
-    ids = torch.tensor([encode_prompt(tok, row["prompt"])])
+    ids = torch.tensor([encode_prompt(tok, row["prompt"])], device=model.device)
     n_answer = len(tok(row["answer"], add_special_tokens=False)["input_ids"])
-    # `latest` KV sharing: a token that exited early is read from its last computed step at deeper steps (with
-    # `full` sharing it would leave holes there); s0 drawn as in training (init_scale 1), seeded.
-    out = generate(model, ids, max_new_tokens=n_answer + 1, num_steps=cap, exit_criterion="kl",
-                   exit_threshold=5e-4, eos_token_id=tok.eos_token_id, kv_sharing="latest", init_scale=1.0,
-                   generator=torch.Generator().manual_seed(seed))
+    # The shared inference defaults (`inference.defaults`): kv_sharing "auto" is "latest" under this exit (a token
+    # that exited early is read from its last computed step at deeper steps); init_scale 0, a zero initial state.
+    out = generate(model, ids, max_new_tokens=n_answer + 1, num_steps=num_steps, exit_criterion="kl",
+                   exit_threshold=5e-4, eos_token_id=tok.eos_token_id, kv_sharing=KV_SHARING_AUTO,
+                   init_scale=INIT_SCALE)
     new = out.sequences[0, ids.shape[1]:].tolist()
     shown = " ".join(f"{tok.decode([t])!r}:{int(s)}" for t, s in zip(new, out.steps[0].tolist()) if s > 0)
     text = tok.decode(new, skip_special_tokens=True)
-    print(f"\none answer (KL exit at 5e-4, at most {cap} steps):\n  prompt  {row['prompt']}\n  answer  {text}"
+    print(f"\none answer (KL exit at 5e-4, at most {num_steps} steps):\n  prompt  {row['prompt']}\n  answer  {text}"
           f"   (expected {row['answer']}: {'correct' if task.score(text, row['answer']) else 'wrong'})\n"
           f"  token:steps  {shown}")

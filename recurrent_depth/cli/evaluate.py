@@ -1,10 +1,9 @@
 """`rdepth eval`: accuracy (or perplexity) against test-time recurrence depth, and against mean steps under an
 adaptive exit, for a checkpoint folder (model + tokenizer.json). Writes JSON, CSV and PNG files into --out.
 
-    rdepth eval --model ckpt/ --data test.jsonl --steps 1,2,4,8,16,32,64 --out results/eval
-    rdepth eval --model ckpt/ --task variable_binding --split ood --n 500 --exit kl --thresholds 1e-2,1e-3,1e-4 \\
-        --out results/eval
-    rdepth eval --model ckpt/ --corpus docs --steps 1,4,8,32 --out results/ppl     # validation perplexity
+    rdepth eval --model ckpt/ --data test.jsonl --num-steps 1,2,4,8,16,32,64 --out results/eval
+    rdepth eval --model ckpt/ --task variable_binding --split ood --n 500 --exit kl:1e-2,1e-3,1e-4 --out results/eval
+    rdepth eval --model ckpt/ --corpus docs --num-steps 1,4,8,32 --out results/ppl     # validation perplexity
 """
 
 from __future__ import annotations
@@ -13,18 +12,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from recurrent_depth.cli.options import add_exit_arg, add_model_args, load_model, parse_exit_sweep
 from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, KV_SHARING_HELP
+from recurrent_depth.tasks import TASKS
+
+SWEEP_THRESHOLDS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)  # --exit NAME without thresholds
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="accuracy / perplexity against test-time depth and adaptive-exit thresholds",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="checkpoint folder (model files + tokenizer.json); default: the bundled checkpoint")
+    add_model_args(p, num_steps=False)  # --num-steps here is a list of depths
     src = p.add_argument_group("data (at least one)")
     src.add_argument("--data", default=None, help='JSONL file of {"prompt": str, "answer": str} lines')
-    src.add_argument("--task", default=None, help="a built-in reasoning task (generated): "
-                     "addition, variable_binding, tree_path, modular_chain")
+    src.add_argument("--task", default=None, help=f"a built-in reasoning task (generated): {', '.join(TASKS)}")
     src.add_argument("--text", default=None, help="a UTF-8 text file for perplexity against depth")
     src.add_argument("--corpus", default=None, choices=["docs", "code"],
                      help="perplexity on the validation split of the interpreter's docs / stdlib corpus")
@@ -35,16 +36,15 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--n", type=int, default=500, help="problems generated for --task")
     p.add_argument("--cot", action="store_true", help="--task answers in chain-of-thought form (steps#answer)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows of --data (0: all)")
-    p.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated recurrence depths r")
+    p.add_argument("--num-steps", default="1,2,4,8,16,32,64", help="comma-separated recurrence depths r to sweep")
     p.add_argument("--method", default="greedy", choices=["greedy", "teacher_forced"],
                    help="depth-sweep scoring: greedy decoding, or one teacher-forced pass per row (same exact-match "
                         "accuracy at fixed depth, faster; --task's chain-of-thought-aware scorer is not used)")
-    p.add_argument("--exit", dest="exit_criterion", default=None,
-                   help="adaptive exit criterion for an exit-threshold sweep (kl, minp-kl, entropy-diff, "
-                        "latent-diff, cosine, argmax-stability)")
-    p.add_argument("--thresholds", default="1e-2,3e-3,1e-3,3e-4,1e-4", help="comma-separated exit thresholds")
+    add_exit_arg(p, help="an exit-threshold sweep, NAME[:T1,T2,...] (none: no sweep)",
+                 thresholds=f"without thresholds: {','.join(f'{t:g}' for t in SWEEP_THRESHOLDS)}")
     p.add_argument("--kv-sharing", default=KV_SHARING_AUTO, help=KV_SHARING_HELP)
-    p.add_argument("--max-steps", type=int, default=None, help="depth cap of the exit sweep (default: max --steps)")
+    p.add_argument("--max-num-steps", type=int, default=None,
+                   help="depth cap of the exit sweep (default: the largest --num-steps)")
     p.add_argument("--batch-size", type=int, default=64, help="rows decoded together")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="decoding budget (default: longest reference answer + 3)")
@@ -53,7 +53,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0, help="seed for generated tasks and initial states")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per block for perplexity")
     p.add_argument("--max-blocks", type=int, default=64, help="blocks evaluated for perplexity")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", required=True, help="output folder")
     return p
 
@@ -66,13 +65,6 @@ def _ints(text: str, flag: str) -> list[int]:
     if not values or min(values) < 0:
         raise ValueError(f"{flag} must list non-negative integers, got {text!r}")
     return values
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def read_jsonl_rows(path: str | Path, limit: int = 0) -> list[dict]:
@@ -97,12 +89,8 @@ def _to_stderr(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from recurrent_depth.data.tokenizer import load_tokenizer
     from recurrent_depth.evaluation.report import format_table, run_evaluation
     from recurrent_depth.evaluation.sweeps import exact_match
-    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     if not any((args.data, args.task, args.text, args.corpus)):
         raise ValueError("give --data, --task, --text or --corpus")
@@ -110,17 +98,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--task-args sets the knobs of --task; give --task too")
     if args.data and args.task:
         raise ValueError("give either --data or --task, not both")
-    steps = _ints(args.steps, "--steps")
-    thresholds = _floats(args.thresholds, "--thresholds") if args.exit_criterion else []
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from recurrent_depth.assets import resolve_model
-
-    model_dir = resolve_model(args.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model folder {str(model_dir)!r} not found")
-    tokenizer = load_tokenizer(model_dir)
-    model = RecurrentDepthForCausalLM.from_pretrained(model_dir).eval()
+    steps = _ints(args.num_steps, "--num-steps")
+    exit_criterion, thresholds = parse_exit_sweep(args.exit) if args.exit else (None, [])
+    if exit_criterion == "none":
+        exit_criterion, thresholds = None, []
+    thresholds = thresholds or (list(SWEEP_THRESHOLDS) if exit_criterion else [])
+    model_dir, model, tokenizer = load_model(args, need_tokenizer=True)
 
     rows, scorer, meta = None, exact_match, {"model": str(model_dir)}
     if args.data:
@@ -149,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         meta["corpus"] = f"{args.corpus}/validation"
 
     summary = run_evaluation(model, tokenizer, args.out, steps, rows=rows, texts=texts, scorer=scorer,
-                             exit_criterion=args.exit_criterion, thresholds=thresholds, max_steps=args.max_steps,
+                             exit_criterion=exit_criterion, thresholds=thresholds, max_steps=args.max_num_steps,
                              meta=meta, seq_len=args.seq_len, max_blocks=args.max_blocks, method=args.method,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              init_scale=args.init_scale, seed=args.seed, kv_sharing=args.kv_sharing,
@@ -162,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         print("\naccuracy by difficulty level (one column per level)\n"
               + format_table(by_level, list(by_level[0])))
     if "exit_sweep" in summary:
-        print(f"\nadaptive exit ({args.exit_criterion})\n"
+        print(f"\nadaptive exit ({exit_criterion})\n"
               + format_table(summary["exit_sweep"], ["threshold", "accuracy", "mean_steps", "steps_saved"]))
     if "perplexity_sweep" in summary:
         print("\nperplexity against test-time depth\n"

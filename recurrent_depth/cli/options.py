@@ -41,18 +41,23 @@ def _criteria() -> str:
     return ", ".join(EXIT_CRITERIA)
 
 
-def exit_help(what: str) -> str:
-    """The help text of an --exit flag: `what` it does, then the criteria named by the registry."""
-    return f"{what}; NAME one of {_criteria()}; THRESHOLD default: the criterion's own"
+THRESHOLD_HELP = "THRESHOLD default: the criterion's own"
+
+
+def exit_help(what: str, thresholds: str = THRESHOLD_HELP) -> str:
+    """The help text of an --exit flag: `what` it does, the criteria named by the registry, then what a missing
+    threshold means (`thresholds`)."""
+    return f"{what}; NAME one of {_criteria()}; {thresholds}"
 
 
 def add_exit_arg(p: argparse.ArgumentParser, *, help: str = "adaptive exit per token (default: fixed depth)",
-                 repeat: bool = False) -> None:
+                 repeat: bool = False, thresholds: str = THRESHOLD_HELP) -> None:
     """--exit NAME[:THRESHOLD] (a string, parsed with `parse_exit` in `run`, so errors name the flag)."""
+    text = exit_help(help, thresholds)
     if repeat:
-        p.add_argument("--exit", action="append", default=[], metavar=EXIT_METAVAR, help=exit_help(help))
+        p.add_argument("--exit", action="append", default=[], metavar=EXIT_METAVAR, help=text)
     else:
-        p.add_argument("--exit", default=None, metavar=EXIT_METAVAR, help=exit_help(help))
+        p.add_argument("--exit", default=None, metavar=EXIT_METAVAR, help=text)
 
 
 def parse_exit(spec: str | None, flag: str = "--exit") -> Any:

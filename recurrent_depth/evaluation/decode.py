@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from recurrent_depth.inference.defaults import INIT_SCALE
+
 
 @dataclass
 class DecodeOutput:
@@ -59,17 +61,17 @@ def _decode_batch(model, seqs: list[list[int]], pad_id: int, eos_id: int,
 
 def greedy_decode(model, tokenizer, prompts: Sequence[str], num_steps: int, max_new_tokens: int,
                   exit_criterion=None, exit_threshold: float | None = None, batch_size: int = 64,
-                  add_bos: bool = True, stop: Sequence[str] = (), init_scale: float = 1.0, seed: int = 0,
+                  add_bos: bool = True, stop: Sequence[str] = (), init_scale: float = INIT_SCALE, seed: int = 0,
                   truncate: bool = False, progress: Callable[[str], None] | None = None,
                   **engine: Any) -> DecodeOutput:
     """Greedy continuations of `prompts` at recurrence depth `num_steps` (the maximum, with an exit criterion).
 
-    exit_criterion / exit_threshold: a criterion name (kl, latent-diff, ...) and threshold, or an ExitCriterion.
-    init_scale: scale of the random initial latent state (1.0, the training distribution; 0.0 for zeros); draws come
-    from a generator seeded with `seed`, so a call is reproducible. stop: strings that end a continuation (cut from
-    the text). truncate: cut prompts from the left (after <bos>) to fit block_size with the budget, instead of
-    raising. progress: called with a one-line message after every batch. engine: further keywords for the
-    engine's `generate` (min_steps, kv_sharing, warm_start, ...).
+    exit_criterion / exit_threshold: a criterion name (any key of `inference.exit.EXIT_CRITERIA`) and threshold, or
+    an ExitCriterion. init_scale: scale of the random initial latent state (default `inference.defaults.INIT_SCALE`,
+    0: zeros; 1.0 draws as in training); draws come from a generator seeded with `seed`, so a call is reproducible.
+    stop: strings that end a continuation (cut from the text). truncate: cut prompts from the left (after <bos>) to
+    fit block_size with the budget, instead of raising. progress: called with a one-line message after every batch.
+    engine: further keywords for the engine's `generate` (min_steps, kv_sharing, warm_start, ...).
     kv_sharing defaults to the engine's "auto" (`recurrent_depth.inference.defaults`): "latest" under an exit (a
     token that exited early is read at deeper recurrence steps from its last computed step; "full" leaves holes
     there, which cost the `tiny` addition model half its accuracy under a KL exit, 0.62 -> 0.29 at threshold 1e-3),

@@ -5,10 +5,10 @@ import it). Model arguments (lm-eval's `model_args` string or dict):
 
     pretrained=PATH      checkpoint folder (model files + tokenizer.json)      [required]
     num_steps=R          recurrence depth (default: the config's mean_recurrence)
-    exit_criterion=NAME  per-token adaptive exit for generate_until (kl, minp-kl, entropy-diff, latent-diff, cosine,
-    exit_threshold=X     argmax-stability; threshold default: the criterion's); log-likelihoods use fixed depth r
-    batch_size=N, max_length=N (default block_size), init_scale=1.0, seed=0, add_bos=True, device (default:
-    cuda if available, else cpu)
+    exit_criterion=NAME  per-token adaptive exit for generate_until (a name in `inference.exit.EXIT_CRITERIA`;
+    exit_threshold=X     threshold default: the criterion's); log-likelihoods use fixed depth r
+    batch_size=N, max_length=N (default block_size), init_scale=X (default `inference.defaults.INIT_SCALE`, 0: a
+    zero initial state), seed=0, add_bos=True, device (default: cuda if available, else cpu)
 
 Python:
     import recurrent_depth.evaluation.lm_eval_adapter  # registers "recurrent_depth"
@@ -29,6 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from recurrent_depth.evaluation.decode import greedy_decode
+from recurrent_depth.inference.defaults import INIT_SCALE
 
 
 def _as_bool(value: Any) -> bool:
@@ -47,7 +48,7 @@ class RecurrentDepthLM(TemplateLM):
 
     def __init__(self, pretrained: str | None = None, num_steps: int | None = None,
                  exit_criterion: str | None = None, exit_threshold: float | None = None, batch_size: int | str = 16,
-                 max_length: int | None = None, init_scale: float = 1.0, seed: int = 0, add_bos: bool = True,
+                 max_length: int | None = None, init_scale: float = INIT_SCALE, seed: int = 0, add_bos: bool = True,
                  device: str | None = None, model: Any = None, tokenizer: Any = None, **unused: Any) -> None:
         super().__init__()
         if model is None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from recurrent_depth.evaluation.decode import greedy_decode
+from recurrent_depth.inference.defaults import INIT_SCALE
 
 Scorer = Callable[[str, str], bool]
 Progress = Callable[[str], None]  # receives one-line progress messages (e.g. printed to stderr)
@@ -53,7 +54,7 @@ def default_max_new_tokens(tokenizer, rows: Sequence[dict], margin: int = 2) -> 
 
 @torch.no_grad()
 def teacher_forced_hits(model, tokenizer, rows: Sequence[dict], num_steps: int, batch_size: int = 64,
-                        add_bos: bool = True, init_scale: float = 1.0, seed: int = 0,
+                        add_bos: bool = True, init_scale: float = INIT_SCALE, seed: int = 0,
                         progress: Progress | None = None) -> tuple[list[bool], list[list[int]]]:
     """Per row: does greedy decoding reproduce the answer and then stop? Computed in one teacher-forced forward.
 
@@ -102,7 +103,7 @@ def _cut_after(tokens: list[int], eos_id: int) -> list[int]:
 
 def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, scorer: Scorer = exact_match,
                       exit_criterion=None, max_new_tokens: int | None = None, batch_size: int = 64,
-                      add_bos: bool = True, init_scale: float = 1.0, seed: int = 0,
+                      add_bos: bool = True, init_scale: float = INIT_SCALE, seed: int = 0,
                       keep_predictions: bool = False, method: str = "greedy", progress: Progress | None = None,
                       **engine: Any) -> dict[str, Any]:
     """Greedy exact-match accuracy on `rows` at depth `num_steps` (the cap, with an exit criterion).
@@ -206,7 +207,7 @@ def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int 
 
 @torch.no_grad()
 def perplexity_sweep(model, tokenizer, texts: Sequence[str], steps: Sequence[int], seq_len: int = 128,
-                     max_blocks: int = 64, batch_size: int = 16, init_scale: float = 1.0,
+                     max_blocks: int = 64, batch_size: int = 16, init_scale: float = INIT_SCALE,
                      seed: int = 0, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Mean next-token loss and perplexity on `texts` at every depth in `steps`.
 

@@ -24,7 +24,7 @@ UPDATE = "RDEPTH_UPDATE_CLI_SURFACE=1 python -m pytest tests/cli/test_cli_surfac
 SHARED = ("--model", "--device", "--dtype", "--num-steps", "--threads")
 # Verbs that load a model but do not use cli/options.py yet (their files were being changed elsewhere when the shared
 # flags were introduced); remove a verb from here once it calls add_model_args / add_exit_arg.
-PENDING = {"eval", "demo"}
+PENDING: set[str] = set()
 
 
 def _subparsers(monkeypatch: pytest.MonkeyPatch) -> dict[str, argparse.ArgumentParser]:
@@ -69,7 +69,7 @@ def test_flags_shared_by_verbs_are_one_definition(monkeypatch: pytest.MonkeyPatc
                 for verb in verbs}
         assert len(set(seen.values())) == 1, f"{flag} differs between verbs: {seen}"
     exits = sorted(verb for verb, flags in parsers.items() if "--exit" in flags and verb not in PENDING)
-    assert exits == ["chat", "generate", "inspect"]
+    assert exits == ["chat", "eval", "generate", "inspect"]
     for verb in exits:
         action = parsers[verb]["--exit"]
         assert action.metavar == "NAME[:THRESHOLD]" and action.dest == "exit", verb

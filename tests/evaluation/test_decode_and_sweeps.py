@@ -163,3 +163,19 @@ def test_teacher_forced_predictions_and_progress(trained_model, tokenizer) -> No
     evaluate_accuracy(trained_model, tokenizer, rows, 1, max_new_tokens=3, init_scale=0.0, batch_size=16,
                       progress=decoded.append)
     assert decoded[:2] == ["r=1: 16/30 rows decoded", "r=1: 30/30 rows decoded"] and len(decoded) == 3
+
+
+def test_library_defaults_are_the_inference_defaults(model, tokenizer) -> None:
+    """Without init_scale, the evaluation functions use `inference.defaults.INIT_SCALE` (0: a zero initial state),
+    as `generate()` and the CLI verbs do, so the seed cannot change a result (with the old 1.0 it did)."""
+    from recurrent_depth.evaluation.sweeps import teacher_forced_hits
+
+    texts = ["a=3,b=a;b? 12+34=46.\n" * 6]
+    ppl = [perplexity_sweep(model, tokenizer, texts, [2], seq_len=16, max_blocks=3, seed=s)[0]["loss"] for s in (1, 2)]
+    zero = perplexity_sweep(model, tokenizer, texts, [2], seq_len=16, max_blocks=3, init_scale=0.0)[0]["loss"]
+    assert ppl[0] == ppl[1] == zero
+    rows = [{"prompt": p, "answer": "1"} for p in PROMPTS]
+    hits = [teacher_forced_hits(model, tokenizer, rows, 2, seed=s)[1] for s in (1, 2)]
+    assert hits[0] == hits[1] == teacher_forced_hits(model, tokenizer, rows, 2, init_scale=0.0)[1]
+    out = [greedy_decode(model, tokenizer, PROMPTS, num_steps=2, max_new_tokens=4, seed=s).tokens for s in (1, 2)]
+    assert out[0] == out[1] == greedy_decode(model, tokenizer, PROMPTS, 2, 4, init_scale=0.0).tokens

@@ -87,6 +87,18 @@ def test_adapter_methods_match_direct_computation(model, tokenizer) -> None:
     assert gens == greedy_decode(model, tokenizer, prompts, 3, 3, init_scale=0.0, stop=["\n"]).texts
 
 
+def test_adapter_defaults_to_the_inference_init_scale(model, tokenizer) -> None:
+    """Without init_scale the adapter scores from a zero initial state (`inference.defaults.INIT_SCALE`), so a
+    log-likelihood equals the direct zero-state computation whatever the seed (the old default 1.0 drew noise)."""
+    reqs = [("12+34=", "46"), ("ab,bc;a>c?", "bc")]
+    for seed in (1, 2):
+        lm = RecurrentDepthLM(model=model, tokenizer=tokenizer, num_steps=3, seed=seed)
+        assert lm.init_scale == 0.0
+        got = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)], disable_tqdm=True)
+        for (ctx, cont), (lp, _) in zip(reqs, got):
+            assert lp == pytest.approx(_direct_logprob(model, tokenizer, ctx, cont, 3), abs=1e-4)
+
+
 def test_adapter_device_defaults(model, tokenizer) -> None:
     lm = RecurrentDepthLM(model=model, tokenizer=tokenizer, device="cuda")  # lm-eval's CLI default
     assert lm.model.lm_head.weight.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -71,9 +71,9 @@ def test_rdepth_eval_end_to_end(checkpoint, tmp_path, capsys) -> None:
     rows = get_task("variable_binding").generate(6, "test", seed=0)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    rc = main(["eval", "--model", str(checkpoint), "--data", str(data), "--steps", "1,2,4", "--out", str(out),
-               "--exit", "kl", "--thresholds", "0,1e-2", "--threads", "1", "--method", "teacher_forced",
-               "--init-scale", "0"])
+    rc = main(["eval", "--model", str(checkpoint), "--data", str(data), "--num-steps", "1,2,4", "--out", str(out),
+               "--exit", "kl:0,1e-2", "--threads", "1", "--method", "teacher_forced", "--init-scale", "0",
+               "--device", "cpu", "--dtype", "float32"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["num_steps"] for r in summary["depth_sweep"]] == [1, 2, 4]
@@ -89,7 +89,7 @@ def test_rdepth_eval_end_to_end(checkpoint, tmp_path, capsys) -> None:
 def test_rdepth_eval_task_and_corpus(checkpoint, tmp_path) -> None:
     out = tmp_path / "out"
     rc = main(["eval", "--model", str(checkpoint), "--task", "addition", "--split", "ood", "--n", "5", "--cot",
-               "--corpus", "docs", "--max-blocks", "2", "--seq-len", "32", "--steps", "0,2", "--out", str(out)])
+               "--corpus", "docs", "--max-blocks", "2", "--seq-len", "32", "--num-steps", "0,2", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["task"] == "addition" and summary["meta"]["cot"] is True
@@ -100,13 +100,31 @@ def test_rdepth_eval_task_and_corpus(checkpoint, tmp_path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--data", "missing.jsonl"], "not found"),
-    (["--task", "addition", "--steps", "1,x"], "--steps"),
+    (["--task", "addition", "--num-steps", "1,x"], "--num-steps"),
+    (["--task", "addition", "--exit", "nope"], "--exit"),
+    (["--task", "addition", "--exit", "kl:1e-2,x"], "--exit"),
     ([], "give --data"),
     (["--task", "nope"], "unknown task"),
 ])
 def test_rdepth_eval_bad_input(checkpoint, tmp_path, capsys, args, message) -> None:
     rc = main(["eval", "--model", str(checkpoint), "--out", str(tmp_path), *args])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_rdepth_eval_exit_name_alone_sweeps_the_default_thresholds(checkpoint, tmp_path) -> None:
+    from recurrent_depth.cli.evaluate import SWEEP_THRESHOLDS
+
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", str(checkpoint), "--task", "addition", "--n", "2", "--num-steps", "1,2",
+               "--exit", "kl", "--max-num-steps", "3", "--max-new-tokens", "2", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["threshold"] for r in summary["exit_sweep"]] == [None, *SWEEP_THRESHOLDS]
+    meta = json.loads((out / "exit_sweep.json").read_text())["meta"]
+    assert meta["max_steps"] == 3 and meta["criterion"] == "kl"
+    assert main(["eval", "--model", str(checkpoint), "--task", "addition", "--n", "2", "--num-steps", "1",
+                 "--exit", "none", "--threads", "1", "--out", str(out / "none")]) == 0
+    assert "exit_sweep" not in json.loads((out / "none" / "summary.json").read_text())  # none: no sweep
 
 
 def test_rdepth_eval_bad_jsonl(checkpoint, tmp_path, capsys) -> None:
@@ -130,7 +148,7 @@ def _trained_on(checkpoint, tmp_path, task: dict) -> object:
 def test_rdepth_eval_task_reads_trained_knobs_and_writes_predictions(checkpoint, tmp_path, capsys) -> None:
     folder = _trained_on(checkpoint, tmp_path, {"name": "variable_binding", "difficulty": {"hops": [0, 0]}})
     out = tmp_path / "out"
-    args = ["eval", "--model", str(folder), "--task", "variable_binding", "--n", "6", "--steps", "1,2",
+    args = ["eval", "--model", str(folder), "--task", "variable_binding", "--n", "6", "--num-steps", "1,2",
             "--method", "teacher_forced", "--out", str(out)]
     assert main(args) == 0
     captured = capsys.readouterr()
@@ -155,8 +173,8 @@ def test_rdepth_eval_task_reads_trained_knobs_and_writes_predictions(checkpoint,
 
 def test_rdepth_eval_greedy_predictions_with_exit(checkpoint, tmp_path) -> None:
     out = tmp_path / "out"
-    assert main(["eval", "--model", str(checkpoint), "--task", "modular_chain", "--n", "4", "--steps", "1,3",
-                 "--exit", "kl", "--thresholds", "1e-2", "--out", str(out), "--init-scale", "0"]) == 0
+    assert main(["eval", "--model", str(checkpoint), "--task", "modular_chain", "--n", "4", "--num-steps", "1,3",
+                 "--exit", "kl:1e-2", "--out", str(out), "--init-scale", "0"]) == 0
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [(x["sweep"], x["threshold"]) for x in lines[::4]] == [("depth", None), ("depth", None),
                                                                   ("exit", None), ("exit", 0.01)]

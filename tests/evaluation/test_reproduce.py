@@ -72,7 +72,7 @@ def test_missing_bundle_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
     assert "no bundled checkpoint" in capsys.readouterr().err
 
 
-def test_bundle_then_demo(tmp_path: Path, capsys) -> None:
+def test_bundle_then_demo(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     reproduce.train_arm("recurrent", reproduce.train_tree(MICRO, reproduce.model_fields(MICRO),
                                                           {"sampler": "poisson-lognormal-filling"},
@@ -83,9 +83,32 @@ def test_bundle_then_demo(tmp_path: Path, capsys) -> None:
     assert info["task"] == "addition" and info["mean_recurrence"] == MICRO.mean_recurrence
     assert (tmp_path / "bundle" / "tokenizer.json").is_file()
     capsys.readouterr()
-    assert main(["demo", "--model", str(tmp_path / "bundle"), "--n", "8", "--steps", "1,2",
-                 "--out", str(tmp_path / "demo")]) == 0
+    import recurrent_depth.inference.generate as engine
+    from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO
+
+    calls: list[dict] = []
+    real = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    assert main(["demo", "--model", str(tmp_path / "bundle"), "--n", "8", "--num-steps", "1,2",
+                 "--out", str(tmp_path / "demo"), "--device", "cpu", "--threads", "1"]) == 0
+    # the one generated answer runs on the shared inference defaults, not settings of its own
+    assert [(c["kv_sharing"], c["init_scale"]) for c in calls] == [(KV_SHARING_AUTO, INIT_SCALE)]
     captured = capsys.readouterr()
     assert "num_steps" in captured.out and "token:steps" in captured.out
     assert "rdepth demo: r=2: 8/8 rows" in captured.err and "rdepth demo: r=1: accuracy" in captured.err
     assert (tmp_path / "demo" / "depth.png").is_file()
+
+
+def test_reproduce_evaluates_with_the_protocol_its_results_were_measured_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rdepth reproduce` draws s0 as in training (init_scale 1, seeded), the protocol the committed results/reproduce
+    figures were measured with, not the library's zero-state default, so a re-run reproduces them."""
+    import recurrent_depth.evaluation.sweeps as sweeps
+
+    seen: list[tuple[str, float]] = []
+    for name in ("depth_sweep", "exit_sweep", "perplexity_sweep"):
+        monkeypatch.setattr(sweeps, name, lambda *a, _name=name, **kw: seen.append((_name, kw.get("init_scale"))))
+    monkeypatch.setattr(reproduce, "_load", lambda rec: (None, None))
+    reproduce.eval_depths({}, {"test": []}, [1])
+    reproduce.eval_exit({}, [], reproduce.QUICK)
+    reproduce.eval_text({}, [], [1])
+    assert seen == [("depth_sweep", 1.0), ("exit_sweep", 1.0), ("perplexity_sweep", 1.0)]
