@@ -232,9 +232,9 @@ def ours_worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
     from recurrent_depth.inference import fused
     from recurrent_depth.inference.generate import generate
-    from recurrent_depth.model import RecurrentDepthForCausalLM
 
     device = spec["device"]
     model = RecurrentDepthForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch_dtype(spec["dtype"]),
@@ -444,8 +444,8 @@ def scenario_trained(args: argparse.Namespace) -> dict:
 
     from recurrent_depth.assets import bundle_info, resolve_model
     from recurrent_depth.data.tokenizer import encode_prompt, load_tokenizer
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
     from recurrent_depth.inference.generate import generate
-    from recurrent_depth.model import RecurrentDepthForCausalLM
     from recurrent_depth.tasks import get_task
 
     path = resolve_model(None)

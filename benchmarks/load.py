@@ -58,7 +58,7 @@ def worker(spec: dict) -> dict:
         load = lambda path: cls.from_pretrained(path, torch_dtype=dtype)  # noqa: E731
     else:
         sys.path.insert(0, str(REPO))
-        from recurrent_depth.model import RecurrentDepthForCausalLM
+        from recurrent_depth.hf import RecurrentDepthForCausalLM
 
         load = lambda path: RecurrentDepthForCausalLM.from_pretrained(path, dtype=dtype)  # noqa: E731
     _first_forward(load(spec["warmup"]), spec["side"])  # lazy imports, kernel builds, first-use allocations
@@ -101,7 +101,7 @@ def make_checkpoints(preset: str) -> None:
     import torch
 
     from recurrent_depth.config import RecurrentDepthConfig
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     folders = _checkpoint_folders(preset)
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ def make_checkpoint(preset: str, folder: Path) -> Path:
 
     from recurrent_depth.config import RecurrentDepthConfig
     from recurrent_depth.data.tokenizer import char_tokenizer, save_tokenizer
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789 ,.:;?!+-=*()\n")
     torch.manual_seed(0)

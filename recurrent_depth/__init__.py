@@ -19,18 +19,18 @@ __version__ = "0.1.0"
 _LAZY = {
     "PRESETS": "recurrent_depth.config",
     "RecurrentDepthConfig": "recurrent_depth.config",
-    "RecurrentDepthForCausalLM": "recurrent_depth.model",
+    "RecurrentDepthForCausalLM": "recurrent_depth.hf",
     "RecurrentDepthModel": "recurrent_depth.model",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """PEP 562: import `recurrent_depth.config` / `recurrent_depth.model` when one of their names is first used."""
+    """PEP 562: import `recurrent_depth.config` / `.model` / `.hf` when one of their names is first used."""
     if name not in _LAZY:
         raise AttributeError(f"module 'recurrent_depth' has no attribute {name!r}")
     import importlib
 
-    import recurrent_depth.model  # noqa: F401  (registers the Auto classes)
+    import recurrent_depth.hf  # noqa: F401  (registers the Auto classes)
 
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
@@ -53,10 +53,7 @@ def _register(module_name: str) -> None:
     module has loaded (the model module may still be importing it), everything once the model module has."""
     try:
         if module_name == _AUTO_MODEL:
-            pending = sys.modules.get("recurrent_depth.model.registration")
-            if pending is not None and not hasattr(pending, "register_with_transformers"):
-                return  # that module's own import brought transformers in; recurrent_depth.model registers after it
-            from recurrent_depth.model.registration import register_with_transformers
+            from recurrent_depth.hf.registration import register_with_transformers
 
             register_with_transformers()
         else:

@@ -110,7 +110,7 @@ def model_path(args: argparse.Namespace) -> Path:
 def load_model(args: argparse.Namespace, need_tokenizer: bool = False) -> tuple[Path, Any, Any]:
     """(folder, model in eval mode on --device in --dtype, tokenizer or None without tokenizer.json). With
     `need_tokenizer`, a folder without tokenizer.json is refused before the model is read."""
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     path = model_path(args)
     if need_tokenizer and not (path / "tokenizer.json").is_file():

@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from recurrent_depth.data.loader import TokenDataset
+from recurrent_depth.data.paths import expand_path
 from recurrent_depth.data.prompts import encode_examples, read_jsonl, task_examples
 from recurrent_depth.data.text import list_files, pack, read_texts, tokenize_stream
 from recurrent_depth.data.tokenizer import char_tokenizer, load_tokenizer, train_bpe
@@ -25,12 +26,6 @@ class DataBundle:
     notes: list[str] = field(default_factory=list)  # what was left out, and why (printed by the training loop)
 
 
-def _expand(path: str) -> Path:
-    from recurrent_depth.training.config import expand_path
-
-    return expand_path(path)
-
-
 def load_tokenizer_path(path: str | Path) -> PreTrainedTokenizerFast:
     """A tokenizer from a checkpoint folder or a tokenizer.json file."""
     p = Path(path)
@@ -42,18 +37,18 @@ def _n_val(n: int, fraction: float) -> int:
 
 
 def _text(section, seed: int, tok: PreTrainedTokenizerFast | None) -> DataBundle:
-    texts = read_texts(list_files(map(_expand, section.paths), section.glob), section.max_bytes)
+    texts = read_texts(list_files(map(expand_path, section.paths), section.glob), section.max_bytes)
     if tok is None:
         if section.tokenizer in ("auto", "bpe"):
             tok = train_bpe(texts, section.bpe_vocab_size)
         elif section.tokenizer == "char":
             tok = char_tokenizer("".join(sorted(set("".join(texts)))))
         else:
-            tok = load_tokenizer_path(_expand(section.tokenizer))
+            tok = load_tokenizer_path(expand_path(section.tokenizer))
     train = pack(tokenize_stream(texts, tok, tok.eos_token_id), section.seq_len)
     val = None
     if section.val_paths:
-        val_texts = read_texts(list_files(map(_expand, section.val_paths), section.glob))
+        val_texts = read_texts(list_files(map(expand_path, section.val_paths), section.glob))
         val = pack(tokenize_stream(val_texts, tok, tok.eos_token_id), section.seq_len)
     elif (n_val := _n_val(len(train), section.val_fraction)) > 0:
         train, val = train.split(n_val)
@@ -66,8 +61,8 @@ def _prompts(section, seed: int, tok: PreTrainedTokenizerFast | None) -> DataBun
         train_ex, alphabet = task_examples(t.name, t.difficulty, t.num_train, "train", seed)
         val_ex = task_examples(t.name, t.difficulty, t.num_eval, "test", seed + 1)[0] if t.num_eval else []
     else:
-        train_ex = read_jsonl(map(_expand, section.paths))
-        val_ex = read_jsonl(map(_expand, section.val_paths)) if section.val_paths else []
+        train_ex = read_jsonl(map(expand_path, section.paths))
+        val_ex = read_jsonl(map(expand_path, section.val_paths)) if section.val_paths else []
         alphabet = "".join(sorted({c for e in train_ex + val_ex for c in e["prompt"] + e["answer"]}))
         if not val_ex and (n_val := _n_val(len(train_ex), section.val_fraction)) > 0:
             train_ex, val_ex = train_ex[:-n_val], train_ex[-n_val:]
@@ -77,7 +72,7 @@ def _prompts(section, seed: int, tok: PreTrainedTokenizerFast | None) -> DataBun
         elif section.tokenizer == "bpe":
             tok = train_bpe([e["prompt"] + e["answer"] for e in train_ex], section.bpe_vocab_size)
         else:
-            tok = load_tokenizer_path(_expand(section.tokenizer))
+            tok = load_tokenizer_path(expand_path(section.tokenizer))
     notes: list[str] = []
     train = encode_examples(train_ex, tok, section.seq_len, section.answer_only_loss, notes=notes)
     val = encode_examples(val_ex, tok, section.seq_len, section.answer_only_loss, notes=notes,

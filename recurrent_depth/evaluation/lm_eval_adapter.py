@@ -55,7 +55,7 @@ class RecurrentDepthLM(TemplateLM):
             if not pretrained:
                 raise ValueError("recurrent_depth lm-eval model needs pretrained=<checkpoint folder>")
             from recurrent_depth.data.tokenizer import load_tokenizer
-            from recurrent_depth.model import RecurrentDepthForCausalLM
+            from recurrent_depth.hf import RecurrentDepthForCausalLM
 
             tokenizer = load_tokenizer(pretrained)
             model = RecurrentDepthForCausalLM.from_pretrained(pretrained)

@@ -167,7 +167,7 @@ def _load(rec: dict[str, Any]) -> tuple[Any, Any]:
 def _load_checkpoint(path: str) -> tuple[Any, Any]:
     """Model and tokenizer of an arm's checkpoint, read once however many evaluations use them."""
     from recurrent_depth.data.tokenizer import load_tokenizer
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     return RecurrentDepthForCausalLM.from_pretrained(path), load_tokenizer(path)
 

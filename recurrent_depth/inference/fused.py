@@ -112,3 +112,15 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
     e = None if e is None else e.contiguous()
     return torch.ops.rdepth.blocks(x, e, adapter, n_steps, weights, kslots, vslots, start, masks, scratch["rope"],
                                    eps, n_heads, rows)
+
+
+class FusedRunner:
+    """The fused op as a model's `stage_runner` (`RecurrentDepthModel.stage_runner`, a `StageRunner`): handed to the
+    network by the code above it, so that the network never imports inference. Looks `applicable` and `run_blocks`
+    up at each call (a patched module function is what runs)."""
+
+    def applicable(self, x: Tensor, ctx: AttentionContext, blocks: Any) -> bool:
+        return applicable(x, ctx, blocks)
+
+    def run_blocks(self, *args: Any, **kwargs: Any) -> Tensor:
+        return run_blocks(*args, **kwargs)

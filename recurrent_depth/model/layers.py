@@ -1,8 +1,9 @@
 """Building blocks of the network: RMSNorm, interleaved-pair RoPE, attention with `qk_bias`, gated MLP, and the
 sandwich block. Shapes: B batch, T query tokens, S key tokens, H heads, D head dim, d model width.
 
-Attention reads its keys and values through an optional `KVStore` (see `recurrent_depth.inference.cache`): the
-network does not know how caches share or compress slots, it only names the layer invocation it is computing.
+Attention reads its keys and values through an optional `KVStore` (a Protocol; the caches that implement it live in
+`recurrent_depth.inference.cache`, above this layer): the network does not know how caches share or compress slots,
+it only names the layer invocation it is computing.
 Without a cache or mask, fp32 attention on the CPU runs the package's causal kernel (`recurrent_depth.kernels`:
 exact, about twice as fast as SDPA's CPU kernel forward and backward at a few hundred tokens); elsewhere SDPA.
 """
@@ -37,6 +38,18 @@ class KVStore(Protocol):
         ...
 
 
+class SequenceCache(KVStore, Protocol):
+    """A KV store that also counts the positions it holds: what a whole forward reads and extends."""
+
+    def get_seq_length(self) -> int:
+        """How many positions are stored (the new tokens' positions start there)."""
+        ...
+
+    def commit(self, n_tokens: int) -> None:
+        """Record that the forward which just ran stored `n_tokens` new positions."""
+        ...
+
+
 @dataclass
 class AttentionContext:
     """Per-forward attention inputs shared by every layer.
@@ -54,7 +67,8 @@ class AttentionContext:
 
     def rope_factors(self) -> tuple[Tensor, Tensor]:
         """(C, S), each (B or 1, T, 1, 1, D/2, 2), so that pairs rotate as x * C + x.flip(-1) * S: the same
-        products and sums as `apply_rope` (bit-identical), computed once per forward instead of once per layer."""
+        products and sums as rotating each pair (x0 cos - x1 sin, x1 cos + x0 sin) (bit-identical), computed once per
+        forward instead of once per layer."""
         if self._factors is None:
             cos, sin = self.rope[..., 0], self.rope[..., 1]  # (., T, 1, D/2)
             self._factors = (torch.stack([cos, cos], dim=-1).unsqueeze(2),
@@ -71,14 +85,6 @@ def rope_table(head_dim: int, length: int, base: float) -> Tensor:
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=cpu)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=cpu), inv_freq)  # (length, D/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)[None, :, None]  # (1, length, 1, D/2, 2)
-
-
-def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the angles in rope (., T, 1, D/2, 2); fp32 inside."""
-    xp = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    cos, sin = rope[..., 0], rope[..., 1]
-    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):

@@ -3,24 +3,70 @@
     e  = Prelude(wte(ids) * sqrt(d))
     s0 = TruncNormal(0, sqrt(2/(5d)); ±3σ) * sqrt(d) * init_scale        (or a given state)
     s_i = Core(Adapter(concat[s_{i-1}, e]))                               for i = 1..r
-    z  = ln_f(s_r);  logits = lm_head(ln_f(Coda(z))).float()
+    z  = ln_f(s_r);  h = ln_f(Coda(z))                                     (forward returns h and z)
+    logits = lm_head(h).float()                                           (the head, tied to wte: recurrent_depth.hf)
 
-`RecurrentDepthModel` (the `transformer.*` parameters) exposes the four stages as methods (`embed`,
-`initial_state`, `core_step`, `decode`) so that inference code can run them with its own exit and cache policies;
-the network itself knows nothing of sampling, exit criteria or parallelism.
+`RecurrentDepthModel` (the `transformer.*` parameters) runs them in that order in `forward`, and exposes the stages as
+methods (`embed`, `initial_state`, `core_step`, `decode`) so that inference code can run them with its own exit and
+cache policies. The network knows nothing of sampling, exit criteria or parallelism: how the core loop runs
+(`Recurrence`) and a faster runner for cached calls (`StageRunner`) are objects handed in from outside.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from recurrent_depth.config import RecurrentDepthConfig
-from recurrent_depth.model.layers import AttentionContext, KVStore, LayerKey, RMSNorm, SandwichBlock, rope_table
+from recurrent_depth.model.layers import (
+    AttentionContext,
+    KVStore,
+    LayerKey,
+    RMSNorm,
+    SandwichBlock,
+    SequenceCache,
+    rope_table,
+)
+
+
+class StageRunner(Protocol):
+    """Runs a stage's blocks another way for the calls it takes (`recurrent_depth.inference.fused.FusedRunner`,
+    handed in as `RecurrentDepthModel.stage_runner` by the code that wants it); same signature as the fused op."""
+
+    def applicable(self, x: Tensor, ctx: AttentionContext, blocks: nn.ModuleList) -> bool: ...
+
+    def run_blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext, step: int,
+                   n_heads: int, eps: float, e: Tensor | None = None, adapter: Tensor | None = None,
+                   n_steps: int = 1) -> Tensor: ...
+
+
+class Recurrence:
+    """How the core recurrence runs: the eager loop of `core_step`. Training hands in subclasses as
+    `model.recurrence` (activation checkpointing per step in `recurrent_depth.training.parallel`, the fused compiled
+    step in `recurrent_depth.training.fused`) instead of patching the model."""
+
+    checkpointed = False  # whether steps run with autograd are recomputed in backward (activation checkpointing)
+
+    def step(self, model: RecurrentDepthModel, state: Tensor, e: Tensor, i: int, ctx: AttentionContext) -> Tensor:
+        return model.core_step(state, e, i, ctx)
+
+    def steps(self, model: RecurrentDepthModel, state: Tensor, e: Tensor, first_step: int, n_steps: int,
+              ctx: AttentionContext) -> Tensor:
+        """`n_steps` recurrences from `first_step` under the caller's grad mode."""
+        for i in range(first_step, first_step + n_steps):
+            state = self.step(model, state, e, i, ctx)
+        return state
+
+    def recur(self, model: RecurrentDepthModel, state: Tensor, e: Tensor, n_no_grad: int, n_grad: int,
+              ctx: AttentionContext, first_step: int = 0) -> Tensor:
+        """n_no_grad recurrences without autograd, then n_grad with it."""
+        with torch.no_grad():
+            state = model.core_steps(state, e, first_step, n_no_grad, ctx)
+        return model.core_steps(state, e, first_step + n_no_grad, n_grad, ctx)
 
 
 def _block(cfg: RecurrentDepthConfig) -> SandwichBlock:
@@ -42,7 +88,10 @@ class RecurrentDepthModel(nn.Module):
         self.emb_scale = math.sqrt(cfg.n_embd)
         # RoPE cos/sin (1, block_size, 1, D/2, 2), fp32 on every device and under every cast (see `_apply`).
         self.register_buffer("rope", self._exact_rope(self.wte.weight.device), persistent=False)
-        self.fused_decode = True  # cached CPU inference through the fused C++ op when it applies
+        # Hook points, handed in from outside (the network imports neither inference nor training):
+        self.stage_runner: StageRunner | None = None  # a faster runner for some cached calls (the fused CPU decode)
+        self.fused_decode = True  # offer cached calls to `stage_runner` (False: always the eager modules)
+        self.recurrence = Recurrence()  # how the core loop runs (training hands in checkpointed / fused ones)
 
     def _exact_rope(self, device: torch.device) -> Tensor:
         return rope_table(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_base).to(device)
@@ -59,6 +108,27 @@ class RecurrentDepthModel(nn.Module):
         if self.rope.device.type != "meta":
             self.rope = self._exact_rope(self.rope.device)
         return self
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: Tensor, num_steps: int | Sequence[int] | Tensor | None = None,
+                input_states: Tensor | None = None, init_scale: float = 1.0, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, cache: SequenceCache | None = None) -> tuple[Tensor, Tensor]:
+        """The paper's order: e = Prelude(embed(x)); s = Core^r(s0, e); (hidden, latents) = decode(s).
+
+        num_steps: recurrence count r, or (n_no_grad, n_grad) (see `parse_num_steps`); None: `mean_recurrence`.
+        input_states: s0 (B, T, d), else drawn with std scaled by `init_scale`. cache: read after its stored
+        positions and extended by these T tokens. Returns hidden (B, T, d) for the LM head and latents ln_f(s_r).
+        """
+        n_no_grad, n_grad = parse_num_steps(num_steps, self.cfg.mean_recurrence)
+        past = cache.get_seq_length() if cache is not None else 0
+        ctx = self.attention_context(input_ids, attention_mask, position_ids, cache, past)
+        e = self.embed(input_ids, ctx)
+        state = self.initial_state(e, init_scale) if input_states is None else _given_state(input_states, e)
+        state = self.recur(state, e, n_no_grad, n_grad, ctx)
+        hidden, latents = self.decode(state, ctx)
+        if cache is not None:
+            cache.commit(input_ids.shape[1])
+        return hidden, latents
 
     # ------------------------------------------------------------------------------------------------ stages
     def embed(self, input_ids: Tensor, ctx: AttentionContext) -> Tensor:
@@ -77,21 +147,23 @@ class RecurrentDepthModel(nn.Module):
 
     def core_step(self, state: Tensor, e: Tensor, step: int, ctx: AttentionContext) -> Tensor:
         """One recurrence: s_{i+1} = Core(Adapter(concat[s_i, e])); `step` is i (0-based), naming cache slots."""
-        fused = self._fused(state, ctx, self.core_block)
-        if fused is not None:
-            return self._fused_core(fused, state, e, step, 1, ctx)
+        if self._runner_takes(state, ctx, self.core_block):
+            return self._run_core(state, e, step, 1, ctx)
         x = self.adapter(torch.cat([state, e], dim=-1))
         return self._eager_blocks(self.core_block, "core", x, ctx, step)
 
     def core_steps(self, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx: AttentionContext) -> Tensor:
-        """`n_steps` recurrences from step `first_step`, under the caller's grad mode: `core_step` in a loop (which
-        training may wrap, for activation checkpointing), or one fused call for cached CPU inference."""
-        fused = self._fused(state, ctx, self.core_block) if n_steps > 0 else None
-        if fused is not None:
-            return self._fused_core(fused, state, e, first_step, n_steps, ctx)
-        for i in range(first_step, first_step + n_steps):
-            state = self.core_step(state, e, i, ctx)
-        return state
+        """`n_steps` recurrences from step `first_step`, under the caller's grad mode: one call of the stage runner
+        when it takes them (cached CPU inference), else the steps of `self.recurrence`."""
+        if n_steps > 0 and self._runner_takes(state, ctx, self.core_block):
+            return self._run_core(state, e, first_step, n_steps, ctx)
+        return self.recurrence.steps(self, state, e, first_step, n_steps, ctx)
+
+    def recur(self, state: Tensor, e: Tensor, n_no_grad: int, n_grad: int, ctx: AttentionContext,
+              first_step: int = 0) -> Tensor:
+        """n_no_grad recurrences without autograd, then n_grad with it (truncated backprop through depth), as
+        `self.recurrence` runs them."""
+        return self.recurrence.recur(self, state, e, n_no_grad, n_grad, ctx, first_step)
 
     def decode(self, state: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
         """Final state s_r -> (hidden y = ln_f(Coda(ln_f(s_r))), latents z = ln_f(s_r))."""
@@ -99,25 +171,21 @@ class RecurrentDepthModel(nn.Module):
         return self.ln_f(self._blocks(self.coda, "coda", z, ctx)), z
 
     # ------------------------------------------------------------------------------------------ stage runners
-    def _fused(self, x: Tensor, ctx: AttentionContext, blocks: nn.ModuleList) -> Any:
-        """The fused-op module (`recurrent_depth.inference.fused`) when this stage's call may take it, else None:
-        cached CPU inference of a few tokens (see `fused.applicable`)."""
-        if not (self.fused_decode and ctx.cache is not None):
-            return None
-        from recurrent_depth.inference import fused
+    def _runner_takes(self, x: Tensor, ctx: AttentionContext, blocks: nn.ModuleList) -> bool:
+        """Whether the handed-in stage runner takes this stage's call (only cached calls are offered to it)."""
+        runner = self.stage_runner
+        return runner is not None and self.fused_decode and ctx.cache is not None and runner.applicable(x, ctx, blocks)
 
-        return fused if fused.applicable(x, ctx, blocks) else None
-
-    def _fused_core(self, fused: Any, state: Tensor, e: Tensor, first_step: int, n_steps: int,
-                    ctx: AttentionContext) -> Tensor:
-        return fused.run_blocks(self.core_block, "core", state, ctx, first_step, self.cfg.n_heads, self.cfg.norm_eps,
-                                e=e, adapter=self.adapter.weight, n_steps=n_steps)
+    def _run_core(self, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx: AttentionContext) -> Tensor:
+        assert self.stage_runner is not None  # checked by _runner_takes
+        return self.stage_runner.run_blocks(self.core_block, "core", state, ctx, first_step, self.cfg.n_heads,
+                                            self.cfg.norm_eps, e=e, adapter=self.adapter.weight, n_steps=n_steps)
 
     def _blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext) -> Tensor:
-        """Run the prelude's or the coda's blocks: fused when the call may take it, else the modules themselves."""
-        fused = self._fused(x, ctx, blocks)
-        if fused is not None:
-            return fused.run_blocks(blocks, part, x, ctx, 0, self.cfg.n_heads, self.cfg.norm_eps)
+        """Run the prelude's or the coda's blocks: by the stage runner when it takes the call, else eagerly."""
+        if self._runner_takes(x, ctx, blocks):
+            assert self.stage_runner is not None
+            return self.stage_runner.run_blocks(blocks, part, x, ctx, 0, self.cfg.n_heads, self.cfg.norm_eps)
         return self._eager_blocks(blocks, part, x, ctx)
 
     @staticmethod
@@ -125,13 +193,6 @@ class RecurrentDepthModel(nn.Module):
         for j, block in enumerate(blocks):
             x = block(x, LayerKey(part, j, step), ctx)
         return x
-
-    def recur(self, state: Tensor, e: Tensor, n_no_grad: int, n_grad: int, ctx: AttentionContext,
-              first_step: int = 0) -> Tensor:
-        """n_no_grad recurrences without autograd, then n_grad with it (truncated backprop through depth)."""
-        with torch.no_grad():
-            state = self.core_steps(state, e, first_step, n_no_grad, ctx)
-        return self.core_steps(state, e, first_step + n_no_grad, n_grad, ctx)
 
     # ------------------------------------------------------------------------------------------ attention
     def attention_context(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -165,7 +226,17 @@ class RecurrentDepthModel(nn.Module):
                 eye = torch.zeros(T, S, dtype=torch.bool, device=device)
                 eye[:, past_length:] = torch.eye(T, dtype=torch.bool, device=device)
                 mask = mask | eye  # padded queries see themselves: no fully-masked row
-        return AttentionContext(rope=rope, mask=mask, cache=cache)
+        ctx = AttentionContext(rope=rope, mask=mask, cache=cache)
+        if cache is None:  # uncached forwards (training) run the eager blocks, which all read the factors: make them
+            ctx.rope_factors()  # here, before a compiled block asks (no recompile when they appear); decode: lazily
+        return ctx
+
+
+def _given_state(input_states: Tensor, e: Tensor) -> Tensor:
+    """A caller's s0, checked against e's shape and copied in e's dtype (the recurrence never writes into it)."""
+    if input_states.shape != e.shape:
+        raise ValueError(f"input_states has shape {tuple(input_states.shape)}, expected {tuple(e.shape)}")
+    return input_states.to(e.dtype).clone()
 
 
 def parse_num_steps(num_steps: int | Sequence[int] | Tensor | None, default: int) -> tuple[int, int]:

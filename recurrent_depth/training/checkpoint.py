@@ -154,7 +154,7 @@ def _save_model(model: nn.Module, folder: Path, full: dict[str, torch.Tensor] | 
     if full is None:
         model.save_pretrained(folder)
         return
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     with torch.device("meta"):
         copy = RecurrentDepthForCausalLM(model.config)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import sysconfig
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from recurrent_depth.data.paths import expand_path
 
 
 class ConfigError(ValueError):
@@ -278,11 +279,6 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = text if text != "null" else None
         _set(tree, key.strip(), value)
     return tree
-
-
-def expand_path(path: str) -> Path:
-    """`{stdlib}` -> Python's standard-library folder; `~` expanded."""
-    return Path(path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])).expanduser()
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

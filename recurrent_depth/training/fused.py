@@ -1,7 +1,7 @@
 """A faster training recurrence for `runtime.compile`: the whole core step (adapter + every core block) as one
 torch.compile graph, with rearrangements that change no value beyond float reassociation.
 
-    install_fused_recurrence(model)      # model.transformer.recur now runs the fused, compiled step
+    install_fused_recurrence(model)      # model.transformer.recurrence now runs the fused, compiled step
 
 1. The adapter reads concat[s, e] (d + d -> d); its e half, e @ A_e^T, is the same at every recurrence, so it is
    computed once per forward (with autograd: its gradient is summed over the steps, then one product back) and each
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from recurrent_depth import kernels
+from recurrent_depth.model.model import Recurrence
 
 
 def _pair_order(n_heads: int, head_dim: int) -> Tensor:
@@ -120,37 +121,44 @@ def _applies(state: Tensor, ctx) -> bool:
             and not torch.is_autocast_enabled(state.device.type))
 
 
-def install_fused_recurrence(model: nn.Module, compile: bool = True, checkpoint_steps: bool = False) -> FusedCore:
-    """Replace `model.transformer.recur` (on this instance) by the fused recurrence; `compile` wraps the step in
-    torch.compile (one graph with autograd, one without), `checkpoint_steps` recomputes each step with autograd in
-    backward (activation checkpointing per recurrence). Returns the FusedCore."""
-    t = model.transformer
-    if getattr(t.recur, "_fused", False):
-        return t.recur._core
-    device = t.wte.weight.device
-    core = FusedCore(t).to(device)
-    # On CPU the graph's host code runs as C++ too (cpp_wrapper): measured about 2% off a `small` training step
-    options = {"cpp_wrapper": True} if device.type == "cpu" else None
-    step = torch.compile(core, dynamic=False, options=options) if compile else core
-    original = t.recur
-    d = t.cfg.n_embd
+class FusedRecurrence(Recurrence):
+    """The model's `recurrence` when the fused step is installed: `step` is one FusedCore call (compiled or not) and
+    `recur` runs the whole loop through it when `_applies`, else the `fallback` recurrence (which also runs
+    `steps`, the path inference takes). `checkpointed` recomputes each step with autograd in backward."""
 
-    def recur(state: Tensor, e: Tensor, n_no_grad: int, n_grad: int, ctx, first_step: int = 0) -> Tensor:
+    def __init__(self, core: FusedCore, step: nn.Module, fallback: Recurrence, checkpoint_steps: bool) -> None:
+        self.core, self.fused_step, self.fallback, self.checkpointed = core, step, fallback, checkpoint_steps
+
+    def steps(self, model: nn.Module, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx) -> Tensor:
+        return self.fallback.steps(model, state, e, first_step, n_steps, ctx)
+
+    def recur(self, model: nn.Module, state: Tensor, e: Tensor, n_no_grad: int, n_grad: int, ctx,
+              first_step: int = 0) -> Tensor:
         if not _applies(state, ctx):
-            return original(state, e, n_no_grad, n_grad, ctx, first_step)
-        ep, cos, sin, weights = core.prepare(e, ctx.rope)
-        adapter_s = t.adapter.weight[:, :d]
+            return self.fallback.recur(model, state, e, n_no_grad, n_grad, ctx, first_step)
+        ep, cos, sin, weights = self.core.prepare(e, ctx.rope)
+        args = (ep, cos, sin, weights, model.adapter.weight[:, : self.core.d])
         with torch.no_grad():
             for _ in range(n_no_grad):
-                state = step(state, ep, cos, sin, weights, adapter_s)
+                state = self.fused_step(state, *args)
         for _ in range(n_grad):
-            if checkpoint_steps and torch.is_grad_enabled():
-                state = checkpoint(step, state, ep, cos, sin, weights, adapter_s, use_reentrant=False)
+            if self.checkpointed and torch.is_grad_enabled():
+                state = checkpoint(self.fused_step, state, *args, use_reentrant=False)
             else:
-                state = step(state, ep, cos, sin, weights, adapter_s)
+                state = self.fused_step(state, *args)
         return state
 
-    recur._fused = True  # type: ignore[attr-defined]
-    recur._core = core  # type: ignore[attr-defined]
-    t.recur = recur
+
+def install_fused_recurrence(model: nn.Module, compile: bool = True, checkpoint_steps: bool = False) -> FusedCore:
+    """Hand `model.transformer` a `FusedRecurrence` (idempotent); `compile` wraps the step in torch.compile (one
+    graph with autograd, one without), `checkpoint_steps` recomputes each step with autograd in backward, as it does
+    when the model's recurrence was already checkpointed (which stays the fallback). Returns the FusedCore."""
+    t = model.transformer
+    if isinstance(t.recurrence, FusedRecurrence):
+        return t.recurrence.core
+    core = FusedCore(t).to(t.wte.weight.device)
+    # On CPU the graph's host code runs as C++ too (cpp_wrapper): measured about 2% off a `small` training step
+    options = {"cpp_wrapper": True} if t.wte.weight.device.type == "cpu" else None
+    step = torch.compile(core, dynamic=False, options=options) if compile else core
+    t.recurrence = FusedRecurrence(core, step, t.recurrence, checkpoint_steps or t.recurrence.checkpointed)
     return core

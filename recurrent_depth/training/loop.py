@@ -27,12 +27,13 @@ from torch import nn
 from recurrent_depth.config import RecurrentDepthConfig
 from recurrent_depth.data.build import DataBundle, build_data
 from recurrent_depth.data.loader import TokenDataset, batch_indices, eval_batches
-from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.data.paths import expand_path
+from recurrent_depth.depth_sampler import DepthSampler, make_sampler
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.model.checkpoint import CheckpointError
 from recurrent_depth.runtime import Runtime, fp32_matmul, init_runtime, seed_everything, tune_cpu_allocator
 from recurrent_depth.training import checkpoint as ckpt
-from recurrent_depth.training.config import ConfigError, TrainConfig, expand_path
-from recurrent_depth.training.depth_sampler import DepthSampler, make_sampler
+from recurrent_depth.training.config import ConfigError, TrainConfig
 from recurrent_depth.training.optim import build_optimizer, lr_at
 from recurrent_depth.training.parallel import (
     apply_activation_checkpointing,
@@ -264,6 +265,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runti
     if resume_from is not None:
         ckpt.load_model_weights(model, resume_from)
     sampler = build_sampler(cfg, model.config)
+    model.depth_sampler = sampler  # what a train-mode forward without num_steps draws from (the loop passes them)
     model.train()
     if cfg.depth.activation_checkpointing:
         apply_activation_checkpointing(model)

@@ -1,6 +1,6 @@
 """Infrastructure applied TO the model from outside: activation checkpointing per recurrence, compile, DDP, FSDP2.
 
-    apply_activation_checkpointing(model)          # recompute each core iteration in backward
+    apply_activation_checkpointing(model)          # model.transformer.recurrence: recompute each step in backward
     train_model = parallelize(model, "fsdp", rt)   # fully_shard per block, then the root
 """
 
@@ -10,27 +10,36 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from recurrent_depth.model.layers import AttentionContext
+from recurrent_depth.model.model import Recurrence
 from recurrent_depth.runtime import Runtime
+from recurrent_depth.training.fused import FusedRecurrence, install_fused_recurrence
+
+
+class CheckpointedRecurrence(Recurrence):
+    """The eager core loop with each recurrence that runs with autograd checkpointed: only its input state is kept,
+    the step is recomputed in backward (Huginn's `per-iteration`); no-grad iterations run unchanged."""
+
+    checkpointed = True
+
+    def step(self, model: nn.Module, state: Tensor, e: Tensor, i: int, ctx: AttentionContext) -> Tensor:
+        if torch.is_grad_enabled():
+            return checkpoint(model.core_step, state, e, i, ctx, use_reentrant=False)
+        return model.core_step(state, e, i, ctx)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Wrap `model.transformer.core_step` so each recurrence with autograd keeps only its input state and is
-    recomputed in backward (Huginn's `per-iteration`); no-grad iterations run unchanged."""
+    """Hand the model a `CheckpointedRecurrence` (idempotent); a fused recurrence keeps its place and checkpoints
+    its steps, with the checkpointed loop as its fallback."""
     t = model.transformer
-    step = t.core_step
-    if getattr(step, "_checkpointed", False):
-        return
-
-    def core_step(state, e, i, ctx):
-        if torch.is_grad_enabled():
-            return checkpoint(step, state, e, i, ctx, use_reentrant=False)
-        return step(state, e, i, ctx)
-
-    core_step._checkpointed = True  # type: ignore[attr-defined]
-    t.core_step = core_step
+    if isinstance(t.recurrence, FusedRecurrence):
+        t.recurrence.checkpointed = True
+        t.recurrence.fallback = CheckpointedRecurrence()
+    elif not isinstance(t.recurrence, CheckpointedRecurrence):
+        t.recurrence = CheckpointedRecurrence()
 
 
 def compile_blocks(model: nn.Module, fuse_core: bool = True) -> None:
@@ -40,25 +49,13 @@ def compile_blocks(model: nn.Module, fuse_core: bool = True) -> None:
     With `fuse_core` (not for FSDP, whose sharded parameters only gather inside each block's own forward), the
     recurrence also runs the whole core step (adapter + all core blocks) as one compiled graph with the adapter's
     input half hoisted out of the loop and RoPE on contiguous halves (`recurrent_depth.training.fused`); the
-    per-block graphs remain for what that path does not cover (masks, caches, autocast). Call it after
-    `apply_activation_checkpointing`, whose per-recurrence recompute the fused path keeps."""
+    per-block graphs remain for what that path does not cover (masks, caches, autocast). Activation checkpointing,
+    applied before or after, carries over to the fused steps."""
     t = model.transformer
     for block in [*t.prelude, *t.core_block, *t.coda]:
         block.compile()
-    if not getattr(t.attention_context, "_eager_rope", False):
-        attention_context = t.attention_context
-
-        def with_rope_factors(*args, **kwargs):
-            ctx = attention_context(*args, **kwargs)
-            ctx.rope_factors()  # cached on ctx before the first compiled block: no recompile when it appears
-            return ctx
-
-        with_rope_factors._eager_rope = True  # type: ignore[attr-defined]
-        t.attention_context = with_rope_factors
     if fuse_core:
-        from recurrent_depth.training.fused import install_fused_recurrence
-
-        install_fused_recurrence(model, checkpoint_steps=getattr(t.core_step, "_checkpointed", False))
+        install_fused_recurrence(model)
 
 
 def parallelize(model: nn.Module, mode: str, rt: Runtime) -> nn.Module:

@@ -355,7 +355,7 @@ def test_fused_bf16_bundled_model_answers_as_fp32() -> None:
     model's and the eager bf16 model's."""
     from recurrent_depth.assets import bundle_info, resolve_model
     from recurrent_depth.data.tokenizer import encode_prompt, load_tokenizer
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
     from recurrent_depth.tasks import get_task
 
     path = resolve_model(None)

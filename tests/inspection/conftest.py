@@ -12,7 +12,7 @@ from inspection_stubs import PAGE_PROMPT, PAGE_STEPS
 from recurrent_depth.cli.main import main
 from recurrent_depth.config import RecurrentDepthConfig
 from recurrent_depth.data.tokenizer import char_tokenizer, save_tokenizer
-from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import torch
 from inspection_stubs import contraction_stub, settling_stub
 
 from recurrent_depth.config import RecurrentDepthConfig
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.inspection import (
     CRITERIA,
     convergence,
@@ -22,7 +23,6 @@ from recurrent_depth.inspection import (
     select_positions,
     trace_latents,
 )
-from recurrent_depth.model import RecurrentDepthForCausalLM
 
 
 def test_settling_stub_every_criterion_stops_where_the_state_stops_moving() -> None:

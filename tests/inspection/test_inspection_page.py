@@ -13,9 +13,9 @@ from inspection_stubs import PAGE_PROMPT, PAGE_STEPS
 
 from recurrent_depth.cli.main import main
 from recurrent_depth.data.tokenizer import load_tokenizer
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.inspection import CRITERIA, inspect_prompt
 from recurrent_depth.inspection.page import page_data, render_page
-from recurrent_depth.model import RecurrentDepthForCausalLM
 
 FIGURES = ["overview", "convergence", "exit_steps", "trajectories", "logit_lens"]
 

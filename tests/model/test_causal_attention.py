@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from recurrent_depth import kernels
 from recurrent_depth.config import RecurrentDepthConfig
-from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 
 
 @pytest.fixture(scope="module", autouse=True)

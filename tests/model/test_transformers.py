@@ -57,7 +57,8 @@ def test_generate_equals_manual_greedy_loop() -> None:
     assert out.tolist() == seq.tolist()
 
 
-@pytest.mark.parametrize("order", ["package_first", "transformers_first", "config_only_first", "model_module_first"])
+@pytest.mark.parametrize("order", ["package_first", "transformers_first", "config_only_first", "model_module_first",
+                                   "hf_module_first"])
 def test_import_recurrent_depth_registers_in_either_order(order: str) -> None:
     """`import recurrent_depth` (which imports neither torch nor transformers) is enough for the Auto classes to
     load a Huginn folder, whether transformers is imported before or after it."""
@@ -74,6 +75,7 @@ def test_import_recurrent_depth_registers_in_either_order(order: str) -> None:
                           "from transformers import AutoModelForCausalLM"],
         "transformers_first": ["from transformers import AutoModelForCausalLM", "import recurrent_depth"],
         "model_module_first": ["import recurrent_depth.model", "from transformers import AutoModelForCausalLM"],
+        "hf_module_first": ["import recurrent_depth.hf", "from transformers import AutoModelForCausalLM"],
         "config_only_first": ["from transformers import AutoConfig", "import recurrent_depth",
                               f"assert type(AutoConfig.from_pretrained({str(fixture)!r})).__name__ "
                               "== 'RecurrentDepthConfig'",

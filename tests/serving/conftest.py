@@ -11,7 +11,7 @@ import torch
 
 from recurrent_depth.config import RecurrentDepthConfig
 from recurrent_depth.data.tokenizer import char_tokenizer, save_tokenizer
-from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.serving.app import create_app
 from recurrent_depth.serving.model import load_served_model
 from recurrent_depth.serving.protocol import Limits

@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from recurrent_depth.training.depth_sampler import FixedDepth, NonRecurrent, PoissonLogNormalFilling, make_sampler
+from recurrent_depth.depth_sampler import FixedDepth, NonRecurrent, PoissonLogNormalFilling, make_sampler
 
 
 def test_poisson_lognormal_distribution_matches_reference_facts() -> None:
@@ -58,7 +58,7 @@ def test_unknown_sampler_name_lists_choices() -> None:
 
 def test_model_draws_from_the_sampler_in_train_mode() -> None:
     from recurrent_depth.config import RecurrentDepthConfig
-    from recurrent_depth.model import RecurrentDepthForCausalLM
+    from recurrent_depth.hf import RecurrentDepthForCausalLM
 
     model = RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name("debug")).train()
     ids = torch.randint(0, 256, (1, 8))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recurrent_depth.config import RecurrentDepthConfig
-from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.training.fused import _pair_order, install_fused_recurrence
 from recurrent_depth.training.parallel import apply_activation_checkpointing, compile_blocks
 
@@ -94,6 +94,33 @@ def test_fused_step_keeps_truncation_and_activation_checkpointing() -> None:
             _run(fused, (n, 2))
         sizes[n] = sum(saved)
     assert sizes[0] == sizes[6]
+
+
+def _saved_numel(model: RecurrentDepthForCausalLM) -> int:
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run(model, (1, 4))
+    return sum(saved)
+
+
+def test_activation_checkpointing_composes_with_the_fused_step_in_either_order() -> None:
+    """The recurrence is an object the model holds: checkpointing applied after the fused step is installed
+    checkpoints the fused steps just as when applied before (what autograd saves is the same, and less than
+    without checkpointing); the gradients stay the model's."""
+    model = _model()
+    before, after, plain = (copy.deepcopy(model) for _ in range(3))
+    apply_activation_checkpointing(before)
+    install_fused_recurrence(before, compile=False)
+    install_fused_recurrence(after, compile=False)
+    apply_activation_checkpointing(after)
+    install_fused_recurrence(plain, compile=False)
+    assert _saved_numel(before) == _saved_numel(after) < _saved_numel(plain)
+    _assert_same(_run(model, (1, 4)), _run(after, (1, 4)))
 
 
 def test_fused_path_falls_back_where_it_does_not_apply() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recurrent_depth.config import RecurrentDepthConfig
-from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.training.config import OptimSection
 from recurrent_depth.training.optim import build_optimizer, lr_at, param_groups
 

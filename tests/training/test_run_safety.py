@@ -15,7 +15,7 @@ from train_helpers import losses, run_cli, tiny_tree, write_yaml
 
 from recurrent_depth.config import RecurrentDepthConfig
 from recurrent_depth.data.tokenizer import char_tokenizer
-from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.model.checkpoint import CheckpointError
 from recurrent_depth.runtime import Runtime, rng_state, set_rng_state
 from recurrent_depth.training import checkpoint as ckpt

@@ -16,7 +16,7 @@ import torch
 from train_helpers import REPO, cli_env, losses, tiny_tree, write_yaml
 
 from recurrent_depth.data.tokenizer import load_tokenizer
-from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.runtime import cpu_has_bf16
 from recurrent_depth.training.loop import train
 

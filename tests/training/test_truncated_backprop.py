@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from recurrent_depth.config import RecurrentDepthConfig
-from recurrent_depth.model import RecurrentDepthForCausalLM
+from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.training.parallel import apply_activation_checkpointing
 
 

@@ -19,6 +19,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from recurrent_depth.config import RecurrentDepthConfig
+from recurrent_depth.depth_sampler import DepthSampler, PoissonLogNormalFilling
+from recurrent_depth.inference.cache import KVCache
+from recurrent_depth.inference.compat import generate_reference_style
+from recurrent_depth.inference.fused import FusedRunner
 from recurrent_depth.model import checkpoint
 from recurrent_depth.model.init import init_weights
 from recurrent_depth.model.model import RecurrentDepthModel, parse_num_steps
@@ -66,6 +70,11 @@ class RecurrentDepthForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        # The depth drawn by a train-mode forward without num_steps: the reference's sampler by default; training
+        # hands in its configured one (and a generator, None meaning torch's global RNG as the reference draws).
+        self.depth_sampler: DepthSampler = PoissonLogNormalFilling(config.mean_recurrence, config.mean_backprop_depth)
+        self.depth_generator: torch.Generator | None = None
+        self.transformer.stage_runner = FusedRunner()  # cached CPU inference through the fused op when it applies
         self.post_init()
 
     # ------------------------------------------------------------------------------------ transformers glue
@@ -109,7 +118,8 @@ class RecurrentDepthForCausalLM(PreTrainedModel, GenerationMixin):
         cache: Any = None,
         **kwargs: Any,
     ) -> RecurrentDepthOutput:
-        """Run prelude, r recurrences of the core, coda and head.
+        """The network's forward (`RecurrentDepthModel.forward`: prelude, r recurrences of the core, coda), then the
+        head and the loss.
 
         num_steps: recurrence count r (core applications, not layers). None: `mean_recurrence` in eval mode, a draw
             from the training depth sampler in train mode; int r: r steps; (n, k): n steps without autograd, then k
@@ -123,38 +133,25 @@ class RecurrentDepthForCausalLM(PreTrainedModel, GenerationMixin):
         if unknown:
             raise TypeError(f"forward() got unexpected keyword arguments {sorted(unknown)}")
         self._check_input_ids(input_ids)
-        if num_steps is None and self.training:
-            from recurrent_depth.training.depth_sampler import PoissonLogNormalFilling
-
-            n, k = PoissonLogNormalFilling(self.config.mean_recurrence, self.config.mean_backprop_depth).sample()
-        else:
-            n, k = parse_num_steps(num_steps, self.config.mean_recurrence)
         kv = cache if cache is not None else past_key_values
         if kv is None and use_cache:
-            from recurrent_depth.inference.cache import KVCache
-
             kv = KVCache()
-        t = self.transformer
-        past = kv.get_seq_length() if kv is not None else 0
-        ctx = t.attention_context(input_ids, attention_mask, position_ids, kv, past)
-        e = t.embed(input_ids, ctx)
-        if input_states is not None:
-            if input_states.shape != e.shape:
-                raise ValueError(f"input_states has shape {tuple(input_states.shape)}, expected {tuple(e.shape)}")
-            state = input_states.to(e.dtype).clone()
-        else:
-            state = t.initial_state(e, init_scale)
-        state = t.recur(state, e, n, k, ctx)
-        hidden, latents = t.decode(state, ctx)
+        hidden, latents = self.transformer(input_ids, self._depth(num_steps), input_states, init_scale,
+                                           attention_mask, position_ids, kv)
         logits = self.lm_head(hidden).float()  # fp32 for softmax and loss
-        if kv is not None:
-            kv.commit(input_ids.shape[1])
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return RecurrentDepthOutput(loss=loss, logits=logits, cache=kv, latent_states=latents)
+
+    def _depth(self, num_steps: int | tuple[int, int] | Tensor | None) -> tuple[int, int]:
+        """(n_no_grad, n_grad): a draw from `self.depth_sampler` in train mode when no depth is given (the
+        reference's randomized depth), else `num_steps` parsed (None: `mean_recurrence`)."""
+        if num_steps is None and self.training:
+            return self.depth_sampler.sample(generator=self.depth_generator)
+        return parse_num_steps(num_steps, self.config.mean_recurrence)
 
     def _check_input_ids(self, input_ids: Tensor) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
@@ -171,8 +168,6 @@ class RecurrentDepthForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Any = None,
                                       attention_mask: Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
         """Feed only the tokens the cache has not seen, with our recurrent KV cache (never transformers' own)."""
-        from recurrent_depth.inference.cache import KVCache
-
         kv = kwargs.pop("cache", None) or past_key_values
         if not isinstance(kv, KVCache):
             kv = KVCache()
@@ -196,8 +191,6 @@ class RecurrentDepthForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' generate, or our engine when the reference's custom keywords are given."""
         if _ENGINE_KWARGS & set(kwargs):
-            from recurrent_depth.inference.compat import generate_reference_style
-
             return generate_reference_style(self, *args, **kwargs)
         return super().generate(*args, **kwargs)
 

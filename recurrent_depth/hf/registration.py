@@ -13,14 +13,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from recurrent_depth.config import RecurrentDepthConfig
-from recurrent_depth.model.causal_lm import RecurrentDepthForCausalLM
+from recurrent_depth.hf.causal_lm import RecurrentDepthForCausalLM
 
 
 def register_with_transformers() -> None:
-    """Idempotent: safe to call more than once."""
+    """Idempotent: safe to call more than once. The Auto classes are imported here, not with this module, so that
+    the package's post-import hook (`recurrent_depth._register`), which their import fires, finds this function."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     AutoConfig.register("huginn_raven", RecurrentDepthConfig, exist_ok=True)
     AutoModelForCausalLM.register(RecurrentDepthConfig, RecurrentDepthForCausalLM, exist_ok=True)
     if not getattr(AutoModelForCausalLM.from_pretrained, "_local_unless_asked", False):
