@@ -90,11 +90,6 @@ def layer_of(module: str) -> int:
 GRAPH = {m: imports_of(m) for m in MODULES}
 # Import edges that still close a cycle, each with why it is left: the cycle test skips them, and
 # `test_known_cycles_still_exist` fails once one is gone, so that it is taken off this list.
-KNOWN_CYCLE_EDGES = {
-    # generate() imports generate_speculative inside the function, speculative imports forward_rows and
-    # GenerateOutput inside its own: owned by the decode-engine rewrite of generate.py / speculative.py.
-    ("recurrent_depth.inference.generate", "recurrent_depth.inference.speculative"),
-}
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -111,8 +106,6 @@ def _cycle() -> list[str] | None:
     def visit(m: str) -> list[str] | None:
         state[m], _ = 1, path.append(m)
         for d in sorted(GRAPH[m]):
-            if (m, d) in KNOWN_CYCLE_EDGES:
-                continue
             if state.get(d) == 1:
                 return [*path[path.index(d):], d]
             if d not in state and (found := visit(d)):
@@ -129,11 +122,6 @@ def _cycle() -> list[str] | None:
 def test_no_import_cycles() -> None:
     cycle = _cycle()
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
-
-
-def test_known_cycles_still_exist() -> None:
-    gone = sorted(edge for edge in KNOWN_CYCLE_EDGES if edge[1] not in GRAPH[edge[0]])
-    assert not gone, f"these imports are gone: take them off KNOWN_CYCLE_EDGES: {gone}"
 
 
 def test_the_checker_sees_function_level_and_from_imports() -> None:
