@@ -161,10 +161,6 @@ class KVCache:
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seq_len
 
-    def slot_for(self, key: LayerKey) -> LayerKey:
-        """The slot a layer invocation reads and writes."""
-        return self.policy.slot(key)
-
     def reserve(self, key: LayerKey, like: Tensor) -> _Slot:
         """The bookkeeping of a write of T positions [seq_len, seq_len + T) by the selected rows, without the write:
         the slot (allocated or grown as needed), its holes and validity. `like` gives the write's shape (R, H, T, D),

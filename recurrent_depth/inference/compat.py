@@ -2,7 +2,7 @@
 
 `RecurrentDepthForCausalLM.generate` calls `generate_reference_style` when any of `criterion`, `exit_threshold`,
 `exit_evaluator`, `continuous_compute`, `draft_steps`, `lookahead_for_draft`, `verification_threshold`,
-`cache_lookup_strategy` or `min_steps` is given. Dispatch follows the reference (docs/reference-huginn.md §6.1):
+`cache_lookup_strategy` or `min_steps` is given. Dispatch follows the reference's own `generate`:
 
     criterion / exit_threshold / exit_evaluator  -> adaptive exit (generate_with_adaptive_compute)
     draft_steps / lookahead_for_draft / verification_threshold -> self-speculative (generate_speculative)
