@@ -16,11 +16,13 @@ is False (the reason in `load_error()`) and callers keep PyTorch's own kernels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +72,13 @@ def _load() -> bool:
             from torch.utils.cpp_extension import _get_build_directory, load
 
             name = f"rdepth_kernels_{build_tag()}"
-            if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-                print("recurrent_depth: building the C++ CPU kernels (once per environment, about 20 s)",
-                      file=sys.stderr)
-            load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
-                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            build_dir = Path(_get_build_directory(name, verbose=False))
+            with _build_lock(build_dir):
+                if not (build_dir / f"{name}.so").exists():
+                    print("recurrent_depth: building the C++ CPU kernels (once per environment, about 20 s)",
+                          file=sys.stderr)
+                load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
+                     extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
             torch.ops.rdepth.blocks  # noqa: B018  (raise if an op did not register)
             torch.ops.rdepth.causal_attention  # noqa: B018
             torch.ops.rdepth.rope_attention  # noqa: B018
@@ -85,6 +89,29 @@ def _load() -> bool:
             return False
     _register_attention()
     return True
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold an flock on `build_dir`.rdepth-lock while torch builds or loads the library there.
+
+    torch's own build lock is a plain file (`build_dir/lock`) that a builder killed mid-build (Ctrl-C, kill -9, a
+    timeout) leaves behind, and every later first use then waits on it forever. An flock dies with its process: any
+    `lock` file found while we hold ours was left by a dead builder, so it is removed (and said so)."""
+    import fcntl
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.with_name(build_dir.name + ".rdepth-lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                print(f"recurrent_depth: removing {stale}, left by a kernel build that did not finish",
+                      file=sys.stderr)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def build_tag() -> str:

@@ -178,3 +178,28 @@ def test_cpu_bf16_autocast_forward_and_backward_run() -> None:
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_use() -> None:
+    """A builder killed mid-build leaves torch's plain `lock` file; the next first use must not wait on it forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from recurrent_depth import kernels
+
+    if not kernels.available():
+        pytest.skip(f"kernel library unavailable: {kernels.load_error()}")
+    build_dir = Path(_get_build_directory(f"rdepth_kernels_{kernels.build_tag()}", verbose=False))
+    (build_dir / "lock").write_text("")  # what a killed build leaves
+    repo = Path(__file__).resolve().parents[2]
+    code = "from recurrent_depth import kernels; print(kernels.available())"
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
+    finally:
+        (build_dir / "lock").unlink(missing_ok=True)
+    assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-2000:]
+    assert "left by a kernel build that did not finish" in result.stderr
