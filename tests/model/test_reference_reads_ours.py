@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, sys.argv[1] + "/benchmarks")
 from reference_import import import_reference
 raven = import_reference(sys.argv[2])[0]
-model = raven.RavenForCausalLM.from_pretrained(sys.argv[3], torch_dtype=torch.float32).eval()
+dtype = getattr(torch, sys.argv[6])
+model = raven.RavenForCausalLM.from_pretrained(sys.argv[3], torch_dtype=dtype).eval()
 ids = load_file(sys.argv[4])["input_ids"]
 with torch.no_grad():
     logits = model(ids, num_steps=4, init_scale=0.0).logits.float()
@@ -50,6 +51,19 @@ def _model() -> RecurrentDepthForCausalLM:
     return model
 
 
+def _reference_logits(tmp_path: Path, ids: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The reference's logits (fp32) at num_steps=4, zero initial state, for our checkpoint at tmp_path/ckpt loaded
+    in `dtype`."""
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER)
+    proc = subprocess.run([REFERENCE_PYTHON, str(worker), str(REPO), REFERENCE_DIR, str(tmp_path / "ckpt"),
+                           str(tmp_path / "ids.safetensors"), str(tmp_path / "out.safetensors"), dtype],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(tmp_path / "out.safetensors"))["logits"]
+
+
 @pytest.mark.parametrize("stored", ["fp32", "bf16-cast"])
 def test_reference_computes_our_logits_from_our_checkpoint(tmp_path: Path, stored: str) -> None:
     model = _model()
@@ -57,17 +71,30 @@ def test_reference_computes_our_logits_from_our_checkpoint(tmp_path: Path, store
         model = model.to(torch.bfloat16)
     model.save_pretrained(tmp_path / "ckpt")
     ids = torch.randint(0, 256, (2, 200))
-    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
-    worker = tmp_path / "worker.py"
-    worker.write_text(_WORKER)
-    proc = subprocess.run([REFERENCE_PYTHON, str(worker), str(REPO), REFERENCE_DIR, str(tmp_path / "ckpt"),
-                           str(tmp_path / "ids.safetensors"), str(tmp_path / "out.safetensors")],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reference = load_file(str(tmp_path / "out.safetensors"))["logits"]
+    reference = _reference_logits(tmp_path, ids, "float32")
     ours = RecurrentDepthForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
     with torch.no_grad():
         logits = ours(ids, num_steps=4, init_scale=0.0).logits
     diff = (logits - reference).abs().max().item()
     print(f"{stored}: max |ours - reference| = {diff:.3g}")
     assert diff <= 1e-5
+
+
+def test_our_bf16_inference_against_the_reference_bf16_inference(tmp_path: Path) -> None:
+    """The same bf16 checkpoint run in bf16 by both: our logits are as close to the fp32 network's as the
+    reference's bf16 logits are (bf16 rounding differs between the two, so not bit for bit), and close to them."""
+    model = _model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(0, 256, (2, 200))
+    reference = _reference_logits(tmp_path, ids, "bfloat16")
+    exact = RecurrentDepthForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    ours = RecurrentDepthForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    with torch.no_grad():
+        truth = exact(ids, num_steps=4, init_scale=0.0).logits
+        logits = ours(ids, num_steps=4, init_scale=0.0).logits.float()
+    ours_err, ref_err = (logits - truth).abs().max().item(), (reference - truth).abs().max().item()
+    gap = (logits - reference).abs().max().item()
+    print(f"bf16: max |ours - fp32| = {ours_err:.3g}, |reference - fp32| = {ref_err:.3g}, |ours - reference| = "
+          f"{gap:.3g}")
+    assert ours_err <= 1.25 * ref_err
+    assert gap <= 2 * ref_err
