@@ -450,22 +450,20 @@ class RowKVCache:
 
     def _resize(self, part: str, cap: int, keep: Tensor | None = None) -> None:
         """Make the part's pools hold `cap` pages; `keep` (live page ids, in order) compacts them to the front."""
-        old = self._capacity(part)
-        if keep is None:
-            keep = torch.arange(old, device=self.device)
+        kept = self._capacity(part) if keep is None else len(keep)  # growing keeps every page where it is
         for j in range(self.n_layers[part]):
             for pools in (self.k, self.v):
                 new = torch.empty(cap, self.P, self.H, self.D, dtype=self.dtype, device=self.device)
-                kept = len(keep) if (part, j) in pools else 0
                 if kept:
-                    torch.index_select(pools[(part, j)], 0, keep, out=new[:kept])
+                    src = pools[(part, j)]
+                    new[:kept] = src[:kept] if keep is None else src.index_select(0, keep)
                 new[kept:].zero_()  # free pages stay finite: masked keys must not put NaN into attention
                 pools[(part, j)] = new
         valid = torch.zeros(cap, self.P, dtype=torch.bool, device=self.device)
-        if part in self.valid:
-            valid[: len(keep)] = self.valid[part][keep]
+        if kept:
+            valid[:kept] = self.valid[part][:kept] if keep is None else self.valid[part][keep]
         self.valid[part] = valid
-        self.free[part] = list(range(cap - 1, len(keep) - 1, -1))
+        self.free[part] = list(range(cap - 1, kept - 1, -1))
 
     def release(self, row: int) -> None:
         """Give back every page row `row` holds (its request finished or its client left)."""
