@@ -358,19 +358,22 @@ class RowKVCache:
         the validity mask (n, 1, 1, S), S = the longest bound row's length after this write, each row right-aligned."""
         if self._rows is None or key.part != self._part or k.shape[0] != self._rows.shape[0] or k.shape[2] != self._T:
             raise RuntimeError("RowKVCache.update called without a matching bind()")
-        write, read, inside = self._indices(self._slots[key.layer])
-        K, V, ok_pages = self.k[(key.part, key.layer)], self.v[(key.part, key.layer)], self.valid[key.part]
-        K.view(-1, self.H, self.D)[write] = k.transpose(1, 2).to(K.dtype)  # (n, T, H, D)
-        V.view(-1, self.H, self.D)[write] = v.transpose(1, 2).to(V.dtype)
-        ok_pages.view(-1)[write] = True
-        ok = ok_pages.view(-1)[read] & inside
-        k_all, v_all = K.view(-1, self.H, self.D)[read], V.view(-1, self.H, self.D)[read]  # (n, S, H, D)
+        write, read, ok = self._indices(self._slots[key.layer])
+        n, S = ok.shape
+        K = self.k[(key.part, key.layer)].view(-1, self.H, self.D)
+        V = self.v[(key.part, key.layer)].view(-1, self.H, self.D)
+        # index_copy_ / index_select on flat 1-D indices: one pass each, cheaper than advanced-index put / gather
+        K.index_copy_(0, write, k.transpose(1, 2).reshape(-1, self.H, self.D).to(K.dtype))
+        V.index_copy_(0, write, v.transpose(1, 2).reshape(-1, self.H, self.D).to(V.dtype))
+        k_all = K.index_select(0, read).view(n, S, self.H, self.D)
+        v_all = V.index_select(0, read).view(n, S, self.H, self.D)
         return k_all.transpose(1, 2), v_all.transpose(1, 2), ok[:, None, None, :]
 
     def _indices(self, slots: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """Flat pool indices for the bound rows at `slots` (one per row): where the T new positions go (n, T), where
-        the S visible positions are read from (n, S; right-aligned) and which of those exist (n, S). Computed once
-        per bind for the layers that share these slots (all of a part's layers, for the shipped policies)."""
+        """For the bound rows at `slots` (one per row): the flat pool indices the T new positions go to (n * T,),
+        those the S visible positions are read from (n * S; right-aligned) and which of those hold a key (n, S).
+        Computed once per bind for the layers that share these slots (all of a part's layers, for the shipped
+        policies), which write the same positions: the new positions are marked valid here, once, not per layer."""
         cached = self._index.get(tuple(slots))
         if cached is None:
             rows, start, T = self._rows, self._start, self._T
@@ -379,8 +382,12 @@ class RowKVCache:
             S = max(self._host[1]) + T
             idx = start[:, None] + T - S + torch.arange(S, device=self.device)  # (n, S) positions, < 0 = padding
             read = self._flat(self._part, rows, slot, idx.clamp(min=0))
+            ok_pages = self.valid[self._part].view(-1)
+            ok_pages[write.view(-1)] = True
             inside = (idx >= 0) & (read >= 0)
-            cached = self._index[tuple(slots)] = (write, read.clamp(min=0), inside)
+            read = read.clamp(min=0)
+            ok = ok_pages[read] & inside
+            cached = self._index[tuple(slots)] = (write.view(-1), read.view(-1), ok)
         return cached
 
     def _flat(self, part: str, rows: Tensor, slot: Tensor, pos: Tensor) -> Tensor:
@@ -411,9 +418,13 @@ class RowKVCache:
         """Give row `row` pages covering positions [start, end) at `slot` (no-op where it has them)."""
         if end > self.max_pages * self.P:
             raise ValueError(f"RowKVCache holds {self.max_pages * self.P} positions per row, a write reaches {end}")
+        pages = range(start // self.P, -(-end // self.P))
+        held = self.owned.get(part, {}).get(row)
+        if held is not None and all((slot, n) in held for n in pages):
+            return  # the common case (a decode step inside a page it holds): no table lookup, no tensor write
         table = self._table(part, slot)
         held = self.owned[part].setdefault(row, {})
-        for n in range(start // self.P, -(-end // self.P)):
+        for n in pages:
             if (slot, n) not in held:
                 held[slot, n] = page = self._new_page(part)
                 table[row, slot, n] = page
@@ -439,20 +450,20 @@ class RowKVCache:
 
     def _resize(self, part: str, cap: int, keep: Tensor | None = None) -> None:
         """Make the part's pools hold `cap` pages; `keep` (live page ids, in order) compacts them to the front."""
-        old = self._capacity(part)
-        if keep is None:
-            keep = torch.arange(old, device=self.device)
+        kept = self._capacity(part) if keep is None else len(keep)  # growing keeps every page where it is
         for j in range(self.n_layers[part]):
             for pools in (self.k, self.v):
-                new = torch.zeros(cap, self.P, self.H, self.D, dtype=self.dtype, device=self.device)
-                if (part, j) in pools:
-                    new[: len(keep)] = pools[(part, j)][keep]
+                new = torch.empty(cap, self.P, self.H, self.D, dtype=self.dtype, device=self.device)
+                if kept:
+                    src = pools[(part, j)]
+                    new[:kept] = src[:kept] if keep is None else src.index_select(0, keep)
+                new[kept:].zero_()  # free pages stay finite: masked keys must not put NaN into attention
                 pools[(part, j)] = new
         valid = torch.zeros(cap, self.P, dtype=torch.bool, device=self.device)
-        if part in self.valid:
-            valid[: len(keep)] = self.valid[part][keep]
+        if kept:
+            valid[:kept] = self.valid[part][:kept] if keep is None else self.valid[part][keep]
         self.valid[part] = valid
-        self.free[part] = list(range(cap - 1, len(keep) - 1, -1))
+        self.free[part] = list(range(cap - 1, kept - 1, -1))
 
     def release(self, row: int) -> None:
         """Give back every page row `row` holds (its request finished or its client left)."""
