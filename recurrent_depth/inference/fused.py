@@ -114,6 +114,25 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
                                    eps, n_heads, rows)
 
 
+def head(model: Any, hidden: Tensor) -> Tensor | None:
+    """fp32 logits (R, V) of hidden (R, d) through the op's matrix-vector kernel for a bf16 CPU model's head and at
+    most 4 rows (decoding), else None (the caller runs `model.lm_head`). Why: ATen's bf16 matrix-vector product
+    streams about half the GB/s of ours (65536 x 5280, 2 threads: 47 ms against 79-94 ms a token, machine shared);
+    the bf16 head is 0.7 GB of the 17 GB a huginn-3.5b token reads at r = 4. The products are exact fp32 sums of
+    the bf16 weights times the (bf16) hidden state, where ATen rounds the logits to bf16. fp32 heads keep ATen's
+    GEMV (already at the bandwidth bound); hooks on the head or `fused_decode = False` keep the eager head."""
+    lm_head = model.lm_head
+    weight = lm_head.weight
+    if not (hidden.dim() == 2 and hidden.shape[0] <= 4 and weight.dtype == torch.bfloat16
+            and hidden.dtype == torch.bfloat16 and weight.device.type == "cpu" and hidden.device.type == "cpu"
+            and weight.is_contiguous() and lm_head.bias is None and not torch.is_grad_enabled()
+            and getattr(model.transformer, "fused_decode", False) and not (lm_head._forward_hooks
+                                                                            or lm_head._forward_pre_hooks)
+            and available() and vector_isa() == "avx512"):
+        return None
+    return torch.ops.rdepth.linear(hidden.float().contiguous(), weight)
+
+
 class FusedRunner:
     """The fused op as a model's `stage_runner` (`RecurrentDepthModel.stage_runner`, a `StageRunner`): handed to the
     network by the code above it, so that the network never imports inference. Looks `applicable` and `run_blocks`

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from recurrent_depth.inference import fused
 from recurrent_depth.inference.cache import KVCache
 from recurrent_depth.inference.exit import ExitCriterion, NoExit
 from recurrent_depth.inference.sampling import ban_beyond
@@ -56,7 +57,10 @@ def _sub_context(ctx: AttentionContext, idx: Tensor) -> AttentionContext:
 
 
 def _head(model: Any, hidden: Tensor, all_logits: bool, vocab_limit: int | None) -> Tensor:
-    logits = model.lm_head(hidden if all_logits else hidden[:, -1]).float()  # fp32 for softmax
+    last = hidden if all_logits else hidden[:, -1]
+    logits = fused.head(model, last)  # a bf16 CPU decode's head on the fused op's kernel (None: the eager head)
+    if logits is None:
+        logits = model.lm_head(last).float()  # fp32 for softmax
     return ban_beyond(logits, vocab_limit)
 
 

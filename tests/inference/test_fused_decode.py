@@ -415,6 +415,39 @@ def test_fused_matrix_vector_kernel_reads_bf16_weights(rows) -> None:
         torch.set_num_threads(threads)
 
 
+@requires_avx512
+def test_bf16_decode_head_runs_on_the_op_kernel(debug_model, monkeypatch) -> None:
+    """A bf16 decode's head (one position per row) takes the op's matrix-vector kernel: exact fp32 products of the
+    bf16 weights and hidden state (ATen's bf16 head rounds its logits to bf16), the same greedy tokens as the eager
+    head; fp32 models, all-position logits, autograd and fused_decode = False keep `lm_head`."""
+    low, _ = _bf16_pair(debug_model)
+    hidden = torch.randn(3, low.config.n_embd).to(torch.bfloat16)
+    with torch.no_grad():
+        got = fused.head(low, hidden)
+        assert fused.head(debug_model, hidden.float()) is None and fused.head(low, hidden[None]) is None
+        low.transformer.fused_decode = False
+        assert fused.head(low, hidden) is None
+        low.transformer.fused_decode = True
+    assert fused.head(low, hidden) is None  # autograd on
+    want = torch.nn.functional.linear(hidden.float(), low.lm_head.weight.float())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ids = torch.randint(4, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    taken: list[bool] = []
+    real = fused.head
+
+    def counted(model, h):
+        out = real(model, h)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused, "head", counted)
+    fast = generate(low, ids, max_new_tokens=4, num_steps=3)
+    assert taken == [True] * 4  # the prompt's last position and each new token's
+    monkeypatch.setattr(fused, "head", lambda m, h: None)
+    eager = generate(low, ids, max_new_tokens=4, num_steps=3)
+    assert fast.sequences.tolist() == eager.sequences.tolist()
+
+
 def test_fused_op_rejects_mixed_storage_types(debug_model) -> None:
     """bf16 weight matrices need bf16 x and cache slots, and fp32 norm weights; other weight dtypes are refused."""
     d, H = debug_model.config.n_embd, debug_model.config.n_heads
