@@ -31,7 +31,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "rdepth-bench"
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+DTYPES = ("float32", "bfloat16")  # the dtypes a case loads as (torch attribute names)
 
 
 def _rss_bytes() -> int:
@@ -97,8 +97,10 @@ def _checkpoint_folders(preset: str) -> dict[str, Path]:
 
 
 def make_checkpoints(preset: str) -> None:
-    """fp32 and bf16 checkpoints of the preset with random weights, written into the cache."""
+    """fp32 and bf16 checkpoints of the preset with random weights in the cache: generate.py's builder (one set of
+    benchmark checkpoints for both scripts), plus a tiny warm-up checkpoint."""
     import torch
+    from generate import bench_checkpoints
 
     from recurrent_depth.config import RecurrentDepthConfig
     from recurrent_depth.hf import RecurrentDepthForCausalLM
@@ -106,12 +108,8 @@ def make_checkpoints(preset: str) -> None:
     folders = _checkpoint_folders(preset)
     torch.manual_seed(0)
     RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name("debug")).save_pretrained(folders["warmup"])
-    with torch.device("meta"):
-        model = RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name(preset))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.save_pretrained(folders["fp32"])
-    model.save_pretrained(folders["bf16"], dtype=torch.bfloat16)
+    built = bench_checkpoints(preset, ["fp32", "bf16"])
+    assert built == {dt: folders[dt] for dt in built}, "load.py and generate.py must name the same folders"
 
 
 def run_case(side: str, checkpoint: Path, dtype: str, args: argparse.Namespace) -> dict:

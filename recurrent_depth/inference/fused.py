@@ -123,7 +123,7 @@ def head(model: Any, hidden: Tensor) -> Tensor | None:
     GEMV (already at the bandwidth bound); hooks on the head or `fused_decode = False` keep the eager head."""
     lm_head = model.lm_head
     weight = lm_head.weight
-    if not (hidden.dim() == 2 and hidden.shape[0] <= 4 and weight.dtype == torch.bfloat16
+    if not (weight.dtype == torch.bfloat16 and hidden.dim() == 2 and hidden.shape[0] <= 4  # fp32 heads: first test
             and hidden.dtype == torch.bfloat16 and weight.device.type == "cpu" and hidden.device.type == "cpu"
             and weight.is_contiguous() and lm_head.bias is None and not torch.is_grad_enabled()
             and getattr(model.transformer, "fused_decode", False) and not (lm_head._forward_hooks
