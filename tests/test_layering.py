@@ -3,7 +3,8 @@ a cycle. Every import counts, also those inside functions (they run the same cod
 
 The layers, lowest first (a name is a subpackage or a top-level module of `recurrent_depth`):
 
-    0  config, runtime, kernels, depth_sampler, assets   typed config, device policy, C++ kernels, depth samplers
+    0  config, runtime, kernels, depth_sampler, assets,  typed config, device policy, C++ kernels, depth samplers,
+       progress                                          the bundled checkpoint, progress lines on stderr
     1  model                                             the network: layers, forward, init, checkpoint I/O
     2  data, tasks                                       tokenizers and corpora; procedural tasks (data reads tasks)
     3  inference                                         caches, exit criteria, generation, the fused decode
@@ -26,7 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "recurrent_depth"
 LAYERS: list[set[str]] = [
-    {"config", "runtime", "kernels", "depth_sampler", "assets"},
+    {"config", "runtime", "kernels", "depth_sampler", "assets", "progress"},
     {"model"},
     {"data", "tasks"},
     {"inference"},

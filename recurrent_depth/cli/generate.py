@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from recurrent_depth.cli.options import add_exit_arg, add_model_args, load_model, parse_exit, resolve_num_steps
-from recurrent_depth.cli.progress import Progress
 from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, KV_SHARING_HELP, check_init_scale
+from recurrent_depth.progress import Progress
 
 _COLOURS = ["\033[32m", "\033[92m", "\033[33m", "\033[93m", "\033[91m", "\033[31m"]  # few -> many steps
 _RESET = "\033[0m"

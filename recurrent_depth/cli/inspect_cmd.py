@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 from recurrent_depth.cli.options import add_exit_arg, add_model_args, load_model, parse_exit, resolve_num_steps
-from recurrent_depth.cli.progress import Progress
 from recurrent_depth.inference.defaults import INIT_SCALE, check_init_scale
+from recurrent_depth.progress import Progress
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from recurrent_depth.data.paths import expand_path
 from recurrent_depth.depth_sampler import DepthSampler, make_sampler
 from recurrent_depth.hf import RecurrentDepthForCausalLM
 from recurrent_depth.model.checkpoint import CheckpointError
+from recurrent_depth.progress import Progress
 from recurrent_depth.runtime import Runtime, fp32_matmul, init_runtime, seed_everything, tune_cpu_allocator
 from recurrent_depth.training import checkpoint as ckpt
 from recurrent_depth.training.config import ConfigError, TrainConfig
@@ -42,7 +44,6 @@ from recurrent_depth.training.parallel import (
     gradient_sync,
     parallelize,
 )
-from recurrent_depth.training.progress import progress
 from recurrent_depth.training.run_dir import check_out_dir, remove_run, run_files
 from recurrent_depth.training.step import IGNORE, forward_backward, initial_states, token_loss_sum
 
@@ -61,6 +62,16 @@ class TrainResult:
 def _say(message: str) -> None:
     """A notice for the user on stderr (stdout carries the run's JSON summary)."""
     print(f"rdepth train: {message}", file=sys.stderr, flush=True)
+
+
+PROGRESS_EVERY_S = 30.0  # off a terminal: seconds between two progress lines (the first and last step always show)
+
+
+def _status(done: int, total: int, start: int, elapsed_s: float, fields: str) -> str:
+    """The progress line after optimiser step `done` of `total` (this run began at `start`, `elapsed_s` ago), with
+    the time left at this run's mean step time."""
+    eta = timedelta(seconds=round(elapsed_s / max(done - start, 1) * (total - done)))
+    return f"train step {done}/{total} ({100 * done // max(total, 1)}%) {fields} eta={eta}"
 
 
 def _on_main(rt: Runtime, fn: Callable[[], Any]) -> Any:
@@ -283,53 +294,52 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runti
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     result = TrainResult(out_dir=out, steps=t.steps, is_main=rt.is_main)
-    bar = progress(t.steps, start, rt.is_main and cfg.log.progress)
-    seq_len = data.train.seq_len
-    tokens_seen = 0
-    t0 = time.perf_counter()
-    for step in range(start, t.steps):
-        lr = lr_at(step, cfg.optim, t.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        n, k = sampler.sample(step=step)
-        rows = batch_indices(step, t.batch_size, len(data.train), t.seed)
-        batch = data.train.rows(rows)
-        n_tokens = int((batch.labels != IGNORE).sum())
-        scale = rt.world_size / max(n_tokens, 1)
-        loss_sum = torch.zeros((), device=rt.device)
-        for a in range(accum):
-            lo = (a * rt.world_size + rt.rank) * micro
-            sl = slice(lo, lo + micro)
-            s0 = initial_states(model.config, rows[sl], seq_len, step, t.seed, rt.device)
-            with gradient_sync(train_model, a == accum - 1):
-                loss_sum += forward_backward(train_model, batch.inputs[sl].to(rt.device),
-                                             batch.labels[sl].to(rt.device), s0, (n, k), scale, rt.autocast)
-        grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(rt.all_reduce_sum(loss_sum)) / max(n_tokens, 1)
-        result.losses.append(loss)
-        done = step + 1
-        tokens_seen += t.batch_size * seq_len
-        elapsed = time.perf_counter() - t0
-        tok_s = tokens_seen / max(elapsed, 1e-9)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", depth=f"{n}+{k}")
-        bar.update(1)
-        record: dict[str, Any] = {}
-        if done % cfg.log.every == 0 or done == t.steps:
-            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "n_no_grad": n, "n_grad": k,
-                      "depth": n + k, "tokens_per_s": tok_s, "elapsed_s": elapsed}
-        if data.val is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == t.steps):
-            ev = evaluate(model, data.val, cfg.eval.depths, micro, cfg.eval.batches, rt)
-            record = {"step": done, **record, **ev}
-            result.final_eval = ev
-        if record:
-            log.write(record)
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.steps:
-            state = {"data_position": done, "config": cfg.to_dict(), "loss": loss}
-            result.checkpoint = ckpt.save_checkpoint(out, done, model, optimizer, data.tokenizer, state, rt,
-                                                      sharded, cfg.checkpoint.keep)
-    bar.close()
+    with Progress(after_s=0.0, every_s=PROGRESS_EVERY_S, enabled=rt.is_main and cfg.log.progress) as progress:
+        seq_len = data.train.seq_len
+        tokens_seen = 0
+        t0 = time.perf_counter()
+        for step in range(start, t.steps):
+            lr = lr_at(step, cfg.optim, t.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            n, k = sampler.sample(step=step)
+            rows = batch_indices(step, t.batch_size, len(data.train), t.seed)
+            batch = data.train.rows(rows)
+            n_tokens = int((batch.labels != IGNORE).sum())
+            scale = rt.world_size / max(n_tokens, 1)
+            loss_sum = torch.zeros((), device=rt.device)
+            for a in range(accum):
+                lo = (a * rt.world_size + rt.rank) * micro
+                sl = slice(lo, lo + micro)
+                s0 = initial_states(model.config, rows[sl], seq_len, step, t.seed, rt.device)
+                with gradient_sync(train_model, a == accum - 1):
+                    loss_sum += forward_backward(train_model, batch.inputs[sl].to(rt.device),
+                                                 batch.labels[sl].to(rt.device), s0, (n, k), scale, rt.autocast)
+            grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = float(rt.all_reduce_sum(loss_sum)) / max(n_tokens, 1)
+            result.losses.append(loss)
+            done = step + 1
+            tokens_seen += t.batch_size * seq_len
+            elapsed = time.perf_counter() - t0
+            tok_s = tokens_seen / max(elapsed, 1e-9)
+            fields = f"loss={loss:.4f} tok_s={tok_s:,.0f} depth={n}+{k}"
+            progress.update(_status(done, t.steps, start, elapsed, fields), keep=done == t.steps)
+            record: dict[str, Any] = {}
+            if done % cfg.log.every == 0 or done == t.steps:
+                record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "n_no_grad": n, "n_grad": k,
+                          "depth": n + k, "tokens_per_s": tok_s, "elapsed_s": elapsed}
+            if data.val is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == t.steps):
+                ev = evaluate(model, data.val, cfg.eval.depths, micro, cfg.eval.batches, rt)
+                record = {"step": done, **record, **ev}
+                result.final_eval = ev
+            if record:
+                log.write(record)
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.steps:
+                state = {"data_position": done, "config": cfg.to_dict(), "loss": loss}
+                result.checkpoint = ckpt.save_checkpoint(out, done, model, optimizer, data.tokenizer, state, rt,
+                                                          sharded, cfg.checkpoint.keep)
     log.close()
     return result
 

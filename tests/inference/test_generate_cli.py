@@ -100,7 +100,7 @@ def test_progress_goes_to_stderr_and_json_stdout_stays_clean(checkpoint, capsys,
     import io
 
     from recurrent_depth.cli import generate as cli_generate
-    from recurrent_depth.cli.progress import Progress
+    from recurrent_depth.progress import Progress
 
     class Terminal(io.StringIO):  # stderr as a terminal: the progress line is live
         def isatty(self) -> bool:

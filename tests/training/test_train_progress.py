@@ -1,49 +1,30 @@
-"""Training progress: plain, complete lines when stderr is not a terminal (nohup, redirects), tqdm on one."""
+"""The training loop's progress line: step, share done, the step's fields, and the time left at this run's pace."""
 
 from __future__ import annotations
 
-import io
-
-from recurrent_depth.training.progress import LineProgress, progress
+from recurrent_depth.training.loop import _status, train
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+def test_the_status_line_names_the_step_and_the_time_left() -> None:
+    assert _status(40, 100, 0, 62.0, "loss=2.3456 depth=3+2") == (
+        "train step 40/100 (40%) loss=2.3456 depth=3+2 eta=0:01:33")
 
 
-def _run(bar, steps: int) -> None:
-    for step in range(steps):
-        bar.set_postfix(loss=f"{1 / (step + 1):.4f}", depth="3+2")
-        bar.update(1)
-    bar.close()
+def test_a_resumed_run_counts_its_pace_from_where_it_resumed() -> None:
+    # 10 steps since resuming at step 90 took 20 s: 2 s a step, 0 steps left at the end, 10 left at step 90 + 0
+    assert _status(100, 100, 90, 20.0, "loss=1.0").endswith("(100%) loss=1.0 eta=0:00:00")
+    assert _status(95, 100, 90, 10.0, "loss=1.0").endswith("eta=0:00:10")
 
 
-def test_not_a_terminal_gives_one_plain_line_per_interval() -> None:
-    stream = io.StringIO()
-    _run(LineProgress(total=4, initial=1, stream=stream, interval_s=0.0), 3)
-    lines = stream.getvalue().splitlines()
-    assert "\r" not in stream.getvalue() and len(lines) == 3
-    assert lines[0].startswith("train step 2/4 (50%) loss=1.0000 depth=3+2 elapsed=")
-    assert lines[-1].startswith("train step 4/4 (100%) loss=0.3333")
+def test_a_piped_run_logs_its_first_and_last_step_on_stderr(tiny_config, tmp_path, capsys) -> None:
+    train(tiny_config(train={"steps": 4}, log={"progress": True}), tmp_path / "run")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "train step" in line]
+    assert "\r" not in err and len(lines) == 2, err
+    assert "] train step 1/4 (25%) loss=" in lines[0] and " eta=" in lines[0]
+    assert "] train step 4/4 (100%) loss=" in lines[1] and " depth=" in lines[1] and lines[1].endswith("eta=0:00:00")
 
 
-def test_the_default_interval_prints_the_first_and_last_step_of_a_short_run() -> None:
-    stream = io.StringIO()
-    bar = progress(5, 0, enabled=True, stream=stream)
-    assert isinstance(bar, LineProgress)
-    _run(bar, 5)
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("train step 1/5 (20%)") and lines[1].startswith("train step 5/5 (100%)")
-
-
-def test_a_terminal_gets_tqdm_and_a_disabled_bar_prints_nothing() -> None:
-    term = _Terminal()
-    bar = progress(3, 0, enabled=True, stream=term)
-    assert not isinstance(bar, LineProgress)
-    _run(bar, 3)
-    assert "\r" in term.getvalue()
-    quiet = io.StringIO()
-    _run(progress(3, 0, enabled=False, stream=quiet), 3)
-    assert quiet.getvalue() == ""
+def test_a_run_without_progress_writes_no_progress_line(tiny_config, tmp_path, capsys) -> None:
+    train(tiny_config(train={"steps": 2}), tmp_path / "run")  # log.progress: false
+    assert "train step" not in capsys.readouterr().err
