@@ -60,18 +60,18 @@ class PoissonLogNormalFilling:
 
 @dataclass(frozen=True)
 class FixedDepth:
-    """Always `depth` recurrences, the last min(depth, backprop_depth) with gradients (an ablation)."""
+    """Always `num_steps` recurrences, the last min(num_steps, backprop_depth) with gradients (an ablation)."""
 
-    depth: int = 32
+    num_steps: int = 32
     backprop_depth: int = 8
 
     def __post_init__(self) -> None:
-        if self.depth < 1 or self.backprop_depth < 1:
-            raise ValueError(f"depth and backprop_depth must be >= 1, got {self.depth}, {self.backprop_depth}")
+        if self.num_steps < 1 or self.backprop_depth < 1:
+            raise ValueError(f"num_steps and backprop_depth must be >= 1, got {self.num_steps}, {self.backprop_depth}")
 
     def sample(self, step: int | None = None, generator: torch.Generator | None = None) -> tuple[int, int]:
-        k = min(self.depth, self.backprop_depth)
-        return self.depth - k, k
+        k = min(self.num_steps, self.backprop_depth)
+        return self.num_steps - k, k
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,13 @@ class NonRecurrent:
 SAMPLERS = ("poisson-lognormal-filling", "fixed", "non-recurrent")
 
 
-def make_sampler(name: str, mean_recurrence: int, backprop_depth: int, depth: int = 0) -> DepthSampler:
-    """The sampler called `name` (one of SAMPLERS); `depth` is the fixed sampler's total (0: mean_recurrence)."""
+def make_sampler(name: str, mean_recurrence: int, backprop_depth: int, num_steps: int = 0) -> DepthSampler:
+    """The sampler called `name` (one of SAMPLERS); `num_steps` is the fixed sampler's total recurrence count (0:
+    mean_recurrence)."""
     if name == "poisson-lognormal-filling":
         return PoissonLogNormalFilling(mean_recurrence, backprop_depth)
     if name == "fixed":
-        return FixedDepth(depth or mean_recurrence, backprop_depth)
+        return FixedDepth(num_steps or mean_recurrence, backprop_depth)
     if name == "non-recurrent":
         return NonRecurrent()
     raise ValueError(f"unknown depth sampler {name!r}; choose one of {list(SAMPLERS)}")

@@ -88,7 +88,7 @@ class Chat:
         from recurrent_depth.serving.protocol import parse_chat
 
         s = self.served
-        return parse_chat(self.body(messages), s.render, s.tokenize_chat, s.block_size, s.default_steps,
+        return parse_chat(self.body(messages), s.render, s.tokenize_chat, s.block_size, s.default_num_steps,
                           self.limits, s.stop_token_ids, s.template_stop)
 
     def check(self) -> None:

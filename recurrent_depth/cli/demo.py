@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from recurrent_depth.cli.options import add_model_args, load_model
+from recurrent_depth.cli.options import add_model_args, load_model, parse_num_steps_list
 from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO
 
 
@@ -35,13 +35,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is None:
         args.threads = min(2, torch.get_num_threads())
+    listed = parse_num_steps_list(args.num_steps) if args.num_steps else None  # before the model loads
     path, model, tok = load_model(args, need_tokenizer=True)
     info = bundle_info(path)
     if "task" not in info:
         raise ValueError(f"{path} has no bundle.json naming its task; give a checkpoint made by `rdepth bundle`")
     mean = int(info["mean_recurrence"])
-    steps = ([int(s) for s in args.num_steps.split(",")] if args.num_steps
-             else sorted({1, 2, 4, mean, 2 * mean, 4 * mean}))
+    steps = listed or sorted({1, 2, 4, mean, 2 * mean, 4 * mean})
     task = get_task(info["task"], **info.get("difficulty", {}))
     print(f"bundled checkpoint {path} ({model.num_parameters():,} parameters, trained at mean depth {mean})")
     print(f"task {task}; {args.n} problems per split\n")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(recs, ["num_steps", "accuracy", "correct", "n"]))
         print()
     out = Path(args.out)
-    write_records(records["test"] + records["ood"], out, "demo_depth_sweep", {"model": str(path), "steps": steps})
+    write_records(records["test"] + records["ood"], out, "demo_depth_sweep", {"model": str(path), "num_steps": steps})
     plot = plot_depth_sweep(records, out / "depth.png", title=f"{task.name}: accuracy against test-time depth")
     print(f"plot: {plot}")
     _show_one(model, tok, task, args.seed, 4 * mean)

@@ -12,7 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from recurrent_depth.cli.options import add_exit_arg, add_model_args, load_model, parse_exit_sweep
+from recurrent_depth.cli.options import (
+    add_exit_arg,
+    add_model_args,
+    load_model,
+    parse_exit_sweep,
+    parse_num_steps_list,
+)
 from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO, KV_SHARING_HELP
 from recurrent_depth.tasks import TASKS
 
@@ -57,16 +63,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     return p
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise ValueError(f"{flag} must list non-negative integers, got {text!r}")
-    return values
-
-
 def read_jsonl_rows(path: str | Path, limit: int = 0) -> list[dict]:
     """Prompt/answer rows of a JSONL file (other keys kept; an int `level` gives per-level accuracy)."""
     path = Path(path)
@@ -98,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--task-args sets the knobs of --task; give --task too")
     if args.data and args.task:
         raise ValueError("give either --data or --task, not both")
-    steps = _ints(args.num_steps, "--num-steps")
+    steps = parse_num_steps_list(args.num_steps)
     exit_criterion, thresholds = parse_exit_sweep(args.exit) if args.exit else (None, [])
     if exit_criterion == "none":
         exit_criterion, thresholds = None, []
@@ -132,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         meta["corpus"] = f"{args.corpus}/validation"
 
     summary = run_evaluation(model, tokenizer, args.out, steps, rows=rows, texts=texts, scorer=scorer,
-                             exit_criterion=exit_criterion, thresholds=thresholds, max_steps=args.max_num_steps,
+                             exit_criterion=exit_criterion, thresholds=thresholds, max_num_steps=args.max_num_steps,
                              meta=meta, seq_len=args.seq_len, max_blocks=args.max_blocks, method=args.method,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              init_scale=args.init_scale, seed=args.seed, kv_sharing=args.kv_sharing,

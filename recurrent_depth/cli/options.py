@@ -2,6 +2,7 @@
 
     add_model_args(p)      --model, --device, --dtype, --num-steps, --threads: every verb that loads a model
     add_exit_arg(p)        --exit NAME[:THRESHOLD], parsed by `inference.exit.parse_exit_spec` (the one parser)
+    parse_num_steps_list("1,2,4") -> [1, 2, 4]: --num-steps of a verb that sweeps depths (eval, demo)
     parse_exit(args.exit)  -> an ExitCriterion (or None); parse_exit_sweep("kl:1e-2,1e-3") -> ("kl", [1e-2, 1e-3])
     resolve_runtime(args)  -> (device, dtype) after applying --threads; load_model(args) -> checkpoint and tokenizer
 
@@ -123,6 +124,18 @@ def load_model(args: argparse.Namespace, need_tokenizer: bool = False) -> tuple[
     from recurrent_depth.data.tokenizer import load_tokenizer
 
     return path, model, load_tokenizer(path)
+
+
+def parse_num_steps_list(text: str, flag: str = "--num-steps") -> list[int]:
+    """Comma-separated recurrence counts (`1,2,4`) -> [1, 2, 4]; ValueError naming `flag` and the text unless they
+    are a non-empty list of non-negative integers."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise ValueError(f"{flag} must list non-negative integers, got {text!r}")
+    return values
 
 
 def resolve_num_steps(args: argparse.Namespace, model: Any, minimum: int = 0) -> int:

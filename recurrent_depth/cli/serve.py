@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     app = create_app(served, limits, max_batch=args.max_batch, api_key=args.api_key)
     print(f"rdepth serve: {served.model_id} ({served.model.num_parameters():,} parameters, mean recurrence "
-          f"{served.default_steps}) on http://{args.host}:{args.port}/v1  max batch {args.max_batch}",
+          f"{served.default_num_steps}) on http://{args.host}:{args.port}/v1  max batch {args.max_batch}",
           file=sys.stderr)
     serve(app, args.host, args.port, args.log_level)
     return 0

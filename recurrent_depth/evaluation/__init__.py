@@ -2,7 +2,7 @@
 against mean steps), JSON/CSV records, plots, the offline text corpus and an lm-eval adapter.
 
     from recurrent_depth.evaluation import depth_sweep, exit_sweep, perplexity_sweep, write_records
-    recs = depth_sweep(model, tok, task.generate(500, "ood"), steps=[1, 2, 4, 8, 16, 32], scorer=task.score)
+    recs = depth_sweep(model, tok, task.generate(500, "ood"), num_steps=[1, 2, 4, 8, 16, 32], scorer=task.score)
 
 Submodules: decode (batched greedy decoding over the inference engine), sweeps, records, plots, report
 (`run_evaluation`, what `rdepth eval` calls), corpus (Python docs / stdlib text), lm_eval_adapter (imported on demand:

@@ -1,7 +1,7 @@
 """One evaluation run written to a folder: the depth sweep (and optionally an exit-threshold sweep and a perplexity
 sweep) as JSON + CSV records and PNG plots, plus `summary.json`. `rdepth eval` is a thin layer over `run_evaluation`.
 
-    summary = run_evaluation(model, tok, "out/", rows=rows, steps=[1, 2, 4, 8, 16],
+    summary = run_evaluation(model, tok, "out/", rows=rows, num_steps=[1, 2, 4, 8, 16],
                              exit_criterion="kl", thresholds=[1e-2, 1e-3], texts=None)
 """
 
@@ -29,9 +29,10 @@ def format_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> s
     return "\n".join(lines)
 
 
-def run_evaluation(model, tokenizer, out_dir: str | Path, steps: Sequence[int], rows: Sequence[dict] | None = None,
-                   texts: Sequence[str] | None = None, scorer: Scorer = exact_match,
-                   exit_criterion: str | None = None, thresholds: Sequence[float] = (), max_steps: int | None = None,
+def run_evaluation(model, tokenizer, out_dir: str | Path, num_steps: Sequence[int],
+                   rows: Sequence[dict] | None = None, texts: Sequence[str] | None = None, scorer: Scorer = exact_match,
+                   exit_criterion: str | None = None, thresholds: Sequence[float] = (),
+                   max_num_steps: int | None = None,
                    meta: dict[str, Any] | None = None, seq_len: int = 128, max_blocks: int = 64,
                    method: str = "greedy", progress: Progress | None = None, **decode: Any) -> dict[str, Any]:
     """Run the sweeps the inputs call for and write them into `out_dir`; returns the summary (also saved).
@@ -52,7 +53,7 @@ def run_evaluation(model, tokenizer, out_dir: str | Path, steps: Sequence[int], 
     if rows is not None:
         greedy_only = ("max_new_tokens", "kv_sharing", "min_steps", "warm_start")
         tf_kw = {k: v for k, v in decode.items() if k not in greedy_only} if method == "teacher_forced" else decode
-        recs = depth_sweep(model, tokenizer, rows, steps, scorer=scorer, method=method, keep_predictions=True,
+        recs = depth_sweep(model, tokenizer, rows, num_steps, scorer=scorer, method=method, keep_predictions=True,
                            progress=progress, **tf_kw)
         predictions = [prediction_rows(rows, r, "depth") for r in recs]
         summary["depth_sweep"] = [{k: r[k] for k in ("num_steps", "accuracy", "n")} for r in recs]
@@ -61,20 +62,20 @@ def run_evaluation(model, tokenizer, out_dir: str | Path, steps: Sequence[int], 
             summary["depth_sweep_by_level"] = [{"num_steps": r["num_steps"], **r["accuracy_by_level"]} for r in recs]
             summary["files"]["depth_sweep"]["by_level_png"] = str(plot_depth_by_level(recs, out / "depth_by_level.png"))
         if exit_criterion is not None:
-            cap = max_steps or max(steps)
+            cap = max_num_steps or max(num_steps)
             recs = exit_sweep(model, tokenizer, rows, exit_criterion, thresholds, cap, scorer=scorer,
                               keep_predictions=True, progress=progress, **decode)
             predictions += [prediction_rows(rows, r, "exit") for r in recs]
             summary["exit_sweep"] = [{k: r[k] for k in ("threshold", "accuracy", "mean_steps", "steps_saved")}
                                      for r in recs]
             summary["files"]["exit_sweep"] = _save(recs, out, "exit_sweep", {**meta, "criterion": exit_criterion,
-                                                                              "max_steps": cap},
+                                                                              "max_num_steps": cap},
                                                    plot_exit_sweep, "accuracy")
         summary["files"]["predictions"] = str(_write_jsonl(out / "predictions.jsonl",
                                                            [p for point in predictions for p in point]))
     if texts is not None:
         ppl_kw = {k: decode[k] for k in ("init_scale", "seed", "batch_size") if k in decode}
-        recs = perplexity_sweep(model, tokenizer, texts, steps, seq_len=seq_len, max_blocks=max_blocks,
+        recs = perplexity_sweep(model, tokenizer, texts, num_steps, seq_len=seq_len, max_blocks=max_blocks,
                                 progress=progress, **ppl_kw)
         summary["perplexity_sweep"] = [{k: r[k] for k in ("num_steps", "perplexity", "tokens")} for r in recs]
         summary["files"]["perplexity_sweep"] = _save(recs, out, "perplexity_sweep", meta, plot_depth_sweep,

@@ -1,9 +1,9 @@
 """Metric against compute: depth sweeps (accuracy or perplexity against the recurrence depth r) and exit-threshold
 sweeps (accuracy against the mean number of steps an adaptive exit uses).
 
-    recs = depth_sweep(model, tok, rows, steps=[1, 2, 4, 8, 16])             # exact-match accuracy per r
-    recs = perplexity_sweep(model, tok, texts, steps=[1, 4, 8, 32])          # validation perplexity per r
-    recs = exit_sweep(model, tok, rows, "kl", [1e-2, 1e-3, 1e-4], max_steps=32)
+    recs = depth_sweep(model, tok, rows, num_steps=[1, 2, 4, 8, 16])         # exact-match accuracy per r
+    recs = perplexity_sweep(model, tok, texts, num_steps=[1, 4, 8, 32])      # validation perplexity per r
+    recs = exit_sweep(model, tok, rows, "kl", [1e-2, 1e-3, 1e-4], num_steps=32)  # cap 32, per threshold
 
 Every function returns a list of flat-ish dicts (one per point) that `records.write_records` saves as JSON and CSV.
 Rows are {"prompt", "answer"} dicts (an optional int "level" adds per-level accuracy); the scorer defaults to exact
@@ -31,10 +31,10 @@ def exact_match(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
-def _check_steps(steps: Sequence[int]) -> list[int]:
-    out = list(steps)
+def _check_num_steps(num_steps: Sequence[int]) -> list[int]:
+    out = list(num_steps)
     if not out or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in out):
-        raise ValueError(f"steps must be a non-empty list of non-negative integers, got {steps!r}")
+        raise ValueError(f"num_steps must be a non-empty list of non-negative integers, got {num_steps!r}")
     return out
 
 
@@ -158,33 +158,36 @@ def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, sc
     return rec
 
 
-def depth_sweep(model, tokenizer, rows: Sequence[dict], steps: Sequence[int], **kwargs: Any) -> list[dict[str, Any]]:
-    """`evaluate_accuracy` at every depth in `steps` (fixed depth, no exit); kwargs as for evaluate_accuracy."""
+def depth_sweep(model, tokenizer, rows: Sequence[dict], num_steps: Sequence[int],
+                **kwargs: Any) -> list[dict[str, Any]]:
+    """`evaluate_accuracy` at every recurrence count in `num_steps` (fixed depth, no exit); kwargs as for
+    evaluate_accuracy."""
     if kwargs.get("exit_criterion") is not None:
         raise ValueError("depth_sweep runs fixed depths; use exit_sweep for an exit criterion")
-    return [evaluate_accuracy(model, tokenizer, rows, r, **kwargs) for r in _check_steps(steps)]
+    return [evaluate_accuracy(model, tokenizer, rows, r, **kwargs) for r in _check_num_steps(num_steps)]
 
 
 def exit_sweep(model, tokenizer, rows: Sequence[dict], criterion: str, thresholds: Sequence[float],
-               max_steps: int, **kwargs: Any) -> list[dict[str, Any]]:
-    """Accuracy and mean steps per token for an adaptive exit criterion at each threshold (capped at max_steps).
+               num_steps: int, **kwargs: Any) -> list[dict[str, Any]]:
+    """Accuracy and mean steps per token for an adaptive exit criterion at each threshold, capped at `num_steps`
+    recurrences per token.
 
-    The first record is the fixed-depth reference at max_steps (threshold None); each record carries
-    `steps_saved` (1 - mean_steps / max_steps) and `accuracy_drop` (reference accuracy minus its accuracy)."""
+    The first record is the fixed-depth reference at num_steps (threshold None); each record carries
+    `steps_saved` (1 - mean_steps / num_steps) and `accuracy_drop` (reference accuracy minus its accuracy)."""
     from recurrent_depth.inference.exit import make_exit_criterion
 
     if not thresholds:
         raise ValueError("exit_sweep needs at least one threshold")
-    base = evaluate_accuracy(model, tokenizer, rows, max_steps, **kwargs)
+    base = evaluate_accuracy(model, tokenizer, rows, num_steps, **kwargs)
     base.update(criterion="none", threshold=None)
     records = [base]
     for thr in thresholds:
         crit = make_exit_criterion(criterion, thr)
-        rec = evaluate_accuracy(model, tokenizer, rows, max_steps, exit_criterion=crit, **kwargs)
+        rec = evaluate_accuracy(model, tokenizer, rows, num_steps, exit_criterion=crit, **kwargs)
         rec.update(criterion=criterion, threshold=thr)
         records.append(rec)
     for rec in records:
-        rec["steps_saved"] = 1 - rec["mean_steps"] / max_steps if max_steps else 0.0
+        rec["steps_saved"] = 1 - rec["mean_steps"] / num_steps if num_steps else 0.0
         rec["accuracy_drop"] = base["accuracy"] - rec["accuracy"]
     return records
 
@@ -206,21 +209,21 @@ def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int 
 
 
 @torch.no_grad()
-def perplexity_sweep(model, tokenizer, texts: Sequence[str], steps: Sequence[int], seq_len: int = 128,
+def perplexity_sweep(model, tokenizer, texts: Sequence[str], num_steps: Sequence[int], seq_len: int = 128,
                      max_blocks: int = 64, batch_size: int = 16, init_scale: float = INIT_SCALE,
                      seed: int = 0, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Mean next-token loss and perplexity on `texts` at every depth in `steps`.
+    """Mean next-token loss and perplexity on `texts` at every recurrence count in `num_steps`.
 
     The same blocks and the same seeded initial states are used at every depth, so the points differ only in r.
     progress: told one line per depth."""
-    steps = _check_steps(steps)
+    depths = _check_num_steps(num_steps)
     blocks = token_blocks(tokenizer, texts, seq_len, max_blocks)
     device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
     records = []
     try:
-        for r in steps:
+        for r in depths:
             start = time.perf_counter()
             gen = torch.Generator(device=device).manual_seed(seed)
             total, count = 0.0, 0

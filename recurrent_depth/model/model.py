@@ -54,10 +54,10 @@ class Recurrence:
     def step(self, model: RecurrentDepthModel, state: Tensor, e: Tensor, i: int, ctx: AttentionContext) -> Tensor:
         return model.core_step(state, e, i, ctx)
 
-    def steps(self, model: RecurrentDepthModel, state: Tensor, e: Tensor, first_step: int, n_steps: int,
+    def steps(self, model: RecurrentDepthModel, state: Tensor, e: Tensor, first_step: int, num_steps: int,
               ctx: AttentionContext) -> Tensor:
-        """`n_steps` recurrences from `first_step` under the caller's grad mode."""
-        for i in range(first_step, first_step + n_steps):
+        """`num_steps` recurrences from `first_step` under the caller's grad mode."""
+        for i in range(first_step, first_step + num_steps):
             state = self.step(model, state, e, i, ctx)
         return state
 
@@ -152,12 +152,12 @@ class RecurrentDepthModel(nn.Module):
         x = self.adapter(torch.cat([state, e], dim=-1))
         return self._eager_blocks(self.core_block, "core", x, ctx, step)
 
-    def core_steps(self, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx: AttentionContext) -> Tensor:
-        """`n_steps` recurrences from step `first_step`, under the caller's grad mode: one call of the stage runner
+    def core_steps(self, state: Tensor, e: Tensor, first_step: int, num_steps: int, ctx: AttentionContext) -> Tensor:
+        """`num_steps` recurrences from step `first_step`, under the caller's grad mode: one call of the stage runner
         when it takes them (cached CPU inference), else the steps of `self.recurrence`."""
-        if n_steps > 0 and self._runner_takes(state, ctx, self.core_block):
-            return self._run_core(state, e, first_step, n_steps, ctx)
-        return self.recurrence.steps(self, state, e, first_step, n_steps, ctx)
+        if num_steps > 0 and self._runner_takes(state, ctx, self.core_block):
+            return self._run_core(state, e, first_step, num_steps, ctx)
+        return self.recurrence.steps(self, state, e, first_step, num_steps, ctx)
 
     def recur(self, state: Tensor, e: Tensor, n_no_grad: int, n_grad: int, ctx: AttentionContext,
               first_step: int = 0) -> Tensor:
@@ -176,10 +176,10 @@ class RecurrentDepthModel(nn.Module):
         runner = self.stage_runner
         return runner is not None and self.fused_decode and ctx.cache is not None and runner.applicable(x, ctx, blocks)
 
-    def _run_core(self, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx: AttentionContext) -> Tensor:
+    def _run_core(self, state: Tensor, e: Tensor, first_step: int, num_steps: int, ctx: AttentionContext) -> Tensor:
         assert self.stage_runner is not None  # checked by _runner_takes
         return self.stage_runner.run_blocks(self.core_block, "core", state, ctx, first_step, self.cfg.n_heads,
-                                            self.cfg.norm_eps, e=e, adapter=self.adapter.weight, n_steps=n_steps)
+                                            self.cfg.norm_eps, e=e, adapter=self.adapter.weight, n_steps=num_steps)
 
     def _blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext) -> Tensor:
         """Run the prelude's or the coda's blocks: by the stage runner when it takes the call, else eagerly."""

@@ -155,7 +155,7 @@ def create_app(served: ServedModel, limits: Limits | None = None, max_batch: int
         check_key(request)
         body = await read_json(request)
         parsed = parse_completion(body, served.tokenize, served.vocab_size, served.block_size,
-                                  served.default_steps, limits, served.stop_token_ids)
+                                  served.default_num_steps, limits, served.stop_token_ids)
         check_model(parsed.model)
         return await _run(request, parsed)
 
@@ -163,7 +163,7 @@ def create_app(served: ServedModel, limits: Limits | None = None, max_batch: int
     async def chat_completions(request: Request) -> Any:
         check_key(request)
         body = await read_json(request)
-        parsed = parse_chat(body, served.render, served.tokenize_chat, served.block_size, served.default_steps,
+        parsed = parse_chat(body, served.render, served.tokenize_chat, served.block_size, served.default_num_steps,
                             limits, served.stop_token_ids, served.template_stop)
         check_model(parsed.model)
         return await _run(request, parsed)

@@ -75,7 +75,7 @@ class ServedModel:
         return self.model.config.block_size
 
     @property
-    def default_steps(self) -> int:
+    def default_num_steps(self) -> int:
         return self.model.config.mean_recurrence if self.num_steps is None else self.num_steps
 
     @property

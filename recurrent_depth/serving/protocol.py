@@ -155,10 +155,10 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(items)
 
 
-def parse_depth(body: dict, default_steps: int, limits: Limits) -> DepthParams:
+def parse_depth(body: dict, default_num_steps: int, limits: Limits) -> DepthParams:
     """The recurrent-depth fields (module docstring) -> DepthParams: the server's own limits checked here, every value
     then validated by `DepthParams` itself (one place for the library, the CLI and the server)."""
-    num_steps = _integer(body, "num_steps", min(default_steps, limits.max_num_steps), 0, limits.max_num_steps)
+    num_steps = _integer(body, "num_steps", min(default_num_steps, limits.max_num_steps), 0, limits.max_num_steps)
     crit = body.get("exit_criterion")
     if crit is not None and (not isinstance(crit, str) or crit not in EXIT_CRITERIA):
         raise _bad("exit_criterion", f"unknown exit criterion {_show(crit)}; valid: {', '.join(EXIT_CRITERIA)}")
@@ -278,7 +278,7 @@ def _seeds(seed: int | None, count: int) -> list[int | None]:
     return [None if seed is None else (seed + i) % MAX_SEED for i in range(count)]
 
 
-def parse_completion(body: Any, tokenize, vocab_size: int, block_size: int, default_steps: int,
+def parse_completion(body: Any, tokenize, vocab_size: int, block_size: int, default_num_steps: int,
                      limits: Limits, stop_token_ids: tuple[int, ...]) -> ParsedRequest:
     """Validate a /v1/completions body. `tokenize(text) -> list[int]`."""
     if not isinstance(body, dict):
@@ -299,7 +299,7 @@ def parse_completion(body: Any, tokenize, vocab_size: int, block_size: int, defa
     for p in prompts:
         _check_prompt_len(p, limits, "prompt")
     sampling = SamplingParams(max_tokens, temperature, top_p, seed, stop, stop_token_ids)
-    depth = parse_depth(body, default_steps, limits)
+    depth = parse_depth(body, default_num_steps, limits)
     return ParsedRequest("completion", model, prompts, n, stream, include_usage, sampling, depth,
                          _seeds(seed, len(prompts) * n))
 
@@ -334,7 +334,7 @@ def _prompts(prompt: Any, tokenize, vocab_size: int) -> list[list[int]]:
     return out
 
 
-def parse_chat(body: Any, render, tokenize, block_size: int, default_steps: int, limits: Limits,
+def parse_chat(body: Any, render, tokenize, block_size: int, default_num_steps: int, limits: Limits,
                stop_token_ids: tuple[int, ...], extra_stop: tuple[str, ...] = ()) -> ParsedRequest:
     """Validate a /v1/chat/completions body. `render(messages) -> str` applies the chat template."""
     if not isinstance(body, dict):
@@ -374,7 +374,7 @@ def parse_chat(body: Any, render, tokenize, block_size: int, default_steps: int,
         value, name = _integer(body, "max_tokens", None, 1, limits.max_tokens), "max_tokens"
     max_tokens = _max_tokens(value, len(prompt), block_size, limits, None, name)
     sampling = SamplingParams(max_tokens, temperature, top_p, seed, stop + extra_stop, stop_token_ids)
-    depth = parse_depth(body, default_steps, limits)
+    depth = parse_depth(body, default_num_steps, limits)
     return ParsedRequest("chat", model, [prompt], n, stream, include_usage, sampling, depth, _seeds(seed, n))
 
 

@@ -129,8 +129,8 @@ class FusedRecurrence(Recurrence):
     def __init__(self, core: FusedCore, step: nn.Module, fallback: Recurrence, checkpoint_steps: bool) -> None:
         self.core, self.fused_step, self.fallback, self.checkpointed = core, step, fallback, checkpoint_steps
 
-    def steps(self, model: nn.Module, state: Tensor, e: Tensor, first_step: int, n_steps: int, ctx) -> Tensor:
-        return self.fallback.steps(model, state, e, first_step, n_steps, ctx)
+    def steps(self, model: nn.Module, state: Tensor, e: Tensor, first_step: int, num_steps: int, ctx) -> Tensor:
+        return self.fallback.steps(model, state, e, first_step, num_steps, ctx)
 
     def recur(self, model: nn.Module, state: Tensor, e: Tensor, n_no_grad: int, n_grad: int, ctx,
               first_step: int = 0) -> Tensor:

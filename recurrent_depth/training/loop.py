@@ -173,15 +173,16 @@ def micro_batches(cfg: TrainConfig, rt: Runtime) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TokenDataset, depths: list[int], batch_size: int, max_batches: int,
+def evaluate(model: nn.Module, data: TokenDataset, num_steps: list[int], batch_size: int, max_batches: int,
              rt: Runtime) -> dict[str, float]:
-    """Validation loss per token at each fixed depth (zero initial state), plus exact-match answer accuracy
-    (all answer tokens are the argmax under teacher forcing) for prompt/answer data."""
+    """Validation loss per token at each fixed recurrence count in `num_steps` (`eval.depths`; zero initial state),
+    plus exact-match answer accuracy (all answer tokens are the argmax under teacher forcing) for prompt/answer
+    data."""
     was_training = model.training
     model.eval()
     out: dict[str, float] = {}
     batches = eval_batches(data, batch_size, max_batches)
-    for depth in depths:
+    for depth in num_steps:
         loss_sum, count, correct, total = 0.0, 0, 0, 0
         for b in batches:
             ids, labels = b.inputs.to(rt.device), b.labels.to(rt.device)

@@ -78,3 +78,24 @@ def test_training_steps_are_not_spelled_like_recurrences(tmp_path: Path, capsys:
     assert main(["reproduce", "--out", str(tmp_path), "--train-steps", "0"]) == 2
     assert "--train-steps must be >= 1, got 0" in capsys.readouterr().err
     assert build_parser().parse_args(["bundle", "--train-steps", "5"]).train_steps == 5
+
+
+def test_parse_num_steps_list_names_the_flag() -> None:
+    from recurrent_depth.cli.options import parse_num_steps_list
+
+    assert parse_num_steps_list("1, 2,4,") == [1, 2, 4]
+    for bad, problem in (("1,x", "be comma-separated integers"), ("", "list non-negative integers"),
+                         ("2,-1", "list non-negative integers")):
+        with pytest.raises(ValueError, match=f"--num-steps must {problem}, got {bad!r}"):
+            parse_num_steps_list(bad)
+
+
+@pytest.mark.parametrize("verb", ["demo", "eval"])
+def test_a_bad_depth_list_is_refused_naming_the_flag_before_a_model_loads(verb: str, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """Both sweeping verbs read --num-steps 1,2,4 with the one parser; --model names a folder that is not there,
+    so a run that got as far as loading would fail differently."""
+    data = ["--text", "some text"] if verb == "eval" else []
+    rc = main([verb, "--model", str(tmp_path / "absent"), "--num-steps", "1,x", "--out", str(tmp_path / "o"), *data])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--num-steps must be comma-separated integers, got '1,x'" in err, err

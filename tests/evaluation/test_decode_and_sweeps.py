@@ -96,7 +96,7 @@ def test_depth_sweep_points_follow_the_requested_depths(model, tokenizer) -> Non
 
 def test_exit_sweep_records(model, tokenizer) -> None:
     rows = get_task("modular_chain").generate(10, "test", seed=0)
-    recs = exit_sweep(model, tokenizer, rows, "kl", [0.0, 1e-2, 10.0], max_steps=8, init_scale=0.0)
+    recs = exit_sweep(model, tokenizer, rows, "kl", [0.0, 1e-2, 10.0], num_steps=8, init_scale=0.0)
     assert recs[0]["threshold"] is None and recs[0]["mean_steps"] == 8 and recs[0]["steps_saved"] == 0
     assert recs[1]["mean_steps"] == 8 and recs[1]["accuracy"] == recs[0]["accuracy"]  # threshold 0: never exits
     assert recs[3]["mean_steps"] <= recs[2]["mean_steps"] <= 8

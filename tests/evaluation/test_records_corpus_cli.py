@@ -121,7 +121,7 @@ def test_rdepth_eval_exit_name_alone_sweeps_the_default_thresholds(checkpoint, t
     summary = json.loads((out / "summary.json").read_text())
     assert [r["threshold"] for r in summary["exit_sweep"]] == [None, *SWEEP_THRESHOLDS]
     meta = json.loads((out / "exit_sweep.json").read_text())["meta"]
-    assert meta["max_steps"] == 3 and meta["criterion"] == "kl"
+    assert meta["max_num_steps"] == 3 and meta["criterion"] == "kl"
     assert main(["eval", "--model", str(checkpoint), "--task", "addition", "--n", "2", "--num-steps", "1",
                  "--exit", "none", "--threads", "1", "--out", str(out / "none")]) == 0
     assert "exit_sweep" not in json.loads((out / "none" / "summary.json").read_text())  # none: no sweep

@@ -47,8 +47,8 @@ def test_serve_num_steps_is_the_depth_of_requests_that_name_none(ckpt: Path, cap
     from recurrent_depth.serving.protocol import Limits, parse_depth
 
     served = load_for_serving(build_parser().parse_args(["serve", "--model", str(ckpt), "--num-steps", "3"]))
-    assert served.default_steps == 3 != served.model.config.mean_recurrence
-    assert parse_depth({}, served.default_steps, Limits()).num_steps == 3
+    assert served.default_num_steps == 3 != served.model.config.mean_recurrence
+    assert parse_depth({}, served.default_num_steps, Limits()).num_steps == 3
     assert main(["serve", "--model", str(ckpt), "--num-steps", "9", "--max-num-steps", "8"]) == 2
     assert "--num-steps 9 is above --max-num-steps 8" in capsys.readouterr().err
 

@@ -41,7 +41,7 @@ def test_generator_path_and_fixed_and_non_recurrent() -> None:
     assert FixedDepth(12, 4).sample(step=3) == (8, 4)
     assert FixedDepth(3, 8).sample() == (0, 3)
     assert NonRecurrent().sample(step=7) == (0, 1)
-    assert make_sampler("fixed", 10, 2, depth=0).sample() == (8, 2)
+    assert make_sampler("fixed", 10, 2, num_steps=0).sample() == (8, 2)
     assert make_sampler("non-recurrent", 10, 2).sample() == (0, 1)
 
 
