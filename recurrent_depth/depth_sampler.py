@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 
@@ -82,7 +82,9 @@ class NonRecurrent:
         return 0, 1
 
 
-SAMPLERS = ("poisson-lognormal-filling", "fixed", "non-recurrent")
+# The one list of sampler names: the training config's `depth.sampler` is typed with it, make_sampler maps it.
+SamplerName = Literal["poisson-lognormal-filling", "fixed", "non-recurrent"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 
 
 def make_sampler(name: str, mean_recurrence: int, backprop_depth: int, num_steps: int = 0) -> DepthSampler:

@@ -3,9 +3,9 @@
 - a recurrence count is called `num_steps` (a list of them too; its cap `max_num_steps`), never n_steps, max_steps,
   depth(s), steps, r or cap, in any function's parameters or any dataclass's fields;
 - one map from dtype names to torch dtypes (`runtime.DTYPES`), used by every flag, config and loader;
-- exit criterion names come from the registry (`inference.exit.EXIT_CRITERIA`): no other module spells two of them
-  in a list, tuple, set, dict or Literal, and every docstring, comment or README paragraph that lists the criteria
-  lists all of them.
+- exit criterion names come from their registry (`inference.exit.EXIT_CRITERIA`), depth sampler names from theirs
+  (`depth_sampler.SAMPLERS`): no other module spells two of them in a list, tuple, set, dict or Literal, and every
+  docstring, comment or README paragraph that lists the exit criteria lists all of them.
 
 Each exception is listed below with its reason; `test_every_exception_is_still_needed` fails once one is gone, so
 that it is taken off the list.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from recurrent_depth.depth_sampler import SAMPLERS
 from recurrent_depth.inference.exit import ADAPTIVE_CRITERIA, EXIT_CRITERIA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,8 @@ NAME_EXCEPTIONS = {
 }
 # Dict displays that map names to torch dtypes, other than runtime.DTYPES.
 DTYPE_MAP_EXCEPTIONS = {"model/weights.py": "safetensors' header codes (F32, BF16, ...), a file format, not a flag"}
-EXIT_LIST_EXCEPTIONS: dict[str, str] = {}  # "file:line" -> why a second spelling of the registry is needed there
+REGISTRIES = {"inference/exit.py": set(EXIT_CRITERIA), "depth_sampler.py": set(SAMPLERS)}  # owner -> its names
+NAME_LIST_EXCEPTIONS: dict[str, str] = {}  # "file:line" -> why a second spelling of a registry is needed there
 
 
 def _rel(path: Path) -> str:
@@ -125,13 +127,11 @@ def test_one_dtype_map() -> None:
     assert not new, f"a second name -> torch dtype map in {new}: use recurrent_depth.runtime.DTYPES / resolve_dtype"
 
 
-def exit_name_literals() -> set[str]:
-    """'file:line' of every list, tuple, set, dict or Literal[...] outside inference/exit.py that spells two or more
-    registered exit criteria as string constants."""
+def registry_name_literals() -> set[str]:
+    """'file:line' of every list, tuple, set, dict or Literal[...] outside a registry's own module that spells two or
+    more of its names as string constants."""
     found = set()
     for path in SOURCES:
-        if _rel(path) == "inference/exit.py":
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.List | ast.Tuple | ast.Set):
                 items = node.elts
@@ -139,15 +139,16 @@ def exit_name_literals() -> set[str]:
                 items = [k for k in node.keys if k is not None]
             else:
                 continue
-            names = {i.value for i in items if isinstance(i, ast.Constant) and i.value in EXIT_CRITERIA}
-            if len(names) >= 2:
+            constants = {i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)}
+            if any(len(constants & names) >= 2 for owner, names in REGISTRIES.items() if owner != _rel(path)):
                 found.add(f"{_rel(path)}:{node.lineno}")
     return found
 
 
-def test_exit_names_are_not_spelled_out_in_code() -> None:
-    new = sorted(exit_name_literals() - set(EXIT_LIST_EXCEPTIONS))
-    assert not new, f"exit criterion names spelled out at {new}: read inference.exit.EXIT_CRITERIA instead"
+def test_registry_names_are_not_spelled_out_in_code() -> None:
+    new = sorted(registry_name_literals() - set(NAME_LIST_EXCEPTIONS))
+    assert not new, (f"exit criterion or depth sampler names spelled out at {new}: read "
+                     "inference.exit.EXIT_CRITERIA / depth_sampler.SAMPLERS (or SamplerName) instead")
 
 
 def _mentioned(text: str) -> set[str]:
@@ -186,13 +187,14 @@ def test_listed_exit_criteria_are_the_registry() -> None:
 def test_every_exception_is_still_needed() -> None:
     assert set(NAME_EXCEPTIONS) <= old_recurrence_names(), set(NAME_EXCEPTIONS) - old_recurrence_names()
     assert set(DTYPE_MAP_EXCEPTIONS) <= dtype_maps()
-    assert set(EXIT_LIST_EXCEPTIONS) <= exit_name_literals()
+    assert set(NAME_LIST_EXCEPTIONS) <= registry_name_literals()
 
 
 @pytest.mark.parametrize(("source", "finds"), [
     ("def f(x, n_steps: int) -> None: ...", old_recurrence_names),
     ("import torch\nM = {'a': torch.float32, 'b': torch.bfloat16}", dtype_maps),
-    ("CHOICES = ('kl', 'cosine')", exit_name_literals),
+    ("CHOICES = ('kl', 'cosine')", registry_name_literals),
+    ("from typing import Literal\nS = Literal['fixed', 'non-recurrent']", registry_name_literals),
 ])
 def test_the_checks_see_what_they_look_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
                                            finds) -> None:

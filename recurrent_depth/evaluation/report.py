@@ -14,7 +14,7 @@ from typing import Any
 
 from recurrent_depth.evaluation.plots import plot_depth_by_level, plot_depth_sweep, plot_exit_sweep
 from recurrent_depth.evaluation.records import write_records
-from recurrent_depth.evaluation.sweeps import Progress, Scorer, depth_sweep, exact_match, exit_sweep, perplexity_sweep
+from recurrent_depth.evaluation.sweeps import OnProgress, Scorer, depth_sweep, exact_match, exit_sweep, perplexity_sweep
 
 
 def format_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -34,7 +34,7 @@ def run_evaluation(model, tokenizer, out_dir: str | Path, num_steps: Sequence[in
                    exit_criterion: str | None = None, thresholds: Sequence[float] = (),
                    max_num_steps: int | None = None,
                    meta: dict[str, Any] | None = None, seq_len: int = 128, max_blocks: int = 64,
-                   method: str = "greedy", progress: Progress | None = None, **decode: Any) -> dict[str, Any]:
+                   method: str = "greedy", progress: OnProgress | None = None, **decode: Any) -> dict[str, Any]:
     """Run the sweeps the inputs call for and write them into `out_dir`; returns the summary (also saved).
 
     rows: prompt/answer data for accuracy against depth (and the exit sweep, if `exit_criterion`); every row's

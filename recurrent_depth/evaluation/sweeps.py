@@ -23,7 +23,7 @@ from recurrent_depth.evaluation.decode import greedy_decode
 from recurrent_depth.inference.defaults import INIT_SCALE
 
 Scorer = Callable[[str, str], bool]
-Progress = Callable[[str], None]  # receives one-line progress messages (e.g. printed to stderr)
+OnProgress = Callable[[str], None]  # receives one-line progress messages (the CLI prints them on stderr)
 
 
 def exact_match(prediction: str, answer: str) -> bool:
@@ -55,7 +55,7 @@ def default_max_new_tokens(tokenizer, rows: Sequence[dict], margin: int = 2) -> 
 @torch.no_grad()
 def teacher_forced_hits(model, tokenizer, rows: Sequence[dict], num_steps: int, batch_size: int = 64,
                         add_bos: bool = True, init_scale: float = INIT_SCALE, seed: int = 0,
-                        progress: Progress | None = None) -> tuple[list[bool], list[list[int]]]:
+                        progress: OnProgress | None = None) -> tuple[list[bool], list[list[int]]]:
     """Per row: does greedy decoding reproduce the answer and then stop? Computed in one teacher-forced forward.
 
     Greedy decoding emits `answer <eos>` exactly when, given the true prefix, the argmax at every answer position
@@ -104,7 +104,7 @@ def _cut_after(tokens: list[int], eos_id: int) -> list[int]:
 def evaluate_accuracy(model, tokenizer, rows: Sequence[dict], num_steps: int, scorer: Scorer = exact_match,
                       exit_criterion=None, max_new_tokens: int | None = None, batch_size: int = 64,
                       add_bos: bool = True, init_scale: float = INIT_SCALE, seed: int = 0,
-                      keep_predictions: bool = False, method: str = "greedy", progress: Progress | None = None,
+                      keep_predictions: bool = False, method: str = "greedy", progress: OnProgress | None = None,
                       **engine: Any) -> dict[str, Any]:
     """Greedy exact-match accuracy on `rows` at depth `num_steps` (the cap, with an exit criterion).
 
@@ -211,7 +211,7 @@ def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int 
 @torch.no_grad()
 def perplexity_sweep(model, tokenizer, texts: Sequence[str], num_steps: Sequence[int], seq_len: int = 128,
                      max_blocks: int = 64, batch_size: int = 16, init_scale: float = INIT_SCALE,
-                     seed: int = 0, progress: Progress | None = None) -> list[dict[str, Any]]:
+                     seed: int = 0, progress: OnProgress | None = None) -> list[dict[str, Any]]:
     """Mean next-token loss and perplexity on `texts` at every recurrence count in `num_steps`.
 
     The same blocks and the same seeded initial states are used at every depth, so the points differ only in r.

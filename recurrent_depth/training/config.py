@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from recurrent_depth.data.paths import expand_path
+from recurrent_depth.depth_sampler import SamplerName
 
 
 class ConfigError(ValueError):
@@ -97,7 +98,7 @@ class DepthSection:
     """Depth sampler per step (identical on every rank): `poisson-lognormal-filling` (Huginn), `fixed`, or
     `non-recurrent` (core once). mean_recurrence / backprop_depth default to the model config's."""
 
-    sampler: Literal["poisson-lognormal-filling", "fixed", "non-recurrent"] = "poisson-lognormal-filling"
+    sampler: SamplerName = "poisson-lognormal-filling"
     mean_recurrence: int = 0
     backprop_depth: int = 0
     depth: int = 0  # fixed: total steps (0: mean_recurrence)

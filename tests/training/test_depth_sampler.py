@@ -65,3 +65,14 @@ def test_model_draws_from_the_sampler_in_train_mode() -> None:
     out = model(ids, labels=ids)
     out.loss.backward()
     assert model.transformer.adapter.weight.grad is not None
+
+
+def test_the_config_accepts_exactly_the_samplers_make_sampler_builds() -> None:
+    """One list of sampler names (depth_sampler.SamplerName): the config's `depth.sampler` type is it."""
+    import typing
+
+    from recurrent_depth.depth_sampler import SAMPLERS
+    from recurrent_depth.training.config import DepthSection
+
+    assert typing.get_args(typing.get_type_hints(DepthSection)["sampler"]) == SAMPLERS
+    assert all(make_sampler(name, 8, 2).sample(step=0) for name in SAMPLERS)
