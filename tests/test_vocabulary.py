@@ -7,6 +7,8 @@
   (`depth_sampler.SAMPLERS`): no other module spells two of them in a list, tuple, set, dict or Literal, and every
   docstring, comment or README paragraph that lists the exit criteria lists all of them.
 
+Also: no two modules define the same public function or class name (one name, one policy).
+
 Each exception is listed below with its reason; `test_every_exception_is_still_needed` fails once one is gone, so
 that it is taken off the list.
 
@@ -210,3 +212,25 @@ def test_the_checks_see_what_they_look_for(tmp_path: Path, monkeypatch: pytest.M
 def test_the_paragraph_check_sees_a_partial_list() -> None:
     assert _mentioned("criteria: kl, minp-kl, cosine") == {"kl", "minp-kl", "cosine"}
     assert _mentioned("the minp-kl criterion") == {"minp-kl"}
+
+
+VERB_PROTOCOL = {"add_parser", "run"}  # every cli/<verb>.py defines both (cli/main.py calls them by name)
+
+
+def public_names_defined_twice() -> dict[str, list[str]]:
+    """Public top-level functions and classes defined in two modules, other than the verb protocol and the lazy
+    re-exports of package __init__ files (a function there that only imports and calls the real one)."""
+    where: dict[str, list[str]] = {}
+    for path in SOURCES:
+        if path.name == "__init__.py":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(_rel(path))
+    return {name: files for name, files in where.items() if len(files) > 1 and name not in VERB_PROTOCOL}
+
+
+def test_one_public_name_one_definition() -> None:
+    """Two functions with one name (model.checkpoint.resolve_dtype beside runtime.resolve_dtype, whose "auto" meant
+    different things) read as one policy where there are two."""
+    assert not public_names_defined_twice()

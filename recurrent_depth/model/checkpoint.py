@@ -82,9 +82,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {name: load_tensor(e, e.dtype) for name, e in _stored_tensors(Path(path)).items()}
 
 
-def resolve_dtype(dtype: Any, stored: Mapping[str, StoredTensor], device: torch.device) -> torch.dtype:
-    """None -> float32; "auto" -> the stored dtype; a name or torch.dtype as given. Raise ValueError for a dtype
-    the model does not run in, or that `device` cannot compute in."""
+def load_dtype(dtype: Any, stored: Mapping[str, StoredTensor], device: torch.device) -> torch.dtype:
+    """`from_pretrained`'s dtype: None -> float32; "auto" -> the stored dtype (transformers' meaning, not
+    `runtime.resolve_dtype`'s device policy, which the CLI applies before loading); a name of `runtime.DTYPES` or a
+    torch.dtype as given. Raise ValueError for a dtype the model does not run in, or that `device` cannot compute
+    in."""
     if dtype is None:
         target = torch.float32
     elif dtype == "auto":
@@ -185,7 +187,7 @@ def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any =
     stored = _stored_tensors(path)
     device = device if device is not None else (device_map if isinstance(device_map, str | torch.device) else None)
     device = torch.device(device if device is not None else "cpu")
-    target = resolve_dtype(dtype if dtype is not None else torch_dtype, stored, device)
+    target = load_dtype(dtype if dtype is not None else torch_dtype, stored, device)
     with torch.device("meta"):
         model = cls(cfg)
     mmap = os.environ.get("RDEPTH_MMAP", "1") != "0" if mmap is None else mmap
