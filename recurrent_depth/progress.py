@@ -18,6 +18,7 @@ rank, `log.progress: false`) writes nothing and starts no thread.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
@@ -71,7 +72,7 @@ class Progress:
         if not self.live:
             self._write_if_due(force=keep)
             return
-        text = self._line()
+        text = self._line()[: shutil.get_terminal_size().columns - 1]  # a wrapped line would not be rewritten
         self.stream.write("\r" + text.ljust(self.width) + ("\n" if keep else ""))
         self.stream.flush()
         self.width = 0 if keep else len(text)

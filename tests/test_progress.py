@@ -78,3 +78,12 @@ def test_a_disabled_progress_writes_nothing_and_starts_no_thread() -> None:
             assert threading.active_count() == threads
             progress.update("train step 1/1", keep=True)
         assert stream.getvalue() == ""
+
+
+def test_a_live_line_is_cut_to_the_terminal_width(monkeypatch) -> None:
+    """A line longer than the terminal wraps, and the carriage return would then rewrite only its last row."""
+    monkeypatch.setenv("COLUMNS", "30")
+    stream = _Terminal()
+    with Progress(stream, clock=lambda: 0.0) as progress:
+        progress.update("train step 1/100 loss=2.3456 tok_s=1,234 depth=3+2")
+    assert stream.getvalue().startswith("\r[  0.0 s] train step 1/100 lo\r")  # 29 characters, then cleared
