@@ -50,13 +50,8 @@ NAME_EXCEPTIONS = {
     "cli/generate.py:_Printer.put_steps:steps": "the recurrences each streamed token used",
     "cli/generate.py:_report:steps": "the recurrences each token used",
     "cli/chat.py:_summary:steps": "the recurrences each token used",
-    "training/config.py:DepthSection:depth": "the config key depth.depth (evaluation/reproduce.py writes it)",
-    "training/config.py:EvalSection:depths": "the config key eval.depths (configs/*.yaml, evaluation/reproduce.py)",
-    "evaluation/reproduce.py:train_tree:depth": "the depth section of a config tree (owned by the lead)",
-    "evaluation/reproduce.py:train_tree:steps": "training steps (owned by the lead)",
-    "evaluation/reproduce.py:eval_depths:depths": "owned by the lead (evaluation/reproduce.py)",
-    "evaluation/reproduce.py:eval_text:depths": "owned by the lead (evaluation/reproduce.py)",
-    "evaluation/reproduce.py:_acc:r": "owned by the lead (evaluation/reproduce.py)",
+    "training/config.py:DepthSection:depth": "the config key depth.depth (experiments/reproduce.py writes it)",
+    "training/config.py:EvalSection:depths": "the config key eval.depths (configs/*.yaml, experiments/reproduce.py)",
 }
 # Dict displays that map names to torch dtypes, other than runtime.DTYPES.
 DTYPE_MAP_EXCEPTIONS = {"model/weights.py": "safetensors' header codes (F32, BF16, ...), a file format, not a flag"}

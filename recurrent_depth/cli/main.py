@@ -1,7 +1,7 @@
 """`rdepth <verb>`: thin command-line layer over the library. Each verb lives in `recurrent_depth/cli/<module>.py`
 and defines `add_parser(subparsers, name)` (registering its flags, each with help) and `run(args) -> int`.
 
-    rdepth demo | generate | train | eval | reproduce | bundle | serve | chat | inspect ...
+    rdepth demo | generate | train | eval | reproduce | serve | chat | inspect ...
     rdepth --version
 
 Only the verb being run is imported (with torch and the model), so `rdepth --help` and `rdepth --version` answer
@@ -22,7 +22,6 @@ VERBS = {
     "train": ("train", "train with randomized recurrence depth (configs/*.yaml; torchrun for DDP/FSDP2)"),
     "eval": ("evaluate", "accuracy / perplexity against test-time depth and adaptive-exit thresholds"),
     "reproduce": ("reproduce", "reproduce the seed's claims at small scale (trains and evaluates every arm)"),
-    "bundle": ("bundle", "build the bundled default checkpoint used when no --model is given"),
     "serve": ("serve", "serve a model behind an OpenAI-compatible API (per-request depth and exit)"),
     "chat": ("chat", "chat with a model in the terminal, streaming, with steps per token"),
     "inspect": ("inspect_cmd", "per-token convergence, exit steps, logit lens and latent trajectories of a prompt"),

@@ -58,7 +58,7 @@ def _text(section, seed: int, tok: PreTrainedTokenizerFast | None) -> DataBundle
 def _prompts(section, seed: int, tok: PreTrainedTokenizerFast | None) -> DataBundle:
     if section.kind == "task":
         t = section.task
-        train_ex, alphabet = task_examples(t.name, t.difficulty, t.num_train, "train", seed)
+        train_ex, alphabet = task_examples(t.name, t.difficulty, t.num_train, "train", seed, t.targets)
         val_ex = task_examples(t.name, t.difficulty, t.num_eval, "test", seed + 1)[0] if t.num_eval else []
     else:
         train_ex = read_jsonl(map(expand_path, section.paths))

@@ -46,14 +46,17 @@ def read_jsonl(paths: Iterable[str | Path]) -> list[dict[str, str]]:
     return out
 
 
-def task_examples(name: str, difficulty: dict[str, Any], n: int, split: str, seed: int) -> tuple[list[dict], str]:
-    """`n` examples of a built-in reasoning task and the task's alphabet (imports recurrent_depth.tasks lazily)."""
+def task_examples(name: str, difficulty: dict[str, Any], n: int, split: str, seed: int,
+                  targets: bool = False) -> tuple[list[dict], str]:
+    """`n` examples of a built-in reasoning task and the task's alphabet (imports recurrent_depth.tasks lazily);
+    `targets`: with the dense running-state labels (`Task.trace`)."""
     from recurrent_depth.tasks import TASKS, get_task
 
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r} (data.task.name); choose one of {sorted(TASKS)}")
     task = get_task(name, **difficulty)
-    return task.generate(n, split=split, seed=seed), task.alphabet
+    extra = {"targets": True} if targets else {}
+    return task.generate(n, split=split, seed=seed, **extra), task.alphabet
 
 
 def _fit(seqs: list[tuple[list[int], int]], seq_len: int, split: str,
@@ -95,4 +98,27 @@ def encode_examples(examples: list[dict[str, str]], tokenizer, seq_len: int, ans
         answer_labels[i, n_prompt: len(ids) - 1] = t[1 + n_prompt:]  # position j predicts ids[j+1]
     if answer_only:
         labels = answer_labels.clone()
+    fitting = [e for e, s in zip(examples, seqs) if len(s[0]) - 1 <= seq_len]  # the examples `_fit` kept
+    for i, ((_, n_prompt), example) in enumerate(zip(kept, fitting)):
+        if "targets" in example:
+            _place_targets(labels[i], example, n_prompt, tokenizer)
     return TokenDataset(inputs, labels, answer_labels)
+
+
+def _place_targets(labels: torch.Tensor, example: dict, n_prompt: int, tokenizer) -> None:
+    """Write an example's dense `targets` (one character per prompt character, space = none) into `labels`: the
+    label at the position of prompt character i (input position i + 1, after <bos>). Needs one token per prompt
+    character (the char tokenizer); the last prompt position keeps predicting the answer."""
+    targets, prompt = example["targets"], example["prompt"]
+    if not isinstance(targets, str) or len(targets) != len(prompt):
+        raise ValueError(f"example {prompt!r}: `targets` must be a string as long as the prompt ({len(prompt)} "
+                         f"characters), got {targets!r}")
+    if n_prompt != len(prompt):
+        raise ValueError(f"example {prompt!r}: `targets` need one token per prompt character (data.tokenizer: "
+                         f"char); this tokenizer gives {n_prompt} tokens for {len(prompt)} characters")
+    for j, ch in enumerate(targets[:-1]):
+        if ch != " ":
+            ids = tokenizer(ch, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+                raise ValueError(f"example {prompt!r}: target {ch!r} is not one token of the tokenizer")
+            labels[j + 1] = ids[0]

@@ -78,3 +78,34 @@ def plot_depth_by_level(records: Records, path: str | Path, title: str = "") -> 
         series[f"level {lvl}"] = [{"num_steps": r["num_steps"], "accuracy": by.get(lvl, by.get(str(lvl)))}
                                   for r in records for by in [r.get("accuracy_by_level", {})]]
     return plot_depth_sweep(series, path, "accuracy", title or "accuracy against depth, by difficulty level")
+
+
+def plot_level_heatmap(records: Records, path: str | Path, title: str = "") -> Path:
+    """Accuracy as a heat map, difficulty level (rows) against test-time depth (columns), from depth-sweep records
+    with `accuracy_by_level`: where harder levels need more iterations, the lit region widens with depth."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    levels = sorted({int(k) for r in records for k in r.get("accuracy_by_level", {})})
+    if not levels:
+        raise ValueError("the records hold no accuracy_by_level (rows need an int `level`)")
+    depths = [r["num_steps"] for r in records]
+    grid = [[float("nan")] * len(depths) for _ in levels]
+    for j, r in enumerate(records):
+        for k, v in r.get("accuracy_by_level", {}).items():
+            grid[levels.index(int(k))][j] = v
+    fig = Figure(figsize=(1.2 + 0.45 * len(depths), 1.2 + 0.3 * len(levels)), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(grid, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(depths)), [str(d) for d in depths])
+    ax.set_yticks(range(len(levels)), [str(lvl) for lvl in levels])
+    ax.set_xlabel("test-time depth r")
+    ax.set_ylabel("difficulty level")
+    ax.set_title(title or "accuracy by level and depth", fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -79,6 +79,11 @@ class Task:
     def _sample(self, rng: random.Random, ood: bool) -> Instance:
         raise NotImplementedError
 
+    def trace(self, inst: Instance) -> str | None:
+        """Dense labels for `inst`, as long as its prompt: character i (a space: none) is the running state after
+        prompt character i, trained at that position (`generate(..., targets=True)`); None: this task has none."""
+        return None
+
     # ------------------------------------------------------------------------------------------- public API
     @property
     def alphabet(self) -> str:
@@ -90,12 +95,17 @@ class Task:
         """The knobs as a plain dict (for records)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def generate(self, n: int, split: str = "train", seed: int = 0, cot: bool = False) -> list[dict[str, Any]]:
+    def generate(self, n: int, split: str = "train", seed: int = 0, cot: bool = False,
+                 targets: bool = False) -> list[dict[str, Any]]:
         """`n` seeded problems of `split` as dicts with `prompt`, `answer` (str) and `level` (int difficulty).
 
         split: "train" / "test" draw the in-distribution knobs, "ood" the harder ones; train never shares a prompt
-        with test or ood. cot: answers write the intermediate steps before `#` and the final answer.
+        with test or ood. cot: answers write the intermediate steps before `#` and the final answer. targets: rows
+        also carry `targets`, the running state under each prompt character (`trace`): labels for training only,
+        never in the context, so the model still reasons in latent space (the prompt and answer are unchanged).
         """
+        if targets and cot:
+            raise ValueError("targets and cot are exclusive: cot writes the steps as tokens, targets only as labels")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -112,7 +122,14 @@ class Task:
             if in_held_out(self.name, inst.prompt) != held_out:
                 continue
             answer = self.render_cot(inst) if cot else inst.answer
-            rows.append({"prompt": inst.prompt, "answer": answer, "level": inst.level})
+            row = {"prompt": inst.prompt, "answer": answer, "level": inst.level}
+            if targets:
+                trace = self.trace(inst)
+                if trace is None:
+                    raise ValueError(f"task {self.name!r} has no running state to label (targets=True); tasks "
+                                     f"with one: those whose `trace` is defined")
+                row["targets"] = trace
+            rows.append(row)
         return rows
 
     def render_cot(self, inst: Instance) -> str:

@@ -14,6 +14,10 @@ its difficulty level (so more recurrence can help on harder instances):
   read, not a search. CoT: the slots visited.
 - `modular_chain`: "3+4*2-7=" -> "8". Operations applied left to right, modulo 10. Level: number of operations.
   CoT: the running value after each operation.
+- `cups`: "1:acba?" -> "2". A ball under cup 1 of three; each letter swaps two cups (a: 0-1, b: 1-2, c: 0-2); the
+  answer is the cup holding the ball at the end. A word problem in the symmetric group: each swap is one token, the
+  step is a 3-state lookup, and no count or parity of the letters gives the answer. Level: number of swaps. CoT:
+  the ball's cup after each swap.
 
 All prompts stay under 64 characters at the default knobs (including the `ood` split). For `variable_binding` and
 `tree_path` the in-distribution sizes span the `ood` sizes, so `ood` tests more sequential steps (hops, path length)
@@ -259,3 +263,47 @@ class ModularChain(Task):
             prompt.append(f"{op}{operand}")
             steps.append(str(value))
         return Instance("".join(prompt) + "=", str(value), tuple(steps), n_ops)
+
+    def trace(self, inst: Instance) -> str:
+        """The start value under the first digit, the running value under each operand."""
+        return inst.prompt[0] + "".join(" " + v for v in inst.steps) + " "
+
+
+def _cup_swaps(cups: int) -> list[tuple[int, int]]:
+    """Every pair of cups (i < j) in order; the k-th pair is named by the k-th letter."""
+    return [(i, j) for i in range(cups) for j in range(i + 1, cups)]
+
+
+@dataclass(frozen=True)
+class Cups(Task):
+    """The shell game: `cups` cups, the ball's start, then `swaps` swaps of two cups, each one letter."""
+
+    name: ClassVar[str] = "cups"
+    symbols: ClassVar[str] = DIGITS + LETTERS[:15] + ":?"
+
+    swaps: tuple[int, int] = (1, 8)
+    ood_swaps: tuple[int, int] = (9, 16)
+    cups: int = 3  # 3 -> 3 swap letters (a-c), 4 -> 6, 5 -> 10, 6 -> 15; chance accuracy 1/cups
+
+    def _validate(self) -> None:
+        if not isinstance(self.cups, int) or isinstance(self.cups, bool) or not 2 <= self.cups <= 6:
+            raise ValueError(f"difficulty knob `cups` must be an integer in [2, 6], got {self.cups!r}")
+        self._set_range("swaps", 1, 60)
+        self._set_range("ood_swaps", 1, 60)
+
+    def _sample(self, rng: random.Random, ood: bool) -> Instance:
+        n = rng.randint(*(self.ood_swaps if ood else self.swaps))
+        pairs = _cup_swaps(self.cups)
+        ball = start = rng.randrange(self.cups)
+        letters, steps = [], []
+        for _ in range(n):
+            k = rng.randrange(len(pairs))
+            i, j = pairs[k]
+            ball = j if ball == i else i if ball == j else ball
+            letters.append(LETTERS[k])
+            steps.append(str(ball))
+        return Instance(f"{start}:{''.join(letters)}?", str(ball), tuple(steps), n)
+
+    def trace(self, inst: Instance) -> str:
+        """The ball's cup under `:` (the start) and under each swap letter (after that swap)."""
+        return " " + inst.prompt[0] + "".join(inst.steps) + " "

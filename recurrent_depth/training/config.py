@@ -38,12 +38,15 @@ class ModelSection:
 
 @dataclass
 class TaskSection:
-    """A built-in reasoning task (`recurrent_depth.tasks`): name, difficulty keywords, example counts."""
+    """A built-in reasoning task (`recurrent_depth.tasks`): name, difficulty keywords, example counts. `targets`:
+    training rows also label the running state under each prompt character (tasks with a `trace`: cups,
+    modular_chain), dense supervision that adds no tokens to the context; validation stays answer-only."""
 
     name: str = ""
     difficulty: dict[str, Any] = field(default_factory=dict)
     num_train: int = 10000
     num_eval: int = 256
+    targets: bool = False
 
 
 @dataclass

@@ -298,6 +298,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runti
     with Progress(after_s=0.0, every_s=PROGRESS_EVERY_S, enabled=rt.is_main and cfg.log.progress) as progress:
         seq_len = data.train.seq_len
         tokens_seen = 0
+        # A plain transformer (the core run once) starts from a zero state, as it is evaluated: a random s0 would be
+        # noise at the adapter's input that nothing later can average out, handicapping the baseline.
+        plain = cfg.depth.sampler == "non-recurrent"
         t0 = time.perf_counter()
         for step in range(start, t.steps):
             lr = lr_at(step, cfg.optim, t.steps)
@@ -312,7 +315,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runti
             for a in range(accum):
                 lo = (a * rt.world_size + rt.rank) * micro
                 sl = slice(lo, lo + micro)
-                s0 = initial_states(model.config, rows[sl], seq_len, step, t.seed, rt.device)
+                s0 = (torch.zeros(len(rows[sl]), seq_len, model.config.n_embd, device=rt.device) if plain
+                      else initial_states(model.config, rows[sl], seq_len, step, t.seed, rt.device))
                 with gradient_sync(train_model, a == accum - 1):
                     loss_sum += forward_backward(train_model, batch.inputs[sl].to(rt.device),
                                                  batch.labels[sl].to(rt.device), s0, (n, k), scale, rt.autocast)

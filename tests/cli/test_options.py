@@ -77,7 +77,7 @@ def test_generate_takes_the_shared_flags(tmp_path: Path, capsys: pytest.CaptureF
 def test_training_steps_are_not_spelled_like_recurrences(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["reproduce", "--out", str(tmp_path), "--train-steps", "0"]) == 2
     assert "--train-steps must be >= 1, got 0" in capsys.readouterr().err
-    assert build_parser().parse_args(["bundle", "--train-steps", "5"]).train_steps == 5
+    assert build_parser().parse_args(["reproduce", "--out", "x", "--train-steps", "5"]).train_steps == 5
 
 
 def test_parse_num_steps_list_names_the_flag() -> None:

@@ -96,6 +96,30 @@ def test_build_text_bundle_trains_a_bpe(tmp_path: Path) -> None:
     assert int(bundle.train.inputs.max()) < len(bundle.tokenizer)
 
 
+def test_dense_targets_label_prompt_positions_and_keep_the_answer_labels() -> None:
+    tok = char_tokenizer("0123456789:abc?")
+    rows = [{"prompt": "0:ab?", "answer": "2", "targets": " 012 "}, {"prompt": "1:c?", "answer": "1"}]
+    ds = encode_examples(rows, tok, seq_len=16, answer_only=True)
+    ids = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    # inputs: <bos> 0 : a b ? 2; the position of prompt character i (input i + 1) gets targets[i]
+    assert ds.labels[0].tolist() == [IGNORE, IGNORE, *ids("012"), *ids("2"), tok.eos_token_id]
+    assert ds.answer_labels[0].tolist() == [IGNORE] * 5 + [*ids("2"), tok.eos_token_id]  # validation: answer only
+    assert torch.equal(ds.labels[1], ds.answer_labels[1])  # a row without targets is unchanged
+    with pytest.raises(ValueError, match="as long as the prompt"):
+        encode_examples([{"prompt": "0:a?", "answer": "1", "targets": "01"}], tok, seq_len=16, answer_only=True)
+    with pytest.raises(ValueError, match="not one token"):
+        encode_examples([{"prompt": "0:a?", "answer": "1", "targets": " 0x "}], tok, seq_len=16, answer_only=True)
+
+
+def test_dense_targets_survive_dropped_examples() -> None:
+    """Examples too long for seq_len are left out; the targets of those kept stay with their own rows."""
+    tok = char_tokenizer("0123456789:abc?")
+    rows = [{"prompt": "0:abcabcabc?", "answer": "1", "targets": " 0120120120 "},
+            {"prompt": "1:a?", "answer": "0", "targets": " 10 "}]
+    ds = encode_examples(rows, tok, seq_len=8, answer_only=True)
+    assert len(ds) == 1 and ds.labels[0, 2:4].tolist() == tok.encode("10", add_special_tokens=False)
+
+
 def test_task_bundle_uses_the_tasks_interface(monkeypatch: pytest.MonkeyPatch) -> None:
     """A local stand-in with the tasks interface (get_task, TASKS, generate, alphabet) is all the loader needs."""
 

@@ -47,6 +47,18 @@ def _mod_chain(prompt: str) -> tuple[str, int]:
     return str(value), (len(expr) - 1) // 2
 
 
+def _cups(prompt: str) -> tuple[str, int, str]:
+    """Replay the swaps (letter k names the k-th pair i < j): final cup, swaps, and the cup after each swap."""
+    start, letters = prompt.rstrip("?").split(":")
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    ball, trail = int(start), ""
+    for ch in letters:
+        i, j = pairs["abc".index(ch)]
+        ball = {i: j, j: i}.get(ball, ball)
+        trail += str(ball)
+    return str(ball), len(letters), trail
+
+
 def _check_row(name: str, row: dict) -> None:
     prompt, answer, level = row["prompt"], row["answer"], row["level"]
     if name == "addition":
@@ -60,6 +72,8 @@ def _check_row(name: str, row: dict) -> None:
         assert _mod_chain(prompt) == (answer, level)
     elif name == "pointer_chase":
         assert _chase(prompt) == (answer, level)
+    elif name == "cups":
+        assert _cups(prompt)[:2] == (answer, level)
     else:  # a new family must add its independent checker here
         raise AssertionError(f"no answer checker for task {name}")
 
@@ -230,3 +244,28 @@ def test_addition_carry_heavy_ood_split() -> None:
     assert not train & {r["prompt"] for r in rows}
     with pytest.raises(ValueError, match="ood_min_carry"):
         get_task("addition", ood_digits=(2, 2), ood_min_carry=3)
+
+
+@pytest.mark.parametrize("name", ["cups", "modular_chain"])
+def test_targets_label_the_running_state_under_each_prompt_character(name: str) -> None:
+    rows = get_task(name).generate(200, split="train", seed=5, targets=True)
+    for row in rows:
+        prompt, targets = row["prompt"], row["targets"]
+        assert len(targets) == len(prompt) and targets[-1] == " "
+        if name == "cups":
+            assert targets[:2] == " " + prompt[0] and targets[2:-1] == _cups(prompt)[2]
+        else:
+            values = [int(prompt[0])]
+            for i in range(1, len(prompt) - 1, 2):
+                assert targets[i] == " "
+                values.append({"+": values[-1] + int(prompt[i + 1]), "-": values[-1] - int(prompt[i + 1]),
+                               "*": values[-1] * int(prompt[i + 1])}[prompt[i]] % 10)
+                assert targets[i + 1] == str(values[-1])
+        assert targets[-2] == row["answer"]  # the state under the last step is the answer
+
+
+def test_targets_need_a_trace_and_exclude_cot() -> None:
+    with pytest.raises(ValueError, match="no running state"):
+        get_task("addition").generate(2, targets=True)
+    with pytest.raises(ValueError, match="exclusive"):
+        get_task("cups").generate(2, targets=True, cot=True)

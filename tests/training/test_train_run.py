@@ -73,14 +73,21 @@ def test_jsonl_answer_only_and_accuracy(tmp_path: Path, corpus: Path) -> None:
     assert 0.0 <= result.final_eval["val_acc@2"] <= 1.0
 
 
-def test_builtin_reasoning_task(tmp_path: Path, corpus: Path) -> None:
+def test_builtin_reasoning_task(tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from recurrent_depth.training.config import config_from_dict
 
     cfg = config_from_dict(tiny_tree(corpus, data={"kind": "task", "paths": [],
                                                    "task": {"name": "addition", "difficulty": {"digits": [1, 2]},
                                                             "num_train": 64, "num_eval": 16}},
                                      train={"steps": 4}, depth={"sampler": "non-recurrent"}))
+    import recurrent_depth.training.loop as loop
+
+    seen: list[float] = []  # the plain transformer starts from a zero state, as it is evaluated, not from noise
+    real = loop.forward_backward
+    monkeypatch.setattr(loop, "forward_backward", lambda m, x, y, s0, *a: seen.append(float(s0.abs().max()))
+                        or real(m, x, y, s0, *a))
     result = train(cfg, tmp_path / "run")
+    assert seen == [0.0] * 4
     assert all(json.loads(ln)["depth"] == 1 for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     assert "val_acc@1" in result.final_eval
     tok = load_tokenizer(result.checkpoint)

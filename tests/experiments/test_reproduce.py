@@ -1,0 +1,151 @@
+"""The seed-claim experiment (experiments/reproduce.py) end to end at a micro scale, the claim judge on constructed
+results, the bundled-checkpoint resolution, and bundle + `rdepth demo` on a freshly bundled model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from recurrent_depth.cli.main import main
+from recurrent_depth.cli.reproduce import load_experiment
+
+reproduce = load_experiment()
+MICRO = replace(reproduce.QUICK, steps=4, n_train=200, n_eval=8, text_steps=3, text_max_chars=30_000,
+                multipliers=(1, 2), seeds=(0,), lr_factors=(1.0,), jobs=2)
+
+
+def test_micro_run_writes_results_with_one_claim_per_target(tmp_path: Path) -> None:
+    res = reproduce.run(tmp_path, quick=True, scale=MICRO, log=lambda _: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [c["claim"] for c in saved["claims"]] == [c["claim"] for c in res["claims"]]
+    assert len(saved["claims"]) == 9
+    for claim in saved["claims"]:
+        assert set(claim) == {"claim", "target", "measured", "held"} and isinstance(claim["held"], bool)
+    assert [b["multiplier"] for b in saved["baselines"]] == [1, 2]
+    assert saved["baselines"][1]["params"] > 1.5 * saved["baselines"][0]["params"]
+    arms = {p.name for p in (tmp_path / "arms").iterdir() if p.is_dir()}
+    assert arms == {"recurrent-s0", "fixed-depth-s0", "baseline-1x-lr1-s0", "baseline-2x-lr1-s0", "flops-1x-s0",
+                    "cot", "text"}
+    assert saved["flops"]["steps"] > MICRO.steps  # the equal-FLOPs arm trains longer than the 1x baseline
+    md = (tmp_path / "results.md").read_text()
+    assert "QUICK smoke run" in md and "| r = 1 |" in md
+    for plot in ("depth.png", "levels.png", "exit.png", "perplexity.png", "baselines.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+    assert reproduce.rejudge(tmp_path)["claims"] == saved["claims"]
+
+
+def test_second_round_keeps_each_size_best_lr_and_trains_it_on_every_other_seed() -> None:
+    scale = replace(MICRO, seeds=(0, 1, 2), lr_factors=(0.5, 1.0, 2.0))
+    data = reproduce.task_data(scale)
+    jobs, first = {}, {}
+    val = {1: {0.5: 0.2, 1.0: 0.6, 2.0: 0.4}, 2: {0.5: 0.7, 1.0: 0.7, 2.0: 0.1}}  # size 2: a tie, the lower lr wins
+    for m in (1, 2):
+        for f in scale.lr_factors:
+            name = f"baseline-{m}x-lr{f:g}-s0"
+            jobs[name] = reproduce.train_tree(scale, reproduce.model_fields(scale, m), {"sampler": "non-recurrent"},
+                                              data, 10, 16, lr=scale.lr * f)
+            first[name] = {"val_accuracy": val[m][f]}
+    meta = {"cores": {1: 1, 2: 2}, "data": data, "flops_steps": 25, "seq_len": 16}
+    more, chosen = reproduce.second_round(scale, first, meta, jobs)
+    assert chosen == {1: 1.0, 2: 0.5}
+    assert sorted(more) == ["baseline-1x-lr1-s1", "baseline-1x-lr1-s2", "baseline-2x-lr0.5-s1", "baseline-2x-lr0.5-s2",
+                            "flops-1x-s0", "flops-1x-s1", "flops-1x-s2"]
+    assert more["baseline-2x-lr0.5-s2"]["train"]["seed"] == 2
+    assert more["baseline-2x-lr0.5-s2"]["optim"]["lr"] == scale.lr * 0.5
+    flops = more["flops-1x-s1"]
+    assert flops["train"]["steps"] == 25 and flops["optim"]["lr"] == scale.lr * 1.0
+    assert flops["model"] == jobs["baseline-1x-lr1-s0"]["model"]  # the 1x transformer, trained longer
+
+
+def _curve(accs: dict[int, float], levels: dict[int, dict[int, float]] | None = None) -> list[dict]:
+    return [{"num_steps": r, "accuracy": a, "accuracy_min": a, "accuracy_max": a,
+             "accuracy_by_level": (levels or {}).get(r, {})} for r, a in accs.items()]
+
+
+def _summary(x: float) -> dict:
+    return {"mean": x, "min": x, "max": x, "std": 0.0, "n": 2}
+
+
+def _results(ood: dict[int, float], baselines: dict[int, float], test_best: float = 0.97, flops: float = 0.2,
+             fixed: float = 0.3, cot=(0.5, 6.0), exit_drop=0.0, saved=0.5, ppl=None, level_acc=0.9) -> dict:
+    depths = sorted(ood)
+    levels = {r: {lvl: (level_acc if r >= 10 else 0.2) for lvl in range(7, 13)} for r in depths}
+    return {
+        "depths": depths, "exit_cap": 12,
+        "recurrent": {"depth": {"ood": _curve(ood, levels), "test": _curve({r: test_best for r in depths})},
+                      "exit": [{"threshold": None, "accuracy": ood[10], "accuracy_drop": 0.0, "steps_saved": 0.0},
+                               {"threshold": 1e-3, "accuracy": ood[10] - exit_drop, "accuracy_drop": exit_drop,
+                                "steps_saved": saved}]},
+        "fixed-depth": {"depth": {"ood": _curve({r: fixed for r in depths})}, "depth_trained": 6},
+        "baselines": [{"multiplier": m, "ood": _summary(a), "test": _summary(0.9)} for m, a in baselines.items()],
+        "flops": {"steps": 4000, "flops_ratio": 2.5, "ood": _summary(flops)},
+        "cot": {"ood": {"accuracy": cot[0], "extra_context_tokens": cot[1]}},
+        "text": {"perplexity": [{"num_steps": r, "perplexity": p} for r, p in (ppl or {1: 50, 2: 40, 6: 30,
+                                                                                        12: 30, 24: 30.3}).items()]},
+    }
+
+
+GOOD = {1: 0.1, 5: 0.5, 10: 0.9, 24: 0.9, 50: 0.9}
+
+
+def test_judge_claims_holds_and_fails_on_constructed_numbers() -> None:
+    scale = replace(reproduce.FULL, mean_recurrence=6, difficulty={"ops": (1, 6), "ood_ops": (7, 12)})
+    good = reproduce.judge_claims(_results(GOOD, {1: 0.2, 8: 0.55}), scale)
+    assert [c["held"] for c in good] == [True] * 9
+    bad = reproduce.judge_claims(_results({1: 0.5, 5: 0.5, 10: 0.6, 24: 0.3, 50: 0.3}, {1: 0.7, 8: 0.9},
+                                          test_best=0.9, flops=0.8, fixed=0.5, cot=(0.9, 6.0), exit_drop=0.05,
+                                          ppl={1: 30, 2: 40, 6: 50, 12: 55, 24: 60}, level_acc=0.5), scale)
+    assert [c["held"] for c in bad] == [False] * 9
+    # one missed target at a time: the table (a fall from 10x to 50x), the levels (one level below 80%)
+    fall = reproduce.judge_claims(_results({**GOOD, 50: 0.85}, {1: 0.2, 8: 0.55}), scale)
+    assert [c["held"] for c in fall][1] is False and all(c["held"] for c in fall[2:])
+    nothing = reproduce.judge_claims(_results({r: 0.0 for r in GOOD}, {1: 0.0, 8: 0.0}, test_best=0.0, flops=0.0,
+                                              fixed=0.0, cot=(0.0, 6.0), level_acc=0.0), scale)
+    assert not any(c["held"] for c in nothing[:8])  # comparisons between arms that learned nothing never hold
+
+
+def test_missing_bundle_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import recurrent_depth.assets as assets
+
+    monkeypatch.setattr(assets, "DEFAULT_MODEL", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="no bundled checkpoint .* pass --model PATH"):
+        assets.resolve_model(None)
+    assert assets.resolve_model("x") == Path("x")
+    assert main(["demo"]) == 2
+    assert "no bundled checkpoint" in capsys.readouterr().err
+
+
+def test_reproduce_verb_needs_the_source_checkout(tmp_path: Path) -> None:
+    from recurrent_depth.cli import reproduce as verb
+
+    with pytest.raises(FileNotFoundError, match="experiments/reproduce.py"):
+        verb.load_experiment(tmp_path / "missing.py")
+
+
+def test_bundle_then_demo(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    tree = reproduce.train_tree(MICRO, reproduce.model_fields(MICRO), {"sampler": "poisson-lognormal-filling"},
+                                reproduce.task_data(MICRO), 3, reproduce.task_seq_len(MICRO))
+    reproduce.train_arm("recurrent", tree, run, lambda _: None)
+    assert reproduce.main(["bundle", "--from", str(run / "recurrent"), "--out", str(tmp_path / "bundle")]) == 0
+    info = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert info["task"] == MICRO.task and info["mean_recurrence"] == MICRO.mean_recurrence
+    assert (tmp_path / "bundle" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    import recurrent_depth.inference.generate as engine
+    from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO
+
+    calls: list[dict] = []
+    real = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    assert main(["demo", "--model", str(tmp_path / "bundle"), "--n", "8", "--num-steps", "1,2",
+                 "--out", str(tmp_path / "demo"), "--device", "cpu", "--threads", "1"]) == 0
+    # the one generated answer runs on the shared inference defaults, not settings of its own
+    assert [(c["kv_sharing"], c["init_scale"]) for c in calls] == [(KV_SHARING_AUTO, INIT_SCALE)]
+    captured = capsys.readouterr()
+    assert "num_steps" in captured.out and "token:steps" in captured.out
+    assert "rdepth demo: r=2: 8/8 rows" in captured.err and "rdepth demo: r=1: accuracy" in captured.err
+    assert (tmp_path / "demo" / "depth.png").is_file()
