@@ -64,7 +64,7 @@ class Scale:
     n_eval: int = 400
     multipliers: tuple[int, ...] = (1, 2, 4, 8)
     table: tuple[int, ...] = (1, 5, 10, 50)  # the seed's table: 1x, 5x, 10x, 50x the smallest depth (r = 1)
-    text_steps: int = 600
+    text_steps: int = 400
     text_max_chars: int = 1_000_000
     exit_thresholds: tuple[float, ...] = (1e-2, 3e-3, 1e-3, 5e-4, 1e-4, 1e-5)
     jobs: int = 2

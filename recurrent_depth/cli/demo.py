@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
                        description=__doc__)
     add_model_args(p, num_steps=False)  # --num-steps here is a list of depths
     p.add_argument("--num-steps", default=None,
-                   help="comma-separated depths (default: 1,2,4,r̄,2r̄,4r̄; r̄ = training mean)")
+                   help="comma-separated depths (default: 1,2,4,r̄,2r̄,4r̄,8r̄ and 50; r̄ = training mean)")
     p.add_argument("--n", type=int, default=200, help="problems per split")
     p.add_argument("--out", default="demo-out", help="folder for the plot and records")
     p.add_argument("--seed", type=int, default=7, help="seed for the generated problems")
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def run(args: argparse.Namespace) -> int:
     from recurrent_depth.assets import bundle_info
-    from recurrent_depth.evaluation.plots import plot_depth_sweep
+    from recurrent_depth.evaluation.plots import plot_depth_sweep, plot_level_heatmap
     from recurrent_depth.evaluation.records import write_records
     from recurrent_depth.evaluation.report import format_table
     from recurrent_depth.evaluation.sweeps import depth_sweep
@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     path, model, tok = load_model(args, need_tokenizer=True)
     info = bundle_info(path)
     if "task" not in info:
-        raise ValueError(f"{path} has no bundle.json naming its task; give a checkpoint made by `rdepth bundle`")
+        raise ValueError(f"{path} has no bundle.json naming its task; give a checkpoint made by "
+                         f"`python experiments/reproduce.py bundle`")
     mean = int(info["mean_recurrence"])
-    steps = listed or sorted({1, 2, 4, mean, 2 * mean, 4 * mean})
+    steps = listed or sorted({1, 2, 4, mean, 2 * mean, 4 * mean, 8 * mean, 50})
     task = get_task(info["task"], **info.get("difficulty", {}))
     print(f"bundled checkpoint {path} ({model.num_parameters():,} parameters, trained at mean depth {mean})")
     print(f"task {task}; {args.n} problems per split\n")
@@ -59,9 +60,31 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_records(records["test"] + records["ood"], out, "demo_depth_sweep", {"model": str(path), "num_steps": steps})
     plot = plot_depth_sweep(records, out / "depth.png", title=f"{task.name}: accuracy against test-time depth")
-    print(f"plot: {plot}")
+    print("harder split, accuracy by difficulty level (rows) and depth (columns):")
+    print(level_table(records["ood"]))
+    heat = plot_level_heatmap(_merge_levels(records["test"], records["ood"]), out / "levels.png",
+                              title=f"{task.name}: accuracy by level and depth")
+    print(f"\nplots: {plot}, {heat}")
     _show_one(model, tok, task, args.seed, 4 * mean)
     return 0
+
+
+def level_table(records: list[dict]) -> str:
+    """Accuracy per difficulty level (rows) at each depth (columns), as percentages."""
+    levels = sorted({int(k) for r in records for k in r.get("accuracy_by_level", {})})
+    head = "level " + " ".join(f"r={r['num_steps']:<4}" for r in records)
+    lines = [head]
+    for lvl in levels:
+        cells = [f"{100 * r['accuracy_by_level'].get(lvl, float('nan')):5.0f}%" for r in records]
+        lines.append(f"{lvl:>5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _merge_levels(test: list[dict], ood: list[dict]) -> list[dict]:
+    """Per-depth records whose accuracy_by_level holds both splits' levels (they do not overlap)."""
+    return [{"num_steps": t["num_steps"], "accuracy_by_level": {**t.get("accuracy_by_level", {}),
+                                                                **o.get("accuracy_by_level", {})}}
+            for t, o in zip(test, ood)]
 
 
 def _to_stderr(message: str) -> None:

@@ -36,11 +36,12 @@ def iter_jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_jsonl(paths: Iterable[str | Path]) -> list[dict[str, str]]:
-    """Examples from JSONL files or folders of them (prompt and answer only)."""
+    """Examples from JSONL files or folders of them: prompt and answer, and `targets` (dense labels under the prompt
+    characters, see `encode_examples`) where a row has them."""
     out = []
     for path in map(Path, paths):
         for f in sorted(path.glob("**/*.jsonl")) if path.is_dir() else [path]:
-            out.extend({"prompt": row["prompt"], "answer": row["answer"]} for row in iter_jsonl_rows(f))
+            out.extend({k: row[k] for k in ("prompt", "answer", "targets") if k in row} for row in iter_jsonl_rows(f))
     if not out:
         raise ValueError("no prompt/answer examples found in the data paths")
     return out

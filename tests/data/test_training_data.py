@@ -156,6 +156,17 @@ def test_jsonl_bundle_char_tokenizer_and_split(tmp_path: Path) -> None:
     assert set("qa?0123456789") <= set(bundle.tokenizer.get_vocab())
 
 
+def test_jsonl_rows_may_carry_dense_targets(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": "0:ab?", "answer": "2", "targets": " 012 "}] * 4 + [{"prompt": "1:a?", "answer": "0"}] * 4
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    bundle = build_data(DataSection(kind="jsonl", paths=[str(path)], val_fraction=0.0, seq_len=16,
+                                    tokenizer="char"))
+    tok = bundle.tokenizer
+    assert bundle.train.labels[0, 2:5].tolist() == tok.encode("012", add_special_tokens=False)
+    assert bool((bundle.train.labels[4] == bundle.train.answer_labels[4]).all())
+
+
 def test_examples_longer_than_seq_len_are_counted_not_silently_dropped(tmp_path: Path) -> None:
     tok = char_tokenizer("0123456789+=")
     examples = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "1234+5678=", "answer": "6912"},
