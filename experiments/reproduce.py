@@ -6,10 +6,12 @@ the same number of steps and sequences:
 
   1. `recurrent-s{seed}`: the recurrent-depth model with Huginn's randomized depth (poisson-lognormal-filling);
   2. `baseline-{m}x-lr{lr}-s{seed}`: standard fixed-depth transformers of the same width whose core runs once and
-     holds enough layers for m times the recurrent model's parameters (m in `multipliers`); each size trains at
-     every learning rate of `lr_factors` x `lr` with the first seed, the best on the in-distribution validation rows
-     is kept, and it trains again with every other seed (mean and spread are reported);
-  3. `flops-1x-s{seed}`: the 1x transformer trained for as many steps as give it the recurrent arm's training FLOPs;
+     holds enough layers for m times the recurrent model's parameters (m in `multipliers`); each size first trains
+     `sweep-{m}x-lr{f}` at every learning rate of `lr_factors` x `lr` (first seed, `sweep_fraction` of the steps),
+     the best on the in-distribution validation rows is kept, and it trains the full steps with every seed (mean
+     and spread are reported);
+  3. `flops-1x-s{seed}`: the 1x transformer trained for as many steps as give it the recurrent arm's training FLOPs
+     (first seed);
   4. `fixed-depth-s{seed}`: the recurrent architecture trained at one fixed depth (why random depth matters);
   5. `cot`: a 1x transformer that writes its intermediate steps as tokens (chain of thought);
   6. `text`: the recurrent model on a real offline text corpus (the interpreter's docs), for perplexity vs depth.
@@ -50,21 +52,23 @@ class Scale:
     task: str = "modular_chain"
     difficulty: dict[str, Any] = field(default_factory=lambda: {"ops": (1, 6), "ood_ops": (7, 12)})
     targets: bool = True  # dense running-state labels (data.task.targets) for every arm trained on the task
-    n_embd: int = 128
+    n_embd: int = 64
     n_heads: int = 4
-    intermediate_size: int = 352
+    intermediate_size: int = 176
     mean_recurrence: int = 6
     backprop_depth: int = 3
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 2e-3
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 3e-3
     lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)  # baselines' learning-rate sweep, times `lr`
+    sweep_fraction: float = 1 / 3  # the sweep's runs train this fraction of `steps` (first seed), then the chosen lr
+    #                              trains the full `steps` with every seed (1.0: the sweep's run is the first seed's)
     seeds: tuple[int, ...] = (0, 1)
     n_train: int = 40000
     n_eval: int = 400
     multipliers: tuple[int, ...] = (1, 2, 4, 8)
     table: tuple[int, ...] = (1, 5, 10, 50)  # the seed's table: 1x, 5x, 10x, 50x the smallest depth (r = 1)
-    text_steps: int = 400
+    text_steps: int = 300
     text_max_chars: int = 1_000_000
     exit_thresholds: tuple[float, ...] = (1e-2, 3e-3, 1e-3, 5e-4, 1e-4, 1e-5)
     jobs: int = 2
@@ -73,7 +77,7 @@ class Scale:
 
 FULL = Scale()
 QUICK = Scale(n_embd=32, n_heads=2, intermediate_size=64, mean_recurrence=3, backprop_depth=2, steps=20,
-              batch_size=16, lr_factors=(1.0,), seeds=(0,), n_train=1000, n_eval=32, multipliers=(1, 2),
+              batch_size=16, lr_factors=(1.0,), sweep_fraction=1.0, seeds=(0,), n_train=1000, n_eval=32, multipliers=(1, 2),
               table=(1, 5), text_steps=10, text_max_chars=50_000, exit_thresholds=(1e-2, 1e-3))
 LEARNED = 0.05  # below this accuracy an arm learned nothing, and no claim about it can hold
 EVAL_SEED = 1000  # evaluation rows: seeds 1000 (test) and 1001 (ood); training validation rows use seed 1
@@ -416,11 +420,11 @@ def plan(scale: Scale, out: Path, task: Any) -> tuple[dict[str, dict[str, Any]],
         jobs[f"fixed-depth-s{s}"] = train_tree(scale, model_fields(scale), {"sampler": "fixed", "depth": mean}, data,
                                                scale.steps, seq_len, seed=s)
     cores = {m: baseline_core_layers(scale, m, vocab) for m in scale.multipliers}
+    sweep_steps = max(1, round(scale.steps * scale.sweep_fraction))
     for m, n_core in cores.items():
         for f in scale.lr_factors:
-            jobs[f"baseline-{m}x-lr{f:g}-s{scale.seeds[0]}"] = train_tree(
-                scale, model_fields(scale, n_core), plain, data, scale.steps, seq_len, lr=scale.lr * f,
-                seed=scale.seeds[0])
+            jobs[f"sweep-{m}x-lr{f:g}"] = train_tree(scale, model_fields(scale, n_core), plain, data, sweep_steps,
+                                                     seq_len, lr=scale.lr * f, seed=scale.seeds[0])
     ratio = train_flops_per_token(model_fields(scale), huginn) / train_flops_per_token(model_fields(scale), plain)
     flops_steps = round(scale.steps * ratio)
     cot_file = write_jsonl(task.generate(scale.n_train, split="train", seed=0, cot=True),
@@ -438,25 +442,30 @@ def plan(scale: Scale, out: Path, task: Any) -> tuple[dict[str, dict[str, Any]],
 
 
 def second_round(scale: Scale, first: dict[str, dict[str, Any]], meta: dict[str, Any],
-                 jobs: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[int, float]]:
-    """The baselines' chosen learning rates (best in-distribution validation accuracy, ties to the lower lr) and
-    the configs of their other seeds, plus the equal-FLOPs 1x arm at the 1x baseline's chosen lr, every seed."""
+                 jobs: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[int, float], dict[str, str]]:
+    """The baselines' chosen learning rates (best in-distribution validation accuracy of the sweep, ties to the
+    lower lr), the configs of their full runs at every seed and of the equal-FLOPs 1x arm (first seed, the 1x
+    baseline's chosen lr), and aliases: full runs that are a sweep run already (sweep_fraction 1, first seed)."""
     chosen: dict[int, float] = {}
     more: dict[str, dict[str, Any]] = {}
+    aliases: dict[str, str] = {}
     plain = {"sampler": "non-recurrent"}
     for m in meta["cores"]:
-        scores = {f: first[f"baseline-{m}x-lr{f:g}-s{scale.seeds[0]}"]["val_accuracy"] or 0.0
-                  for f in scale.lr_factors}
+        scores = {f: first[f"sweep-{m}x-lr{f:g}"]["val_accuracy"] or 0.0 for f in scale.lr_factors}
         chosen[m] = max(sorted(scores), key=lambda f: scores[f])
-        for s in scale.seeds[1:]:
-            tree = jobs[f"baseline-{m}x-lr{chosen[m]:g}-s{scale.seeds[0]}"]
-            more[f"baseline-{m}x-lr{chosen[m]:g}-s{s}"] = {**tree, "train": {**tree["train"], "seed": s}}
-    one = jobs[f"baseline-{min(meta['cores'])}x-lr{chosen[min(meta['cores'])]:g}-s{scale.seeds[0]}"]
-    for s in scale.seeds:
-        fields = {k: v for k, v in one["model"].items() if k != "preset"}
-        more[f"flops-1x-s{s}"] = train_tree(scale, fields, plain, meta["data"], meta["flops_steps"], meta["seq_len"],
-                                            lr=one["optim"]["lr"], seed=s)
-    return more, chosen
+        swept = f"sweep-{m}x-lr{chosen[m]:g}"
+        for s in scale.seeds:
+            name = f"baseline-{m}x-lr{chosen[m]:g}-s{s}"
+            if scale.sweep_fraction == 1.0 and s == scale.seeds[0]:
+                aliases[name] = swept
+                continue
+            tree = jobs[swept]
+            more[name] = {**tree, "train": {**tree["train"], "seed": s, "steps": scale.steps}}
+    one = jobs[f"sweep-{min(meta['cores'])}x-lr{chosen[min(meta['cores'])]:g}"]
+    fields = {k: v for k, v in one["model"].items() if k != "preset"}
+    more[f"flops-1x-s{scale.seeds[0]}"] = train_tree(scale, fields, plain, meta["data"], meta["flops_steps"],
+                                                      meta["seq_len"], lr=one["optim"]["lr"], seed=scale.seeds[0])
+    return more, chosen, aliases
 
 
 def run(out_dir: str | Path, quick: bool = False, scale: Scale | None = None, log: Log = print,
@@ -479,8 +488,9 @@ def run(out_dir: str | Path, quick: bool = False, scale: Scale | None = None, lo
     arms_dir = out / "arms"
     jobs, meta = plan(scale, out, task)
     arms = train_all(jobs, arms_dir, scale.jobs, log, reuse)
-    more, chosen = second_round(scale, arms, meta, jobs)
+    more, chosen, aliases = second_round(scale, arms, meta, jobs)
     arms.update(train_all(more, arms_dir, scale.jobs, log, reuse))
+    arms.update({name: arms[swept] for name, swept in aliases.items()})
     log(f"[reproduce] baselines' learning rates (x {scale.lr:g}): {chosen}")
 
     log("[eval] depth sweeps, baselines, exit sweep, chain of thought, perplexity")
@@ -500,8 +510,8 @@ def run(out_dir: str | Path, quick: bool = False, scale: Scale | None = None, lo
     res["baselines"] = [_baseline_record(arms, m, n_core, chosen[m], scale, splits)
                         for m, n_core in meta["cores"].items()]
     res["baseline_sweep"] = {name: {"val_accuracy": arms[name]["val_accuracy"], "lr": jobs[name]["optim"]["lr"]}
-                             for name in jobs if name.startswith("baseline-")}
-    fl = [_ood_test(arms[f"flops-1x-s{s}"], splits) for s in scale.seeds]
+                             for name in jobs if name.startswith("sweep-")}
+    fl = [_ood_test(arms[f"flops-1x-s{scale.seeds[0]}"], splits)]
     res["flops"] = {"steps": meta["flops_steps"], "flops_ratio": meta["flops_ratio"],
                     "ood": summarize([x["ood"] for x in fl]), "test": summarize([x["test"] for x in fl])}
     res["cot"] = {**arms["cot"], **eval_cot(arms["cot"], task, cot_rows)}

@@ -27,8 +27,9 @@ def test_micro_run_writes_results_with_one_claim_per_target(tmp_path: Path) -> N
     assert [b["multiplier"] for b in saved["baselines"]] == [1, 2]
     assert saved["baselines"][1]["params"] > 1.5 * saved["baselines"][0]["params"]
     arms = {p.name for p in (tmp_path / "arms").iterdir() if p.is_dir()}
-    assert arms == {"recurrent-s0", "fixed-depth-s0", "baseline-1x-lr1-s0", "baseline-2x-lr1-s0", "flops-1x-s0",
-                    "cot", "text"}
+    # sweep_fraction 1: the first seed's baseline is the sweep's run itself, not trained twice
+    assert arms == {"recurrent-s0", "fixed-depth-s0", "sweep-1x-lr1", "sweep-2x-lr1", "flops-1x-s0", "cot", "text"}
+    assert saved["baselines"][0]["arms"] == ["baseline-1x-lr1-s0"]
     assert saved["flops"]["steps"] > MICRO.steps  # the equal-FLOPs arm trains longer than the 1x baseline
     md = (tmp_path / "results.md").read_text()
     assert "QUICK smoke run" in md and "| r = 1 |" in md
@@ -37,27 +38,34 @@ def test_micro_run_writes_results_with_one_claim_per_target(tmp_path: Path) -> N
     assert reproduce.rejudge(tmp_path)["claims"] == saved["claims"]
 
 
-def test_second_round_keeps_each_size_best_lr_and_trains_it_on_every_other_seed() -> None:
-    scale = replace(MICRO, seeds=(0, 1, 2), lr_factors=(0.5, 1.0, 2.0))
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_second_round_keeps_each_size_best_lr_and_trains_it_at_every_seed(fraction: float) -> None:
+    scale = replace(MICRO, seeds=(0, 1, 2), lr_factors=(0.5, 1.0, 2.0), steps=40, sweep_fraction=fraction)
     data = reproduce.task_data(scale)
     jobs, first = {}, {}
     val = {1: {0.5: 0.2, 1.0: 0.6, 2.0: 0.4}, 2: {0.5: 0.7, 1.0: 0.7, 2.0: 0.1}}  # size 2: a tie, the lower lr wins
     for m in (1, 2):
         for f in scale.lr_factors:
-            name = f"baseline-{m}x-lr{f:g}-s0"
+            name = f"sweep-{m}x-lr{f:g}"
             jobs[name] = reproduce.train_tree(scale, reproduce.model_fields(scale, m), {"sampler": "non-recurrent"},
-                                              data, 10, 16, lr=scale.lr * f)
+                                              data, round(40 * fraction), 16, lr=scale.lr * f)
             first[name] = {"val_accuracy": val[m][f]}
-    meta = {"cores": {1: 1, 2: 2}, "data": data, "flops_steps": 25, "seq_len": 16}
-    more, chosen = reproduce.second_round(scale, first, meta, jobs)
+    meta = {"cores": {1: 1, 2: 2}, "data": data, "flops_steps": 100, "seq_len": 16}
+    more, chosen, aliases = reproduce.second_round(scale, first, meta, jobs)
     assert chosen == {1: 1.0, 2: 0.5}
-    assert sorted(more) == ["baseline-1x-lr1-s1", "baseline-1x-lr1-s2", "baseline-2x-lr0.5-s1", "baseline-2x-lr0.5-s2",
-                            "flops-1x-s0", "flops-1x-s1", "flops-1x-s2"]
-    assert more["baseline-2x-lr0.5-s2"]["train"]["seed"] == 2
+    full = ["baseline-1x-lr1-s0", "baseline-1x-lr1-s1", "baseline-1x-lr1-s2", "baseline-2x-lr0.5-s0",
+            "baseline-2x-lr0.5-s1", "baseline-2x-lr0.5-s2"]
+    if fraction == 1.0:  # the sweep's run is the first seed's full run
+        assert aliases == {"baseline-1x-lr1-s0": "sweep-1x-lr1", "baseline-2x-lr0.5-s0": "sweep-2x-lr0.5"}
+        full = [n for n in full if n not in aliases]
+    else:
+        assert aliases == {}
+    assert sorted(more) == full + ["flops-1x-s0"]
+    assert more["baseline-2x-lr0.5-s2"]["train"] == {**jobs["sweep-2x-lr0.5"]["train"], "seed": 2, "steps": 40}
     assert more["baseline-2x-lr0.5-s2"]["optim"]["lr"] == scale.lr * 0.5
-    flops = more["flops-1x-s1"]
-    assert flops["train"]["steps"] == 25 and flops["optim"]["lr"] == scale.lr * 1.0
-    assert flops["model"] == jobs["baseline-1x-lr1-s0"]["model"]  # the 1x transformer, trained longer
+    flops = more["flops-1x-s0"]
+    assert flops["train"]["steps"] == 100 and flops["optim"]["lr"] == scale.lr * 1.0
+    assert flops["model"] == jobs["sweep-1x-lr1"]["model"]  # the 1x transformer, trained longer
 
 
 def _curve(accs: dict[int, float], levels: dict[int, dict[int, float]] | None = None) -> list[dict]:
