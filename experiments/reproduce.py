@@ -77,7 +77,8 @@ class Scale:
 
 FULL = Scale()
 QUICK = Scale(n_embd=32, n_heads=2, intermediate_size=64, mean_recurrence=3, backprop_depth=2, steps=20,
-              batch_size=16, lr_factors=(1.0,), sweep_fraction=1.0, seeds=(0,), n_train=1000, n_eval=32, multipliers=(1, 2),
+              batch_size=16, lr_factors=(1.0,), sweep_fraction=1.0, seeds=(0,), n_train=1000, n_eval=32,
+              multipliers=(1, 2),
               table=(1, 5), text_steps=10, text_max_chars=50_000, exit_thresholds=(1e-2, 1e-3))
 LEARNED = 0.05  # below this accuracy an arm learned nothing, and no claim about it can hold
 EVAL_SEED = 1000  # evaluation rows: seeds 1000 (test) and 1001 (ood); training validation rows use seed 1
