@@ -292,7 +292,9 @@ class RowKVCache:
     `policy_b.slot(LayerKey("core", j, step_b))`. `update` writes k and v and returns each row's visible keys and
     values right-aligned to the longest row (the attention layer lets each query see the last T keys as its own),
     with a validity mask; positions of other rows never mix. What an exited token leaves at deeper steps is its
-    policy's `fill_exited`, through `copy_slot`, as in `KVCache`.
+    policy's `fill_exited`, through `copy_slot`, as in `KVCache`. The fused CPU op reads contiguous slots: `gather`
+    lends it the bound rows' keys and values in that layout (right-aligned, as `update` returns them) and `scatter`
+    writes back the new positions it filled (`recurrent_depth.inference.fused`).
     """
 
     is_compileable = False
@@ -356,18 +358,42 @@ class RowKVCache:
     def update(self, key: LayerKey, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Write k, v (n, H, T, D) of the bound rows; return each row's visible keys and values (n, H, S, D) and
         the validity mask (n, 1, 1, S), S = the longest bound row's length after this write, each row right-aligned."""
-        if self._rows is None or key.part != self._part or k.shape[0] != self._rows.shape[0] or k.shape[2] != self._T:
-            raise RuntimeError("RowKVCache.update called without a matching bind()")
-        write, read, ok = self._indices(self._slots[key.layer])
+        K, V, (write, read, ok) = self._bound(key, k.shape[0], k.shape[2], "update")
         n, S = ok.shape
-        K = self.k[(key.part, key.layer)].view(-1, self.H, self.D)
-        V = self.v[(key.part, key.layer)].view(-1, self.H, self.D)
         # index_copy_ / index_select on flat 1-D indices: one pass each, cheaper than advanced-index put / gather
         K.index_copy_(0, write, k.transpose(1, 2).reshape(-1, self.H, self.D).to(K.dtype))
         V.index_copy_(0, write, v.transpose(1, 2).reshape(-1, self.H, self.D).to(V.dtype))
         k_all = K.index_select(0, read).view(n, S, self.H, self.D)
         v_all = V.index_select(0, read).view(n, S, self.H, self.D)
         return k_all.transpose(1, 2), v_all.transpose(1, 2), ok[:, None, None, :]
+
+    def gather(self, key: LayerKey, n_rows: int, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The bound rows' keys and values at layer `key` as contiguous (n, H, S, D) tensors, right-aligned as in
+        `update` (row b's T new tokens at positions S - T .. S - 1, whatever is there to be overwritten), and which
+        positions hold a key, (n, S): the contiguous slot layout of the fused op (`recurrent_depth.inference.fused`),
+        which writes the new keys and values into them at position S - T; `scatter` then puts those into the pages."""
+        K, V, (_, read, ok) = self._bound(key, n_rows, n_tokens, "gather")
+        n, S = ok.shape
+        k = K.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2).contiguous()
+        v = V.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2).contiguous()
+        return k, v, ok
+
+    def scatter(self, key: LayerKey, k: Tensor, v: Tensor) -> None:
+        """Write the last T positions of k, v (n, H, S, D), as `gather` gave them and the fused op filled them (the
+        bound rows' new tokens), into the rows' pages."""
+        K, V, (write, _, _) = self._bound(key, k.shape[0], self._T, "scatter")
+        K.index_copy_(0, write, k[:, :, -self._T:].transpose(1, 2).reshape(-1, self.H, self.D))
+        V.index_copy_(0, write, v[:, :, -self._T:].transpose(1, 2).reshape(-1, self.H, self.D))
+
+    def _bound(self, key: LayerKey, n_rows: int, n_tokens: int,
+               caller: str) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The flat key and value pools (pages * P, H, D) of layer `key` and the bound rows' indices at its slots
+        (`_indices`), once the call is checked against the last `bind` (part, rows, T)."""
+        if self._rows is None or key.part != self._part or n_rows != self._rows.shape[0] or n_tokens != self._T:
+            raise RuntimeError(f"RowKVCache.{caller} called without a matching bind()")
+        K = self.k[(key.part, key.layer)].view(-1, self.H, self.D)
+        V = self.v[(key.part, key.layer)].view(-1, self.H, self.D)
+        return K, V, self._indices(self._slots[key.layer])
 
     def _indices(self, slots: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """For the bound rows at `slots` (one per row): the flat pool indices the T new positions go to (n * T,),
