@@ -292,7 +292,7 @@ class RowKVCache:
     `policy_b.slot(LayerKey("core", j, step_b))`. `update` writes k and v and returns each row's visible keys and
     values right-aligned to the longest row (the attention layer lets each query see the last T keys as its own),
     with a validity mask; positions of other rows never mix. What an exited token leaves at deeper steps is its
-    policy's `fill_exited`, through `copy_slot`, as in `KVCache`. The fused CPU op reads contiguous slots: `gather`
+    policy's `fill_exited`, through `copy_slot`, as in `KVCache`. The fused CPU op reads (B, H, S, D) slots: `gather`
     lends it the bound rows' keys and values in that layout (right-aligned, as `update` returns them) and `scatter`
     writes back the new positions it filled (`recurrent_depth.inference.fused`).
     """
@@ -368,14 +368,15 @@ class RowKVCache:
         return k_all.transpose(1, 2), v_all.transpose(1, 2), ok[:, None, None, :]
 
     def gather(self, key: LayerKey, n_rows: int, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The bound rows' keys and values at layer `key` as contiguous (n, H, S, D) tensors, right-aligned as in
-        `update` (row b's T new tokens at positions S - T .. S - 1, whatever is there to be overwritten), and which
-        positions hold a key, (n, S): the contiguous slot layout of the fused op (`recurrent_depth.inference.fused`),
-        which writes the new keys and values into them at position S - T; `scatter` then puts those into the pages."""
+        """Copies of the bound rows' keys and values at layer `key`, (n, H, S, D) views of (n, S, H, D) memory,
+        right-aligned as in `update` (row b's T new tokens at positions S - T .. S - 1, whatever is there to be
+        overwritten), and which positions hold a key, (n, S): the slot layout of the fused op
+        (`recurrent_depth.inference.fused`), which writes the new keys and values into them at position S - T;
+        `scatter` then puts those into the pages."""
         K, V, (_, read, ok) = self._bound(key, n_rows, n_tokens, "gather")
         n, S = ok.shape
-        k = K.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2).contiguous()
-        v = V.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2).contiguous()
+        k = K.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2)  # (n, H, S, D) view: no second copy
+        v = V.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2)
         return k, v, ok
 
     def scatter(self, key: LayerKey, k: Tensor, v: Tensor) -> None:

@@ -11,7 +11,7 @@ above), the norms, RoPE, KV write, attention and gating are plain loops. It appl
     hooks, and a `KVCache` (all of its rows or the subset `cache.rows`): decoding and short prefills, speculative
     drafting and verification, the rows still iterating under adaptive exit, HF `generate` with our cache; or the
     row engine's paged `RowKVCache` (`recurrent_depth.inference.rows`: the server), whose bound rows' keys and values
-    are gathered into contiguous slots, right-aligned, for one recurrence per call, the new ones put back after it.
+    are gathered into one copy per layer, right-aligned, for one recurrence per call, the new ones put back after it.
 
 Anything else runs the eager network. The library is built on first use with the system C++ compiler
 (`torch.utils.cpp_extension`, cached under ~/.cache/torch_extensions); without a compiler, or with
@@ -85,7 +85,7 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
     """Run `blocks` (one stage's sandwich blocks) on x (B, T, d) through the fused op; the caller checked
     `applicable`. With `adapter` (and `e`), x is the core's state and the op runs `n_steps` recurrences (steps
     step .. step + n_steps - 1), each the blocks on adapter([x, e]). Cache bookkeeping (slots, holes, validity) is
-    the cache's own, as in `KVCache.update`; a `RowKVCache` lends the op contiguous copies of the bound rows' keys
+    the cache's own, as in `KVCache.update`; a `RowKVCache` lends the op copies of the bound rows' keys
     (`_run_paged`)."""
     B, T, d = x.shape
     D = d // n_heads
@@ -127,10 +127,11 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
 
 def _run_paged(cache: RowKVCache, blocks: Any, part: str, x: Tensor, e: Tensor | None, adapter: Tensor | None,
                weights: list[Tensor], rope: Tensor, step: int, n_heads: int, eps: float, n_steps: int) -> Tensor:
-    """The op over the rows bound in a paged store: each layer's visible keys and values gathered into contiguous
-    (B, H, S, D) slots, right-aligned (every row writes its new tokens at S - T; positions before a shorter row's
-    start are masked out), the new ones put back into the pages after the call. The store binds each row's own
-    recurrence step and slot (`RowKVCache.bind`), so the core runs one recurrence per call (`step` is not read)."""
+    """The op over the rows bound in a paged store: each layer's visible keys and values gathered into (B, H, S, D)
+    slots (strided views of one copy each), right-aligned (every row writes its new tokens at S - T; positions before
+    a shorter row's start are masked out), the new ones put back into the pages after the call. The store binds each
+    row's own recurrence step and slot (`RowKVCache.bind`), so the core runs one recurrence per call (`step` is not
+    read)."""
     if n_steps != 1:
         raise ValueError(f"a RowKVCache binds one recurrence step per row: the fused op runs 1 step on it, "
                          f"not {n_steps}")

@@ -203,6 +203,34 @@ def test_fused_op_rejects_bad_arguments(debug_model) -> None:
             torch.ops.rdepth.blocks(*{**args, **change}.values())
 
 
+def test_fused_op_reads_strided_slots(debug_model) -> None:
+    """A cache slot may be any (B, H, C, D) view whose D is contiguous (the paged store lends its gathered (B, S, H, D)
+    copies transposed): the output and the keys written are those of contiguous slots; a strided D, or k and v laid
+    out differently, is refused."""
+    d, H = debug_model.config.n_embd, debug_model.config.n_heads
+    blocks = debug_model.transformer.core_block
+    weights, L, D = fused._weights(blocks), len(blocks), d // H
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, d, generator=g)
+    rope = debug_model.transformer.rope[0, 3:5].reshape(1, 2, D // 2, 2).float().contiguous()
+    base_k, base_v = torch.randn(2, 6, H, D, generator=g), torch.randn(2, 6, H, D, generator=g)
+
+    def run(ks, vs):
+        return torch.ops.rdepth.blocks(x, None, None, 1, weights, ks, vs, 3, [fused._EMPTY] * L, rope, 1e-6, H, None)
+
+    strided_k = [base_k.clone().transpose(1, 2) for _ in range(L)]  # (B, H, C, D) views of (B, C, H, D) memory
+    strided_v = [base_v.clone().transpose(1, 2) for _ in range(L)]
+    dense_k, dense_v = [k.contiguous() for k in strided_k], [v.contiguous() for v in strided_v]
+    assert torch.equal(run(strided_k, strided_v), run(dense_k, dense_v))
+    for a, b in zip(strided_k + strided_v, dense_k + dense_v):
+        assert torch.equal(a, b)  # the same new keys and values, at positions 3 and 4
+    assert not torch.equal(strided_k[0][:, :, 3:5], base_k.transpose(1, 2)[:, :, 3:5])
+    with pytest.raises(RuntimeError, match="k slot must be a contiguous fp32 CPU tensor along D"):
+        run([k.transpose(2, 3).contiguous().transpose(2, 3) for k in dense_k], dense_v)
+    with pytest.raises(RuntimeError, match="k and v alike"):
+        run(strided_k, dense_v)
+
+
 def test_fused_can_be_disabled_by_environment(monkeypatch) -> None:
     saved = dict(kernels._state)
     monkeypatch.setenv("RDEPTH_FUSED", "0")
