@@ -1,4 +1,5 @@
-"""KV cache across recurrence steps, with the sharing policy as an object.
+"""KV caches across recurrence steps, with the sharing policy as an object: `KVCache` (static batches: `generate()`,
+speculative decoding, HF `generate`) and `RowKVCache` (paged, rows that join and leave: the server's row engine).
 
 Every attention-layer invocation (prelude layer j, core layer j at recurrence i, coda layer j; see `LayerKey`) reads
 and writes a *slot*. Which slot is the policy's choice:
@@ -6,17 +7,18 @@ and writes a *slot*. Which slot is the policy's choice:
     FullSharing()      one slot per (recurrence step, core layer): Huginn's default `full` lookup. A token that
                        exited early leaves holes in deeper slots; later tokens at those steps do not see it.
     LatestSharing()    same slots, but a token that exited after n steps is read, at deeper steps, from its latest
-                       computed step (the reference's `latest-m4`): the engine calls `fill_latest` at the exit.
+                       computed step (the reference's `latest-m4`): each engine calls `fill_exited` at the exit.
     CyclicSharing(k)   k recurrence slots per core layer, reused cyclically (step i -> slot i mod k); k = 1 is one
                        cache per physical layer (the reference's `latest-m4-compress-s{4k}` for a 4-layer core).
 
     make_kv_policy("full" | "latest" | k)  -> the policy object; anything else is a ValueError naming the choices.
 
-Storage is preallocated per slot, (B, H, capacity, D) for keys and values plus a (B, capacity) validity mask;
-`capacity` is `max_length` when given (the engine passes prompt + new tokens), else it doubles on demand. Writes go to
-positions [seq_len, seq_len + T); `commit(T)` advances. `rows` (an index tensor, or None for all rows) restricts reads
-and writes to a subset of the batch: the engine uses it for rows that are still iterating (adaptive exit) and rows
-that have not finished. Positions a row never wrote at a slot are invalid and masked out of attention.
+`KVCache`'s storage is preallocated per slot, (B, H, capacity, D) for keys and values plus a (B, capacity) validity
+mask; `capacity` is `max_length` when given (`generate()` passes prompt + new tokens), else it doubles on demand.
+Writes go to positions [seq_len, seq_len + T); `commit(T)` advances. `rows` (an index tensor, or None for all rows)
+restricts reads and writes to a subset of the batch: `forward_rows` uses it for rows that are still iterating
+(adaptive exit) and rows that have not finished. Positions a row never wrote at a slot are invalid and masked out of
+attention. `RowKVCache`'s storage is pages of positions, taken and given back per row (its class docstring).
 """
 
 from __future__ import annotations
