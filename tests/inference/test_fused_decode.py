@@ -494,3 +494,30 @@ def test_fused_op_rejects_mixed_storage_types(debug_model) -> None:
                             (dict(weights=half), "must be fp32 or bf16")]:
         with pytest.raises(RuntimeError, match=f"rdepth.blocks: .*{message}"):
             torch.ops.rdepth.blocks(*{**args, **change}.values())
+
+
+@requires_avx512
+def test_fused_bf16_row_engine_gives_generate_alone(debug_model, monkeypatch) -> None:
+    """A bf16 model in the row engine (the server's loop) runs its stages on the fused op over the paged store's bf16
+    keys, and each row gives what bf16 `generate()` gives it alone (up to 4 rows a call: the op's own products)."""
+    from recurrent_depth.inference.params import DepthParams, SamplingParams
+    from recurrent_depth.inference.rows import Row, RowEngine
+
+    low, _ = _bf16_pair(debug_model)
+    stages: list[str] = []
+    real = fused._run_paged
+    monkeypatch.setattr(fused, "_run_paged", lambda cache, blocks, part, *a: stages.append(part)
+                        or real(cache, blocks, part, *a))
+    depths = [DepthParams(5), DepthParams(8, "kl", 1e-3), DepthParams(3, kv_sharing=1), DepthParams(6)]
+    rows = [Row(p, d, SamplingParams(8, 0.0)) for p, d in zip([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], depths)]
+    engine, waiting = RowEngine(low, max_rows=3), list(rows)
+    while waiting or engine.live:
+        while waiting and engine.free_rows:
+            engine.add(waiting.pop(0))
+        engine.step()
+    assert {"prelude", "core", "coda"} <= set(stages)
+    for row, d in zip(rows, depths):
+        out = generate(low, torch.tensor([row.prompt]), max_new_tokens=8, num_steps=d.num_steps,
+                       exit_criterion=d.exit_criterion, exit_threshold=d.exit_threshold, kv_sharing=d.kv_sharing)
+        alone = (out.sequences[0, len(row.prompt):].tolist(), out.steps[0].tolist())
+        assert (row.tokens, row.token_steps) == alone, d
