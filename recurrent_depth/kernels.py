@@ -116,16 +116,18 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
 
 def build_tag() -> str:
     """A digest of everything the built library depends on: the CPU (model and flags: -march=native), the Python
-    environment (sys.prefix), the torch build it links against, the compiler flags and the sources' bytes.
+    environment (sys.prefix), the torch build it links against, the compiler flags and the sources' paths and bytes.
 
     Each distinct tag gets its own build folder, so two virtual environments (or two checkouts) on one machine keep
-    their own library instead of rebuilding each other's on every first use."""
+    their own library instead of rebuilding each other's on every first use. The paths count because torch writes
+    them into the folder's build.ninja: two checkouts of the same sources in one folder rewrote it in turn, and ninja
+    recompiled on every first use of each (20-50 s a process on a shared machine)."""
     import hashlib
     import platform
 
     info = platform.machine() + sys.prefix + torch.__version__ + str(torch.__file__) + " ".join(_CFLAGS)
     for src in _SOURCES:
-        info += hashlib.sha256(src.read_bytes()).hexdigest()
+        info += str(src.resolve()) + hashlib.sha256(src.read_bytes()).hexdigest()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         info += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))

@@ -15,8 +15,9 @@
 //            each of the n_steps recurrences runs the blocks on adapter([x, e])
 //   weights  9 tensors per block: norm_1 (d), Wqkv (3d, d), qk_bias (2, H*D) or empty, attn.proj (d, d), norm_2 (d),
 //            norm_3 (d), mlp.fc (2I, d), mlp.proj (d, I), norm_4 (d)
-//   kslots, vslots  one (B, H, C, D) cache slot per (step, block), step-major; token t's key and value are written
-//            at position pos + t, and it attends causally to positions 0 .. pos + t
+//   kslots, vslots  one (B, H, C, D) cache slot per (step, block), step-major, any strides but a contiguous D (k and
+//            v alike); token t's key and value are written at position pos + t, and it attends causally to positions
+//            0 .. pos + t
 //   masks    one per (step, block): empty (every such position visible), or a bool tensor of visible keys, (B, S)
 //            for all tokens of a row or (B, T, S) per token, S = pos + T; a token always sees itself
 //   rope     (B or 1, T, D/2, 2) cos/sin of each token's position
@@ -266,6 +267,14 @@ void check(const at::Tensor& t, at::ScalarType st, const char* name, const char*
               " must be a contiguous ", st == at::kFloat ? "fp32" : "bf16", " CPU tensor");
 }
 
+// A cache slot: a CPU tensor of dtype st whose last dim (D) is contiguous; the other dims may be strided (a paged
+// store's gathered keys are (B, S, H, D) in memory, handed over as their (B, H, S, D) transpose without a copy).
+void check_slot(const at::Tensor& t, at::ScalarType st, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == st && t.dim() == 4 && t.stride(3) == 1,
+              "rdepth.blocks: ", name, " must be a contiguous ", st == at::kFloat ? "fp32" : "bf16",
+              " CPU tensor along D: (B, H, C, D) with D's stride 1");
+}
+
 template <typename St>
 at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e,
                        const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
@@ -333,11 +342,11 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
   for (int64_t i = 0; i < n_steps * L; ++i) {
     const at::Tensor& ks = kslots[i];
     const at::Tensor& vs = vslots[i];
-    check(ks, st, "k slot");
-    check(vs, st, "v slot");
+    check_slot(ks, st, "k slot");
+    check_slot(vs, st, "v slot");
     TORCH_CHECK(ks.dim() == 4 && (rowp != nullptr || ks.size(0) == B) && ks.size(1) == H && ks.size(3) == D &&
-                    ks.size(2) >= S && vs.sizes() == ks.sizes(),
-                "rdepth.blocks: cache slots must be (B, H, C >= pos + T, D)");
+                    ks.size(2) >= S && vs.sizes() == ks.sizes() && vs.strides() == ks.strides(),
+                "rdepth.blocks: cache slots must be (B, H, C >= pos + T, D), k and v alike");
     TORCH_CHECK(row_end <= ks.size(0), "rdepth.blocks: a row index is outside the cache");
     const at::Tensor& mask = masks[i];
     if (mask.numel() > 0) {
@@ -382,7 +391,7 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
       const at::Tensor& mask = masks[step * L + l];
       const bool* mp = mask.numel() > 0 ? mask.data_ptr<bool>() : nullptr;
       const bool mask_per_token = mp != nullptr && mask.dim() == 3;
-      const int64_t C = ks.size(2);
+      const int64_t sr = ks.stride(0), sh = ks.stride(1), sp = ks.stride(2);  // row, head, position (elements)
 
       // attention half: x = norm_2(attn(norm_1(x)) + x)
       rms_norm_rows(xp, w[0].data_ptr<float>(), hp, R, d, eps);
@@ -415,8 +424,8 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
               kk[1] = k1 * c + k0 * sn;
             }
             const int64_t cb = rowp != nullptr ? rowp[b] : b;
-            St* kdst = kc + ((cb * H + hh) * C + pos + t) * D;
-            St* vdst = vc + ((cb * H + hh) * C + pos + t) * D;
+            St* kdst = kc + cb * sr + hh * sh + (pos + t) * sp;
+            St* vdst = vc + cb * sr + hh * sh + (pos + t) * sp;
             for (int64_t i = 0; i < D; ++i) {
               kdst[i] = narrow<St>(k[hh * D + i]);
               vdst[i] = narrow<St>(v[hh * D + i]);
@@ -432,15 +441,15 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
           for (int64_t hh = 0; hh < H; ++hh) {
             const float* qh = q + hh * D;
             const int64_t cb = rowp != nullptr ? rowp[b] : b;
-            const St* kbase = kc + (cb * H + hh) * C * D;  // the token's own key and value as stored (rounded)
-            const St* vbase = vc + (cb * H + hh) * C * D;
+            const St* kbase = kc + cb * sr + hh * sh;  // the token's own key and value as stored (rounded)
+            const St* vbase = vc + cb * sr + hh * sh;
             float m = -INFINITY;
             for (int64_t s = 0; s <= own; ++s) {
               if (mrow && !mrow[s] && s != own) {
                 scores[s] = -INFINITY;
                 continue;
               }
-              const St* kr = kbase + s * D;
+              const St* kr = kbase + s * sp;
               float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
               for (int64_t i = 0; i < D; ++i) dot += qh[i] * widen(kr[i]);
@@ -460,7 +469,7 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
             for (int64_t s = 0; s <= own; ++s) {
               const float p = sc[s] / total;
               if (p == 0.f) continue;
-              const St* vr = vbase + s * D;
+              const St* vr = vbase + s * sp;
 #pragma omp simd
               for (int64_t i = 0; i < D; ++i) out[i] += p * widen(vr[i]);
             }

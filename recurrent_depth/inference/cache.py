@@ -1,4 +1,5 @@
-"""KV cache across recurrence steps, with the sharing policy as an object.
+"""KV caches across recurrence steps, with the sharing policy as an object: `KVCache` (static batches: `generate()`,
+speculative decoding, HF `generate`) and `RowKVCache` (paged, rows that join and leave: the server's row engine).
 
 Every attention-layer invocation (prelude layer j, core layer j at recurrence i, coda layer j; see `LayerKey`) reads
 and writes a *slot*. Which slot is the policy's choice:
@@ -6,17 +7,18 @@ and writes a *slot*. Which slot is the policy's choice:
     FullSharing()      one slot per (recurrence step, core layer): Huginn's default `full` lookup. A token that
                        exited early leaves holes in deeper slots; later tokens at those steps do not see it.
     LatestSharing()    same slots, but a token that exited after n steps is read, at deeper steps, from its latest
-                       computed step (the reference's `latest-m4`): the engine calls `fill_latest` at the exit.
+                       computed step (the reference's `latest-m4`): each engine calls `fill_exited` at the exit.
     CyclicSharing(k)   k recurrence slots per core layer, reused cyclically (step i -> slot i mod k); k = 1 is one
                        cache per physical layer (the reference's `latest-m4-compress-s{4k}` for a 4-layer core).
 
     make_kv_policy("full" | "latest" | k)  -> the policy object; anything else is a ValueError naming the choices.
 
-Storage is preallocated per slot, (B, H, capacity, D) for keys and values plus a (B, capacity) validity mask;
-`capacity` is `max_length` when given (the engine passes prompt + new tokens), else it doubles on demand. Writes go to
-positions [seq_len, seq_len + T); `commit(T)` advances. `rows` (an index tensor, or None for all rows) restricts reads
-and writes to a subset of the batch: the engine uses it for rows that are still iterating (adaptive exit) and rows
-that have not finished. Positions a row never wrote at a slot are invalid and masked out of attention.
+`KVCache`'s storage is preallocated per slot, (B, H, capacity, D) for keys and values plus a (B, capacity) validity
+mask; `capacity` is `max_length` when given (`generate()` passes prompt + new tokens), else it doubles on demand.
+Writes go to positions [seq_len, seq_len + T); `commit(T)` advances. `rows` (an index tensor, or None for all rows)
+restricts reads and writes to a subset of the batch: `forward_rows` uses it for rows that are still iterating
+(adaptive exit) and rows that have not finished. Positions a row never wrote at a slot are invalid and masked out of
+attention. `RowKVCache`'s storage is pages of positions, taken and given back per row (its class docstring).
 """
 
 from __future__ import annotations
@@ -292,7 +294,9 @@ class RowKVCache:
     `policy_b.slot(LayerKey("core", j, step_b))`. `update` writes k and v and returns each row's visible keys and
     values right-aligned to the longest row (the attention layer lets each query see the last T keys as its own),
     with a validity mask; positions of other rows never mix. What an exited token leaves at deeper steps is its
-    policy's `fill_exited`, through `copy_slot`, as in `KVCache`.
+    policy's `fill_exited`, through `copy_slot`, as in `KVCache`. The fused CPU op reads (B, H, S, D) slots: `gather`
+    lends it the bound rows' keys and values in that layout (right-aligned, as `update` returns them) and `scatter`
+    writes back the new positions it filled (`recurrent_depth.inference.fused`).
     """
 
     is_compileable = False
@@ -356,18 +360,43 @@ class RowKVCache:
     def update(self, key: LayerKey, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Write k, v (n, H, T, D) of the bound rows; return each row's visible keys and values (n, H, S, D) and
         the validity mask (n, 1, 1, S), S = the longest bound row's length after this write, each row right-aligned."""
-        if self._rows is None or key.part != self._part or k.shape[0] != self._rows.shape[0] or k.shape[2] != self._T:
-            raise RuntimeError("RowKVCache.update called without a matching bind()")
-        write, read, ok = self._indices(self._slots[key.layer])
+        K, V, (write, read, ok) = self._bound(key, k.shape[0], k.shape[2], "update")
         n, S = ok.shape
-        K = self.k[(key.part, key.layer)].view(-1, self.H, self.D)
-        V = self.v[(key.part, key.layer)].view(-1, self.H, self.D)
         # index_copy_ / index_select on flat 1-D indices: one pass each, cheaper than advanced-index put / gather
         K.index_copy_(0, write, k.transpose(1, 2).reshape(-1, self.H, self.D).to(K.dtype))
         V.index_copy_(0, write, v.transpose(1, 2).reshape(-1, self.H, self.D).to(V.dtype))
         k_all = K.index_select(0, read).view(n, S, self.H, self.D)
         v_all = V.index_select(0, read).view(n, S, self.H, self.D)
         return k_all.transpose(1, 2), v_all.transpose(1, 2), ok[:, None, None, :]
+
+    def gather(self, key: LayerKey, n_rows: int, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of the bound rows' keys and values at layer `key`, (n, H, S, D) views of (n, S, H, D) memory,
+        right-aligned as in `update` (row b's T new tokens at positions S - T .. S - 1, whatever is there to be
+        overwritten), and which positions hold a key, (n, S): the slot layout of the fused op
+        (`recurrent_depth.inference.fused`), which writes the new keys and values into them at position S - T;
+        `scatter` then puts those into the pages."""
+        K, V, (_, read, ok) = self._bound(key, n_rows, n_tokens, "gather")
+        n, S = ok.shape
+        k = K.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2)  # (n, H, S, D) view: no second copy
+        v = V.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2)
+        return k, v, ok
+
+    def scatter(self, key: LayerKey, k: Tensor, v: Tensor) -> None:
+        """Write the last T positions of k, v (n, H, S, D), as `gather` gave them and the fused op filled them (the
+        bound rows' new tokens), into the rows' pages."""
+        K, V, (write, _, _) = self._bound(key, k.shape[0], self._T, "scatter")
+        K.index_copy_(0, write, k[:, :, -self._T:].transpose(1, 2).reshape(-1, self.H, self.D))
+        V.index_copy_(0, write, v[:, :, -self._T:].transpose(1, 2).reshape(-1, self.H, self.D))
+
+    def _bound(self, key: LayerKey, n_rows: int, n_tokens: int,
+               caller: str) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The flat key and value pools (pages * P, H, D) of layer `key` and the bound rows' indices at its slots
+        (`_indices`), once the call is checked against the last `bind` (part, rows, T)."""
+        if self._rows is None or key.part != self._part or n_rows != self._rows.shape[0] or n_tokens != self._T:
+            raise RuntimeError(f"RowKVCache.{caller} called without a matching bind()")
+        K = self.k[(key.part, key.layer)].view(-1, self.H, self.D)
+        V = self.v[(key.part, key.layer)].view(-1, self.H, self.D)
+        return K, V, self._indices(self._slots[key.layer])
 
     def _indices(self, slots: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """For the bound rows at `slots` (one per row): the flat pool indices the T new positions go to (n * T,),

@@ -9,7 +9,9 @@ above), the norms, RoPE, KV write, attention and gating are plain loops. It appl
     a stage with at least one block, at most MAX_TOKENS (64) new tokens per row, activations and weights on the CPU
     in fp32, or in bf16 where the library was built with AVX-512 (`kernels.vector_isa()`), no autograd, no module
     hooks, and a `KVCache` (all of its rows or the subset `cache.rows`): decoding and short prefills, speculative
-    drafting and verification, the rows still iterating under adaptive exit, HF `generate` with our cache.
+    drafting and verification, the rows still iterating under adaptive exit, HF `generate` with our cache; or the
+    row engine's paged `RowKVCache` (`recurrent_depth.inference.rows`: the server), whose bound rows' keys and values
+    are gathered into one copy per layer, right-aligned, for one recurrence per call, the new ones put back after it.
 
 Anything else runs the eager network. The library is built on first use with the system C++ compiler
 (`torch.utils.cpp_extension`, cached under ~/.cache/torch_extensions); without a compiler, or with
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from recurrent_depth.inference.cache import KVCache
+from recurrent_depth.inference.cache import KVCache, RowKVCache
 from recurrent_depth.kernels import available, vector_isa
 from recurrent_depth.model.layers import AttentionContext, LayerKey
 
@@ -61,8 +63,13 @@ def applicable(x: Tensor, ctx: AttentionContext, blocks: Any) -> bool:
     module hooks) run eagerly, so that hooks keep firing; an empty stage has nothing to fuse."""
     return (len(blocks) > 0 and x.shape[1] <= MAX_TOKENS and x.dtype in _DTYPES and x.device.type == "cpu"
             and blocks[0].attn.Wqkv.weight.dtype == x.dtype and not torch.is_grad_enabled()
-            and isinstance(ctx.cache, KVCache) and not _hooked(blocks) and available()
+            and _store_fits(ctx) and not _hooked(blocks) and available()
             and (x.dtype == torch.float32 or vector_isa() == "avx512"))
+
+
+def _store_fits(ctx: AttentionContext) -> bool:
+    """A `KVCache`, or a `RowKVCache` without a forward mask (the row engine's calls: its store masks each row)."""
+    return isinstance(ctx.cache, KVCache) or (isinstance(ctx.cache, RowKVCache) and ctx.mask is None)
 
 
 def _hooked(blocks: Any) -> bool:
@@ -78,20 +85,26 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
     """Run `blocks` (one stage's sandwich blocks) on x (B, T, d) through the fused op; the caller checked
     `applicable`. With `adapter` (and `e`), x is the core's state and the op runs `n_steps` recurrences (steps
     step .. step + n_steps - 1), each the blocks on adapter([x, e]). Cache bookkeeping (slots, holes, validity) is
-    the cache's own, as in `KVCache.update`."""
-    cache: KVCache = ctx.cache  # type: ignore[assignment]
+    the cache's own, as in `KVCache.update`; a `RowKVCache` lends the op copies of the bound rows' keys
+    (`_run_paged`)."""
     B, T, d = x.shape
     D = d // n_heads
-    start = cache.seq_len
-    S = start + T
     scratch = ctx.fused
     weights = scratch.get(part)
     if weights is None:  # gathered once per forward (not per recurrence): parameters may change between forwards
         weights = scratch[part] = _weights(blocks)
         if "rope" not in scratch:
             scratch["rope"] = ctx.rope.reshape(ctx.rope.shape[0], T, D // 2, 2).float().contiguous()
-            # the forward's own mask (padding; causal within the new tokens is the op's), per token: (B, T, S)
-            scratch["pad"] = None if ctx.mask is None else ctx.mask[:, 0, :, :S]
+    x = x.contiguous()
+    e = None if e is None else e.contiguous()
+    if isinstance(ctx.cache, RowKVCache):
+        return _run_paged(ctx.cache, blocks, part, x, e, adapter, weights, scratch["rope"], step, n_heads, eps,
+                          n_steps)
+    cache: KVCache = ctx.cache  # type: ignore[assignment]
+    start = cache.seq_len
+    S = start + T
+    if "pad" not in scratch:  # the forward's own mask (padding; causal within the new tokens is the op's): (B, T, S)
+        scratch["pad"] = None if ctx.mask is None else ctx.mask[:, 0, :, :S]
     pad = scratch["pad"]
     rows = cache.rows
     like = x.new_empty(()).expand(B, n_heads, T, D)  # the shape of one layer's new keys, for the cache's bookkeeping
@@ -108,10 +121,29 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
             if pad is not None:
                 valid = pad if valid is None else valid[:, None, :] & pad
             masks.append(_EMPTY if valid is None else valid.contiguous())
-    x = x.contiguous()
-    e = None if e is None else e.contiguous()
     return torch.ops.rdepth.blocks(x, e, adapter, n_steps, weights, kslots, vslots, start, masks, scratch["rope"],
                                    eps, n_heads, rows)
+
+
+def _run_paged(cache: RowKVCache, blocks: Any, part: str, x: Tensor, e: Tensor | None, adapter: Tensor | None,
+               weights: list[Tensor], rope: Tensor, step: int, n_heads: int, eps: float, n_steps: int) -> Tensor:
+    """The op over the rows bound in a paged store: each layer's visible keys and values gathered into (B, H, S, D)
+    slots (strided views of one copy each), right-aligned (every row writes its new tokens at S - T; positions before
+    a shorter row's start are masked out), the new ones put back into the pages after the call. The store binds each
+    row's own recurrence step and slot (`RowKVCache.bind`), so the core runs one recurrence per call (`step` is not
+    read)."""
+    if n_steps != 1:
+        raise ValueError(f"a RowKVCache binds one recurrence step per row: the fused op runs 1 step on it, "
+                         f"not {n_steps}")
+    B, T, _ = x.shape
+    keys = [LayerKey(part, j, step) for j in range(len(blocks))]
+    gathered = [cache.gather(key, B, T) for key in keys]
+    S = gathered[0][2].shape[1]
+    out = torch.ops.rdepth.blocks(x, e, adapter, 1, weights, [k for k, _, _ in gathered], [v for _, v, _ in gathered],
+                                  S - T, [ok for _, _, ok in gathered], rope, eps, n_heads, None)
+    for key, (k, v, _) in zip(keys, gathered):
+        cache.scatter(key, k, v)
+    return out
 
 
 def head(model: Any, hidden: Tensor) -> Tensor | None:

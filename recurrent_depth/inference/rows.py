@@ -19,7 +19,9 @@ Every row reads and writes only its own pages of the `RowKVCache`, its own RoPE 
 generator, so a row produces what `generate()` produces for it alone (bit-for-bit apart from floating-point
 reduction order; greedy tokens are tested equal). The request set-up (exit criterion, sharing policy, sampler,
 warm start) is `DepthParams` / `SamplingParams`'s, what an exited token leaves in the cache is its policy's
-`fill_exited`, the vocabulary ban is `ban_beyond`: the same objects `generate()` uses. The server
+`fill_exited`, the head is `step.head_logits` (vocabulary ban included): the same objects `generate()` uses. On the
+CPU its prelude, core step and coda calls take the fused op (`recurrent_depth.inference.fused`) as `generate()`'s do,
+over contiguous copies of the bound rows' keys (`RowKVCache.gather` / `scatter`), one recurrence per call. The server
 (`recurrent_depth.serving.engine.BatchEngine`) adds text, stop strings and events by overriding `_emit` and
 `_release`.
 """
@@ -35,7 +37,8 @@ from torch import Tensor
 from recurrent_depth.inference.cache import RowKVCache, SharingPolicy
 from recurrent_depth.inference.exit import ExitCriterion, NoExit
 from recurrent_depth.inference.params import DepthParams, SamplingParams
-from recurrent_depth.inference.sampling import Sampler, ban_beyond
+from recurrent_depth.inference.sampling import Sampler
+from recurrent_depth.inference.step import head_logits
 from recurrent_depth.model.layers import AttentionContext
 
 EMBED, ITERATE, DONE = "embed", "iterate", "done"
@@ -225,7 +228,7 @@ class RowEngine:
     def _logits(self, group: list[Row]) -> Tensor:
         """Coda + head on the rows' current states: (n, V) fp32 logits of each row's last position."""
         hidden, _ = self.t.decode(torch.cat([s.state for s in group]), self._context(group, "coda"))
-        return ban_beyond(self.model.lm_head(hidden[:, -1:]).float()[:, 0], self.vocab_limit)  # (n, V)
+        return head_logits(self.model, hidden, False, self.vocab_limit)  # (n, V)
 
     def _finish(self, group: list[Row]) -> None:
         todo = [s for s in group if s.logits is None]

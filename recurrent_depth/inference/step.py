@@ -1,13 +1,16 @@
-"""One forward of T tokens for a subset of a batch's rows, with per-row adaptive exit: the step every decoder drives.
+"""One forward of T tokens for a subset of a batch's rows, with per-row adaptive exit: the static-batch decoders' step.
 
-`generate()` (static batches), `generate_speculative()` (drafts and verification) and schedulers call
-`forward_rows(model, ids, cache, rows=..., ...)`. It runs one forward (prefill of T tokens or one decode token) for
-the rows `rows` held in a shared `KVCache`. Rows that exit stop costing compute; what their KV entries at deeper
-steps hold is the sharing policy's choice (`SharingPolicy.fill_exited`: holes under `full`, the latest step under
-`latest`, whatever the cyclic slot holds under an integer k). It returns the next-token logits, the steps each row
-used and its final state; it advances the cache by T positions (`cache.commit`), so every call must feed the same
-number of tokens T to the rows it names, and rows it does not name get holes at those positions. `attention_mask`
-covers those rows' whole cache (0 at positions where a row has no token).
+`generate()` (static batches, and with it rdepth's evaluation sweeps) and `generate_speculative()` (drafts and
+verification) call `forward_rows(model, ids, cache, rows=..., ...)`; the server's continuous batching is the other
+loop, `recurrent_depth.inference.rows.RowEngine` (one recurrence step per engine step over the paged `RowKVCache`),
+which shares this module's `head_logits`, the sharing policies' `fill_exited` and the fused op. `forward_rows` runs
+one forward (prefill of T tokens or one decode token) for the rows `rows` held in a shared `KVCache`. Rows that exit
+stop costing compute; what their KV entries at deeper steps hold is the sharing policy's choice
+(`SharingPolicy.fill_exited`: holes under `full`, the latest step under `latest`, whatever the cyclic slot holds
+under an integer k). It returns the next-token logits, the steps each row used and its final state; it advances the
+cache by T positions (`cache.commit`), so every call must feed the same number of tokens T to the rows it names, and
+rows it does not name get holes at those positions. `attention_mask` covers those rows' whole cache (0 at positions
+where a row has no token).
 
 vocab_limit: vocabulary rows at or beyond it (an embedding padded past the tokenizer) get probability 0, for the
 exit criteria and the sampler alike (`recurrent_depth.inference.sampling.ban_beyond`).
@@ -56,7 +59,9 @@ def _sub_context(ctx: AttentionContext, idx: Tensor) -> AttentionContext:
     return AttentionContext(rope=rope, mask=None if ctx.mask is None else ctx.mask[idx], cache=ctx.cache)
 
 
-def _head(model: Any, hidden: Tensor, all_logits: bool, vocab_limit: int | None) -> Tensor:
+def head_logits(model: Any, hidden: Tensor, all_logits: bool, vocab_limit: int | None) -> Tensor:
+    """fp32 next-token logits of the coda's output hidden (R, T, d): (R, V) at the last position, or (R, T, V) with
+    all_logits; vocabulary rows at or beyond vocab_limit banned. Every decoder's head (`forward_rows`, `RowEngine`)."""
     last = hidden if all_logits else hidden[:, -1]
     logits = fused.head(model, last)  # a bf16 CPU decode's head on the fused op's kernel (None: the eager head)
     if logits is None:
@@ -88,7 +93,7 @@ def forward_rows(model: Any, input_ids: Tensor, cache: KVCache, *, num_steps: in
             s = t.core_steps(s, e, 0, num_steps, ctx)
             hidden, latents = t.decode(s, ctx)
             steps = torch.full((R,), num_steps, dtype=torch.long, device=e.device)
-            result = RowsResult(_head(model, hidden, all_logits, vocab_limit), steps, s, latents)
+            result = RowsResult(head_logits(model, hidden, all_logits, vocab_limit), steps, s, latents)
         else:
             if all_logits:
                 raise ValueError("all_logits is only available at fixed depth (no exit criterion)")
@@ -127,7 +132,7 @@ def _adaptive(model: Any, e: Tensor, s: Tensor, ctx: AttentionContext, cache: KV
             continue
         if criterion.needs_logits:
             hidden, latents = t.decode(a_s, a_ctx)
-            logits = _head(model, hidden, False, vocab_limit)
+            logits = head_logits(model, hidden, False, vocab_limit)
         exit_now, mem_a, _ = criterion.check(mem[act], a_s, logits, a_valid)
         mem[act] = mem_a
         if n == num_steps:
@@ -139,7 +144,7 @@ def _adaptive(model: Any, e: Tensor, s: Tensor, ctx: AttentionContext, cache: KV
         if logits is None:  # latent criteria: decode the exiting rows now (writes their coda KV entries)
             cache.rows = global_rows[done]
             hidden, latents = t.decode(a_s[exiting], _sub_context(ctx, done))
-            out_logits[done] = _head(model, hidden, False, vocab_limit)
+            out_logits[done] = head_logits(model, hidden, False, vocab_limit)
         else:
             out_logits[done] = logits[exiting]
             latents = latents[exiting]
@@ -158,6 +163,6 @@ def _adaptive(model: Any, e: Tensor, s: Tensor, ctx: AttentionContext, cache: KV
     # rows that ran the full depth (or every row, if num_steps < first_check)
     if logits is None:
         hidden, latents = t.decode(a_s, a_ctx)
-        logits = _head(model, hidden, False, vocab_limit)
+        logits = head_logits(model, hidden, False, vocab_limit)
     out_logits[act], out_state[act], out_latents[act] = logits, a_s, latents
     return RowsResult(out_logits, steps, out_state, out_latents)

@@ -2,9 +2,10 @@
 
 A `Sequence` is one generated continuation (one `choices[i]` of a request), a `Row` with an event callback.
 `BatchEngine` decodes it with the library's row engine (one recurrence step per engine step, each row with its own
-depth, exit criterion, cache sharing and positions; see `recurrent_depth.inference.rows`) and adds what only a
-server needs: detokenized text, held back while it may begin a stop string, stop strings, and a `TokenEvent` per
-token. Every sequence produces what `inference.generate` produces for it alone (greedy tokens tested equal).
+depth, exit criterion, cache sharing and positions, on the fused CPU op where it applies; see
+`recurrent_depth.inference.rows`) and adds what only a server needs: detokenized text, held back while it may begin
+a stop string, stop strings, and a `TokenEvent` per token. Every sequence produces what `inference.generate`
+produces for it alone (greedy tokens tested equal).
 """
 
 from __future__ import annotations

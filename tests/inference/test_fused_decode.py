@@ -203,6 +203,34 @@ def test_fused_op_rejects_bad_arguments(debug_model) -> None:
             torch.ops.rdepth.blocks(*{**args, **change}.values())
 
 
+def test_fused_op_reads_strided_slots(debug_model) -> None:
+    """A cache slot may be any (B, H, C, D) view whose D is contiguous (the paged store lends its gathered (B, S, H, D)
+    copies transposed): the output and the keys written are those of contiguous slots; a strided D, or k and v laid
+    out differently, is refused."""
+    d, H = debug_model.config.n_embd, debug_model.config.n_heads
+    blocks = debug_model.transformer.core_block
+    weights, L, D = fused._weights(blocks), len(blocks), d // H
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, d, generator=g)
+    rope = debug_model.transformer.rope[0, 3:5].reshape(1, 2, D // 2, 2).float().contiguous()
+    base_k, base_v = torch.randn(2, 6, H, D, generator=g), torch.randn(2, 6, H, D, generator=g)
+
+    def run(ks, vs):
+        return torch.ops.rdepth.blocks(x, None, None, 1, weights, ks, vs, 3, [fused._EMPTY] * L, rope, 1e-6, H, None)
+
+    strided_k = [base_k.clone().transpose(1, 2) for _ in range(L)]  # (B, H, C, D) views of (B, C, H, D) memory
+    strided_v = [base_v.clone().transpose(1, 2) for _ in range(L)]
+    dense_k, dense_v = [k.contiguous() for k in strided_k], [v.contiguous() for v in strided_v]
+    assert torch.equal(run(strided_k, strided_v), run(dense_k, dense_v))
+    for a, b in zip(strided_k + strided_v, dense_k + dense_v):
+        assert torch.equal(a, b)  # the same new keys and values, at positions 3 and 4
+    assert not torch.equal(strided_k[0][:, :, 3:5], base_k.transpose(1, 2)[:, :, 3:5])
+    with pytest.raises(RuntimeError, match="k slot must be a contiguous fp32 CPU tensor along D"):
+        run([k.transpose(2, 3).contiguous().transpose(2, 3) for k in dense_k], dense_v)
+    with pytest.raises(RuntimeError, match="k and v alike"):
+        run(strided_k, dense_v)
+
+
 def test_fused_can_be_disabled_by_environment(monkeypatch) -> None:
     saved = dict(kernels._state)
     monkeypatch.setenv("RDEPTH_FUSED", "0")
@@ -466,3 +494,30 @@ def test_fused_op_rejects_mixed_storage_types(debug_model) -> None:
                             (dict(weights=half), "must be fp32 or bf16")]:
         with pytest.raises(RuntimeError, match=f"rdepth.blocks: .*{message}"):
             torch.ops.rdepth.blocks(*{**args, **change}.values())
+
+
+@requires_avx512
+def test_fused_bf16_row_engine_gives_generate_alone(debug_model, monkeypatch) -> None:
+    """A bf16 model in the row engine (the server's loop) runs its stages on the fused op over the paged store's bf16
+    keys, and each row gives what bf16 `generate()` gives it alone (up to 4 rows a call: the op's own products)."""
+    from recurrent_depth.inference.params import DepthParams, SamplingParams
+    from recurrent_depth.inference.rows import Row, RowEngine
+
+    low, _ = _bf16_pair(debug_model)
+    stages: list[str] = []
+    real = fused._run_paged
+    monkeypatch.setattr(fused, "_run_paged", lambda cache, blocks, part, *a: stages.append(part)
+                        or real(cache, blocks, part, *a))
+    depths = [DepthParams(5), DepthParams(8, "kl", 1e-3), DepthParams(3, kv_sharing=1), DepthParams(6)]
+    rows = [Row(p, d, SamplingParams(8, 0.0)) for p, d in zip([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], depths)]
+    engine, waiting = RowEngine(low, max_rows=3), list(rows)
+    while waiting or engine.live:
+        while waiting and engine.free_rows:
+            engine.add(waiting.pop(0))
+        engine.step()
+    assert {"prelude", "core", "coda"} <= set(stages)
+    for row, d in zip(rows, depths):
+        out = generate(low, torch.tensor([row.prompt]), max_new_tokens=8, num_steps=d.num_steps,
+                       exit_criterion=d.exit_criterion, exit_threshold=d.exit_threshold, kv_sharing=d.kv_sharing)
+        alone = (out.sequences[0, len(row.prompt):].tolist(), out.steps[0].tolist())
+        assert (row.tokens, row.token_steps) == alone, d

@@ -165,6 +165,21 @@ def test_build_tag_names_environment_and_sources(monkeypatch, tmp_path):
     assert kernels.build_tag() != base
 
 
+def test_build_tag_names_the_sources_paths(monkeypatch, tmp_path):
+    """Two checkouts of the same sources get separate build folders: torch writes the source paths into the folder's
+    build.ninja, so sharing one folder made ninja recompile on every first use of each checkout in turn."""
+    from recurrent_depth import kernels
+
+    base = kernels.build_tag()
+    copies = []
+    for src in kernels._SOURCES:
+        copy = tmp_path / src.name
+        copy.write_bytes(src.read_bytes())
+        copies.append(copy)
+    monkeypatch.setattr(kernels, "_SOURCES", copies)
+    assert kernels.build_tag() != base
+
+
 def test_cpu_bf16_autocast_forward_and_backward_run() -> None:
     """Under CPU bf16 autocast the projections give bf16 v while RoPE gives fp32 q and k: the layer must not hand
     that mix to the fp32-only kernel (it raised 'q, k, v must be float32')."""
