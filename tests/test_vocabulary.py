@@ -37,9 +37,6 @@ OLD_NAMES = {"n_steps", "max_steps", "depth", "depths", "steps", "r", "cap", "de
              "n_recurrence", "num_recurrence", "num_recurrences", "recurrences"}
 # "file:function-or-class:name" -> why the name is not a recurrence count, or why it stays for now.
 NAME_EXCEPTIONS = {
-    "model/model.py:StageRunner.run_blocks:n_steps": "the runner's keyword, as inference/fused.py names it (owned "
-                                                     "by the inference rewrite; rename both together)",
-    "inference/fused.py:run_blocks:n_steps": "the fused op's keyword (owned by the inference rewrite)",
     "inference/cache.py:RowKVCache._resize:cap": "a page capacity, not a recurrence count",
     "inference/cache.py:RowKVCache.bind:steps": "each bound row's recurrence index (owned by the inference rewrite)",
     "inference/rows.py:RowEngine._context:steps": "each row's recurrence index (owned by the inference rewrite)",

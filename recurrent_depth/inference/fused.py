@@ -81,10 +81,10 @@ def _hooked(blocks: Any) -> bool:
 
 
 def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: int, n_heads: int, eps: float,
-               e: Tensor | None = None, adapter: Tensor | None = None, n_steps: int = 1) -> Tensor:
+               e: Tensor | None = None, adapter: Tensor | None = None, num_steps: int = 1) -> Tensor:
     """Run `blocks` (one stage's sandwich blocks) on x (B, T, d) through the fused op; the caller checked
-    `applicable`. With `adapter` (and `e`), x is the core's state and the op runs `n_steps` recurrences (steps
-    step .. step + n_steps - 1), each the blocks on adapter([x, e]). Cache bookkeeping (slots, holes, validity) is
+    `applicable`. With `adapter` (and `e`), x is the core's state and the op runs `num_steps` recurrences (steps
+    step .. step + num_steps - 1), each the blocks on adapter([x, e]). Cache bookkeeping (slots, holes, validity) is
     the cache's own, as in `KVCache.update`; a `RowKVCache` lends the op copies of the bound rows' keys
     (`_run_paged`)."""
     B, T, d = x.shape
@@ -99,7 +99,7 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
     e = None if e is None else e.contiguous()
     if isinstance(ctx.cache, RowKVCache):
         return _run_paged(ctx.cache, blocks, part, x, e, adapter, weights, scratch["rope"], step, n_heads, eps,
-                          n_steps)
+                          num_steps)
     cache: KVCache = ctx.cache  # type: ignore[assignment]
     start = cache.seq_len
     S = start + T
@@ -109,7 +109,7 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
     rows = cache.rows
     like = x.new_empty(()).expand(B, n_heads, T, D)  # the shape of one layer's new keys, for the cache's bookkeeping
     kslots, vslots, masks = [], [], []
-    for i in range(step, step + n_steps):
+    for i in range(step, step + num_steps):
         for j in range(len(blocks)):
             slot = cache.reserve(LayerKey(part, j, i), like)
             kslots.append(slot.k)
@@ -121,20 +121,20 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
             if pad is not None:
                 valid = pad if valid is None else valid[:, None, :] & pad
             masks.append(_EMPTY if valid is None else valid.contiguous())
-    return torch.ops.rdepth.blocks(x, e, adapter, n_steps, weights, kslots, vslots, start, masks, scratch["rope"],
+    return torch.ops.rdepth.blocks(x, e, adapter, num_steps, weights, kslots, vslots, start, masks, scratch["rope"],
                                    eps, n_heads, rows)
 
 
 def _run_paged(cache: RowKVCache, blocks: Any, part: str, x: Tensor, e: Tensor | None, adapter: Tensor | None,
-               weights: list[Tensor], rope: Tensor, step: int, n_heads: int, eps: float, n_steps: int) -> Tensor:
+               weights: list[Tensor], rope: Tensor, step: int, n_heads: int, eps: float, num_steps: int) -> Tensor:
     """The op over the rows bound in a paged store: each layer's visible keys and values gathered into (B, H, S, D)
     slots (strided views of one copy each), right-aligned (every row writes its new tokens at S - T; positions before
     a shorter row's start are masked out), the new ones put back into the pages after the call. The store binds each
     row's own recurrence step and slot (`RowKVCache.bind`), so the core runs one recurrence per call (`step` is not
     read)."""
-    if n_steps != 1:
+    if num_steps != 1:
         raise ValueError(f"a RowKVCache binds one recurrence step per row: the fused op runs 1 step on it, "
-                         f"not {n_steps}")
+                         f"not {num_steps}")
     B, T, _ = x.shape
     keys = [LayerKey(part, j, step) for j in range(len(blocks))]
     gathered = [cache.gather(key, B, T) for key in keys]

@@ -41,7 +41,7 @@ class StageRunner(Protocol):
 
     def run_blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext, step: int,
                    n_heads: int, eps: float, e: Tensor | None = None, adapter: Tensor | None = None,
-                   n_steps: int = 1) -> Tensor: ...
+                   num_steps: int = 1) -> Tensor: ...
 
 
 class Recurrence:
@@ -179,7 +179,7 @@ class RecurrentDepthModel(nn.Module):
     def _run_core(self, state: Tensor, e: Tensor, first_step: int, num_steps: int, ctx: AttentionContext) -> Tensor:
         assert self.stage_runner is not None  # checked by _runner_takes
         return self.stage_runner.run_blocks(self.core_block, "core", state, ctx, first_step, self.cfg.n_heads,
-                                            self.cfg.norm_eps, e=e, adapter=self.adapter.weight, n_steps=num_steps)
+                                            self.cfg.norm_eps, e=e, adapter=self.adapter.weight, num_steps=num_steps)
 
     def _blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext) -> Tensor:
         """Run the prelude's or the coda's blocks: by the stage runner when it takes the call, else eagerly."""
