@@ -60,7 +60,7 @@ class Scale:
     steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
-    lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)  # baselines' learning-rate sweep, times `lr`
+    lr_factors: tuple[float, ...] = (0.25, 0.5, 1.0)  # baselines' learning-rate sweep, times `lr`
     sweep_fraction: float = 1 / 3  # the sweep's runs train this fraction of `steps` (first seed), then the chosen lr
     #                              trains the full `steps` with every seed (1.0: the sweep's run is the first seed's)
     seeds: tuple[int, ...] = (0, 1)
@@ -181,7 +181,7 @@ def arm_record(name: str, folder: Path, log: Log) -> dict[str, Any]:
     rec = {"name": name, "checkpoint": str(ckpt), "params": read_config(ckpt).estimate_params(),
            "train_seconds": round(max(x.get("elapsed_s", 0.0) for x in lines), 1),
            "final_loss": sum(losses) / len(losses), "val_accuracy": val[-1] if val else None}
-    log(f"  trained {name}: {rec['params']:,} parameters, {rec['train_seconds']:.0f} s, "
+    log(f"  {name}: {rec['params']:,} parameters, trained in {rec['train_seconds']:.0f} s, "
         f"final loss {rec['final_loss']:.3f}, validation accuracy {rec['val_accuracy']}")
     return rec
 
