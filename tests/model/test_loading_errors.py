@@ -167,6 +167,17 @@ def test_non_finite_weights_read_at_load_warn_naming_them(saved: Path, value: fl
         _load(saved, dtype=torch.bfloat16)  # converted, so read
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_screen_checks_every_chunk(saved: Path, monkeypatch, dtype: torch.dtype) -> None:
+    """A NaN in the last of many chunks (the screen confirms a non-finite sum chunk by chunk) still warns."""
+    state = load_file(str(saved / "model.safetensors"))
+    state["transformer.prelude.0.attn.proj.weight"][-1, -1] = float("nan")
+    save_file(state, str(saved / "model.safetensors"))
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 64)
+    with pytest.warns(UserWarning, match=_NAMED):
+        _load(saved, mmap=False, dtype=dtype)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_mapped_weights_warn_at_the_first_forward_only(saved: Path, value: float) -> None:
     """A mapped load leaves the file unread; the first forward (which reads the pages anyway) warns, naming the
