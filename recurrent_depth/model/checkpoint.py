@@ -44,6 +44,8 @@ from recurrent_depth.runtime import DTYPES as _DTYPES
 
 __all__ = ["CheckpointError", "load", "read_config", "read_state_dict", "save"]
 
+_FREE_SHARE = 0.9  # of MemFree a load may fill with its tensors and its file's cached pages: others allocate too,
+# and the kernel starts reclaiming before free memory runs out
 _IGNORED_KEYS = re.compile(r"(^|\.)freqs_cis$")
 _HF_ONLY = ("trust_remote_code", "local_files_only", "revision", "cache_dir", "low_cpu_mem_usage", "use_safetensors",
             "attn_implementation", "_from_auto", "_commit_hash", "code_revision", "adapter_kwargs", "token",
@@ -140,6 +142,16 @@ def check_memory(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.d
                           f"{need / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is available ({where})")
 
 
+def _crowds_page_cache(entries: Mapping[str, StoredTensor], dtype: torch.dtype) -> bool:
+    """Whether new CPU tensors of `dtype` for `entries` plus their stored bytes in the page cache would fill more than
+    `_FREE_SHARE` of MemFree (free pages, not counting reclaimable cache): then the file's pages are dropped as they
+    are read (`load_tensor`'s drop_cache), instead of the kernel reclaiming cache page by page while the new tensors
+    fault in."""
+    free = available_bytes(torch.device("cpu"), "MemFree")
+    new = sum(math.prod(e.shape) for e in entries.values()) * dtype.itemsize
+    return free is not None and new + sum(e.nbytes for e in entries.values()) > _FREE_SHARE * free
+
+
 def _read_weights(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.dtype, device: torch.device,
                   mmap: bool) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The checked tensors on `device` in `dtype`, and the names of those mapped from their files (where `mmap` and
@@ -155,7 +167,8 @@ def _read_weights(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.
     mapped = set(tensors)
     rest = {name: entry for name, entry in entries.items() if name not in mapped}
     check_memory(path, rest, dtype, device)  # mapped pages are the file's cache: the kernel may drop and reread them
-    read = {name: load_tensor(entry, dtype, device) for name, entry in rest.items()}
+    drop = device.type == "cpu" and _crowds_page_cache(rest, dtype)
+    read = {name: load_tensor(entry, dtype, device, drop) for name, entry in rest.items()}
     _warn_non_finite(path, read, stacklevel=5)
     return {**tensors, **read}, mapped
 
