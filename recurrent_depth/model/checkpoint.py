@@ -44,6 +44,8 @@ from recurrent_depth.runtime import DTYPES as _DTYPES
 
 __all__ = ["CheckpointError", "load", "read_config", "read_state_dict", "save"]
 
+_FREE_SHARE = 0.9  # of MemFree a load may fill with its tensors and its file's cached pages: others allocate too,
+# and the kernel starts reclaiming before free memory runs out
 _IGNORED_KEYS = re.compile(r"(^|\.)freqs_cis$")
 _HF_ONLY = ("trust_remote_code", "local_files_only", "revision", "cache_dir", "low_cpu_mem_usage", "use_safetensors",
             "attn_implementation", "_from_auto", "_commit_hash", "code_revision", "adapter_kwargs", "token",
@@ -142,24 +144,62 @@ def check_memory(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.d
                           f"{need / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is available ({where})")
 
 
+def _crowds_page_cache(entries: Mapping[str, StoredTensor], dtype: torch.dtype) -> bool:
+    """Whether new CPU tensors of `dtype` for `entries` plus their stored bytes in the page cache would fill more than
+    `_FREE_SHARE` of MemFree (free pages, not counting reclaimable cache): then the file's pages are dropped as they
+    are read (`load_tensor`'s drop_cache), instead of the kernel reclaiming cache page by page while the new tensors
+    fault in."""
+    free = available_bytes(torch.device("cpu"), "MemFree")
+    new = sum(math.prod(e.shape) for e in entries.values()) * dtype.itemsize
+    return free is not None and new + sum(e.nbytes for e in entries.values()) > _FREE_SHARE * free
+
+
 def _read_weights(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.dtype, device: torch.device,
-                  mmap: bool) -> dict[str, torch.Tensor]:
-    """The checked tensors on `device` in `dtype`: mapped from their files where `mmap` and the stored dtype and
-    device allow (see `map_tensor`), else read into fresh tensors; warns naming any NaN/inf ones."""
+                  mmap: bool) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The checked tensors on `device` in `dtype`, and the names of those mapped from their files (where `mmap` and
+    the stored dtype and device allow, see `map_tensor`); the others are read into fresh tensors and screened for
+    NaN/inf now, at memory speed (a warning names them). Mapped ones are left for `_ScreenAtFirstUse`: screening
+    them here would read the whole file at load, which the mapping exists to avoid."""
     for entry in entries.values():
         check_floating(entry)
     maps: dict[Path, torch.UntypedStorage] = {}
     mappable = mmap and device.type == "cpu"
     tensors = {name: t for name, entry in entries.items()
                if mappable and entry.dtype == dtype and (t := map_tensor(entry, maps)) is not None}
-    rest = {name: entry for name, entry in entries.items() if name not in tensors}
+    mapped = set(tensors)
+    rest = {name: entry for name, entry in entries.items() if name not in mapped}
     check_memory(path, rest, dtype, device)  # mapped pages are the file's cache: the kernel may drop and reread them
-    tensors.update((name, load_tensor(entry, dtype, device)) for name, entry in rest.items())
-    bad = non_finite(tensors)  # reads every mapped page once: the price of the NaN warning at load (see `load`)
+    drop = device.type == "cpu" and _crowds_page_cache(rest, dtype)
+    read = {name: load_tensor(entry, dtype, device, drop) for name, entry in rest.items()}
+    _warn_non_finite(path, read, stacklevel=5)
+    return {**tensors, **read}, mapped
+
+
+def _warn_non_finite(path: Path, tensors: Mapping[str, torch.Tensor], stacklevel: int) -> None:
+    """Warn, naming them, when any of `tensors` (loaded from the checkpoint at `path`) holds a NaN or an infinity."""
+    bad = non_finite(tensors)
     if bad:
         warnings.warn(f"checkpoint {str(path)!r}: tensors holding NaN or infinite values: {_names(bad)}",
-                      stacklevel=4)
-    return tensors
+                      stacklevel=stacklevel)
+
+
+class _ScreenAtFirstUse:
+    """A forward pre-hook on the token embedding that screens a model's mapped tensors for NaN/inf (`_warn_non_finite`)
+    the first time the model embeds tokens, then removes itself. Every forward (the model's own, training, and the
+    inference steps that call the stages directly) starts with the embedding, and that forward reads every weight
+    page anyway: screened here, a mapped load costs nothing at load, and the first forward pays one pass over the
+    weights at memory speed (about 0.8 s for the 7 GB huginn-3.5b bf16 file on one thread) instead of the load
+    reading the whole file. The names are looked up in the model when the hook fires, so that a `.to()` or a deep
+    copy in between screens what the model then holds."""
+
+    def __init__(self, path: Path, model: torch.nn.Module, names: set[str]) -> None:
+        self.path, self.model, self.names = path, model, names
+        self.handle = model.transformer.wte.register_forward_pre_hook(self)
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        self.handle.remove()
+        owned = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        _warn_non_finite(self.path, {name: t for name, t in owned.items() if name in self.names}, stacklevel=3)
 
 
 def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any = None, device: Any = None,
@@ -171,12 +211,11 @@ def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any =
     becomes, on `device`, in the target dtype: peak memory is the model plus one small staging buffer.
     mmap: a CPU load in the stored dtype maps the files instead (parameters view a private copy-on-write mapping:
     pages are read from the file on first use, writes stay in memory, the file is never written); None reads the
-    environment variable RDEPTH_MMAP (0 turns mapping off), default on. The NaN/inf screen below still reads each
-    mapped tensor once at load, so that the warning comes at load on every path: 1.2-1.8 s for the 7 GB huginn-3.5b
-    bf16 file and 2.4-6 s for the 14 GB fp32 one from the page cache (one thread), the disk's time when cold; the
-    first forward then finds its pages resident.
+    environment variable RDEPTH_MMAP (0 turns mapping off), default on.
+    Weights holding NaN or infinities warn, naming them: read tensors at load, mapped ones at the model's first
+    forward (`_ScreenAtFirstUse`), where their pages are read anyway.
     Keywords transformers passes (`trust_remote_code`, `local_files_only`, ...) are accepted and ignored: nothing is
-    downloaded and no remote code runs. Weights holding NaN or infinities load with a warning naming them.
+    downloaded and no remote code runs.
     """
     path = Path(path)
     if not path.is_dir():
@@ -191,9 +230,11 @@ def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any =
     with torch.device("meta"):
         model = cls(cfg)
     mmap = os.environ.get("RDEPTH_MMAP", "1") != "0" if mmap is None else mmap
-    tensors = _read_weights(path, check_state_dict(model, stored), target, device, mmap)
+    tensors, mapped = _read_weights(path, check_state_dict(model, stored), target, device, mmap)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
+    if mapped:
+        _ScreenAtFirstUse(path, model, mapped)
     model.transformer.reset_rope()
     model.config.name_or_path = str(path)
     return model.eval()

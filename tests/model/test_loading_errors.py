@@ -149,13 +149,74 @@ def test_tensor_stored_twice_across_shards(sharded: Path) -> None:
         _load(sharded)
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_weights_warn_naming_them(saved: Path, value: float) -> None:
+def _poison(saved: Path, value: float, name: str = "transformer.prelude.0.attn.proj.weight") -> None:
     state = load_file(str(saved / "model.safetensors"))
-    state["transformer.prelude.0.attn.proj.weight"][0, 0] = value
+    state[name][0, 0] = value
     save_file(state, str(saved / "model.safetensors"))
-    with pytest.warns(UserWarning, match=r"NaN or infinite values: transformer\.prelude\.0\.attn\.proj\.weight$"):
-        _load(saved)
+
+
+_NAMED = r"NaN or infinite values: transformer\.prelude\.0\.attn\.proj\.weight$"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_read_at_load_warn_naming_them(saved: Path, value: float) -> None:
+    _poison(saved, value)
+    with pytest.warns(UserWarning, match=_NAMED):
+        _load(saved, mmap=False)
+    with pytest.warns(UserWarning, match=_NAMED):
+        _load(saved, dtype=torch.bfloat16)  # converted, so read
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_screen_checks_every_chunk(saved: Path, monkeypatch, dtype: torch.dtype) -> None:
+    """A NaN in the last of many chunks (the screen confirms a non-finite sum chunk by chunk) still warns."""
+    state = load_file(str(saved / "model.safetensors"))
+    state["transformer.prelude.0.attn.proj.weight"][-1, -1] = float("nan")
+    save_file(state, str(saved / "model.safetensors"))
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 64)
+    with pytest.warns(UserWarning, match=_NAMED):
+        _load(saved, mmap=False, dtype=dtype)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_mapped_weights_warn_at_the_first_forward_only(saved: Path, value: float) -> None:
+    """A mapped load leaves the file unread; the first forward (which reads the pages anyway) warns, naming the
+    tensor, and later forwards do not screen again."""
+    _poison(saved, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = _load(saved)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.warns(UserWarning, match=_NAMED), torch.no_grad():
+        model(ids, num_steps=1)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        model(ids, num_steps=1)
+
+
+def test_mapped_weights_are_screened_at_first_use_not_at_load(saved: Path, monkeypatch) -> None:
+    screened: list[set[str]] = []
+    real = checkpoint.non_finite
+    monkeypatch.setattr(checkpoint, "non_finite", lambda tensors: screened.append(set(tensors)) or real(tensors))
+    model = _load(saved)
+    mapped = {name for name, _ in model.named_parameters()}
+    assert not any(screened_now & mapped for screened_now in screened)  # the load read no mapped page
+    from recurrent_depth.inference import generate
+
+    generate.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, num_steps=1)  # the inference steps too
+    assert set().union(*screened) == mapped
+
+
+def test_first_use_screen_follows_a_deep_copy(saved: Path) -> None:
+    import copy
+
+    _poison(saved, float("nan"))
+    model = _load(saved)
+    twin = copy.deepcopy(model)
+    ids = torch.tensor([[1, 2]])
+    for m in (twin, model):  # each warns once, at its own first forward
+        with pytest.warns(UserWarning, match=_NAMED), torch.no_grad():
+            m(ids, num_steps=1)
 
 
 def test_empty_input_is_refused(saved: Path) -> None:

@@ -155,3 +155,37 @@ def test_converting_load_reads(saved: Path, tmp_path: Path) -> None:
             assert torch.equal(t, source.state_dict()[name].to(torch.bfloat16).float()), name
     same = RecurrentDepthForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and _mapped_from(p, file) for p in same.parameters())
+
+
+@pytest.mark.parametrize("crowded", [True, False])
+def test_a_load_that_crowds_memory_drops_the_files_pages_as_it_reads(saved: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     crowded: bool) -> None:
+    """bf16 read as fp32: where the new tensors plus the file's bytes exceed MemFree, every byte a tensor was
+    read from is dropped from the page cache (POSIX_FADV_DONTNEED) and the values are unchanged; with room, none."""
+    import math
+    import os
+
+    from recurrent_depth.model import checkpoint
+
+    source = RecurrentDepthForCausalLM.from_pretrained(saved)
+    source.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    stored = {n: e for n, e in weights.read_header(tmp_path / "bf16" / "model.safetensors").items()
+              if n != "freqs_cis"}
+    new_bytes = sum(math.prod(e.shape) for e in stored.values()) * 4
+    free = {"MemAvailable": 1 << 40, "MemFree": new_bytes + (1 if crowded else 1 << 40)}
+    monkeypatch.setattr(checkpoint, "available_bytes", lambda device, field="MemAvailable": free[field])
+    advised: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, advice: advised.append((offset, n, advice))
+                        or real(fd, offset, n, advice))
+    model = RecurrentDepthForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    if crowded:
+        assert {a for _, _, a in advised} == {os.POSIX_FADV_DONTNEED}
+        assert sum(n for _, n, _ in advised) == sum(e.nbytes for e in stored.values())
+        assert all(any(e.offset <= o and o + n <= e.offset + e.nbytes for e in stored.values()) for o, n, _ in advised)
+    else:
+        assert advised == []
+    for name, t in model.state_dict().items():
+        if name != "transformer.rope":
+            assert torch.equal(t, source.state_dict()[name].to(torch.bfloat16).float()), name
