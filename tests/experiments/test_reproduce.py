@@ -115,6 +115,18 @@ def test_judge_claims_holds_and_fails_on_constructed_numbers() -> None:
     assert not any(c["held"] for c in nothing[:8])  # comparisons between arms that learned nothing never hold
 
 
+def test_arms_tied_at_the_answer_floor_hold_no_comparison() -> None:
+    """Every arm at 31% where always answering the commonest answer scores 30%: the effective-parameter, FLOPs,
+    chain-of-thought and exit claims are ties by the answer distribution and do not hold."""
+    scale = replace(reproduce.FULL, mean_recurrence=6, difficulty={"ops": (1, 6), "ood_ops": (7, 12)})
+    flat = {r: 0.31 for r in GOOD}
+    res = _results(flat, {1: 0.25, 8: 0.31}, flops=0.27, fixed=0.30, cot=(0.18, 10.0))
+    assert [c["held"] for c in reproduce.judge_claims(res, scale)][3:8] == [True] * 5  # no floor given: 0
+    res["floor"] = {"test": 0.2, "ood": 0.30}
+    assert [c["held"] for c in reproduce.judge_claims(res, scale)][3:8] == [False] * 5
+    assert reproduce.answer_floor([{"answer": "0"}, {"answer": "0"}, {"answer": "7"}, {"answer": "1"}]) == 0.5
+
+
 def test_missing_bundle_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import recurrent_depth.assets as assets
 
