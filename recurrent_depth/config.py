@@ -101,6 +101,7 @@ class RecurrentDepthConfig(PretrainedConfig):
         init_orthogonal: bool = False,
         test_time_noise: float = 0,
         test_time_noise_type: str = "fixed",
+        core_attention_window: int = 0,
         **kwargs: Any,
     ) -> None:
         for derived in _DERIVED:
@@ -129,6 +130,11 @@ class RecurrentDepthConfig(PretrainedConfig):
         self.init_orthogonal = init_orthogonal
         self.test_time_noise = test_time_noise
         self.test_time_noise_type = test_time_noise_type
+        # Not Huginn's: 0 (the default, exact Huginn parity) lets the core attend to every earlier position; w > 0
+        # limits the core blocks to the last w positions (the query's own included), so information moves at most
+        # w - 1 positions per core layer and a longer chain needs more iterations (a looped model's receptive
+        # field). The prelude and coda keep full attention.
+        self.core_attention_window = core_attention_window
         for k, v in choices.items():
             setattr(self, k, v)
         self.validate_fields()
@@ -173,7 +179,8 @@ class RecurrentDepthConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config field `{name}` must be a positive integer, got {value!r}")
-        for name in ("n_layers_in_prelude", "n_layers_in_coda", "mean_recurrence", "mean_backprop_depth"):
+        for name in ("n_layers_in_prelude", "n_layers_in_coda", "mean_recurrence", "mean_backprop_depth",
+                     "core_attention_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"config field `{name}` must be a non-negative integer, got {value!r}")

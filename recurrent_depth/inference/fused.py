@@ -61,7 +61,8 @@ MAX_TOKENS = 64  # longer forwards (long prompts) run eagerly: their attention i
 def applicable(x: Tensor, ctx: AttentionContext, blocks: Any) -> bool:
     """Whether `run_blocks` may take this call (see the module docstring). Blocks with forward hooks (or global
     module hooks) run eagerly, so that hooks keep firing; an empty stage has nothing to fuse."""
-    return (len(blocks) > 0 and x.shape[1] <= MAX_TOKENS and x.dtype in _DTYPES and x.device.type == "cpu"
+    return (len(blocks) > 0 and not blocks[0].attn.window and x.shape[1] <= MAX_TOKENS and x.dtype in _DTYPES
+            and x.device.type == "cpu"
             and blocks[0].attn.Wqkv.weight.dtype == x.dtype and not torch.is_grad_enabled()
             and _store_fits(ctx) and not _hooked(blocks) and available()
             and (x.dtype == torch.float32 or vector_isa() == "avx512"))

@@ -156,6 +156,16 @@ class RowEngine:
         for group in self._groups([s for s in self.live if s.phase == ITERATE and self._done_iterating(s)]):
             self._finish(group)
 
+    def run(self, rows: list[Row]) -> list[Row]:
+        """Serve `rows` to the end offline: each is admitted, in order, as a row frees (continuous batching without
+        a server); returns them, every one finished."""
+        waiting = list(rows)
+        while waiting or self.live:
+            while waiting and self.free_rows:
+                self.add(waiting.pop(0))
+            self.step()
+        return rows
+
     @staticmethod
     def _done_iterating(s: Row) -> bool:
         return s.exited or s.step_count >= s.depth.num_steps

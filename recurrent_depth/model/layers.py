@@ -105,9 +105,10 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head causal attention with a fused `Wqkv`, a learned bias on q and k added before RoPE."""
 
-    def __init__(self, n_embd: int, n_heads: int, qk_bias: bool = True) -> None:
+    def __init__(self, n_embd: int, n_heads: int, qk_bias: bool = True, window: int = 0) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, n_embd // n_heads
+        self.window = window  # 0: every earlier position; w > 0: the last w positions only (own included)
         self.Wqkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, n_heads, self.head_dim)) if qk_bias else None
@@ -122,7 +123,8 @@ class Attention(nn.Module):
         pairs = qk.float().unflatten(-1, (-1, 2))  # (B, T, 2, H, D/2, 2), RoPE in fp32
         q, k = (pairs * rot_c + pairs.flip(-1) * rot_s).flatten(-2).type_as(x).unbind(dim=2)
         # CPU fp32 q, k and v (under bf16 autocast v stays bf16 while RoPE made q, k fp32): our causal kernel
-        if ctx.mask is None and ctx.cache is None and v.dtype == q.dtype and kernels.attention_applies(q):
+        if (ctx.mask is None and ctx.cache is None and not self.window and v.dtype == q.dtype
+                and kernels.attention_applies(q)):
             return self.proj(kernels.causal_attention(q, k, v).view(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         mask = ctx.mask
@@ -133,11 +135,22 @@ class Attention(nn.Module):
                     mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
                 mask = valid if mask is None else mask & valid
                 mask = _keep_diagonal(mask, T)
+        if self.window:
+            band = _band(T, k.shape[2], self.window, x.device)
+            mask = band if mask is None else mask & band
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 and k.shape[2] == T)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+
+
+def _band(T: int, S: int, window: int, device: torch.device) -> Tensor:
+    """(T, S) bool: the T queries are the last T of S positions; each sees the keys at most window - 1 before it
+    and none after it (the causal mask, cut to a window)."""
+    q = torch.arange(S - T, S, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    return (k <= q) & (k > q - window)
 
 
 def _keep_diagonal(mask: Tensor, T: int) -> Tensor:
@@ -164,10 +177,11 @@ class GatedMLP(nn.Module):
 class SandwichBlock(nn.Module):
     """x = norm_2(attn(norm_1(x)) + x); x = norm_4(mlp(norm_3(x)) + x): the residual stream is re-normalised."""
 
-    def __init__(self, n_embd: int, n_heads: int, intermediate_size: int, eps: float, qk_bias: bool) -> None:
+    def __init__(self, n_embd: int, n_heads: int, intermediate_size: int, eps: float, qk_bias: bool,
+                 window: int = 0) -> None:
         super().__init__()
         self.norm_1 = RMSNorm(n_embd, eps)
-        self.attn = Attention(n_embd, n_heads, qk_bias)
+        self.attn = Attention(n_embd, n_heads, qk_bias, window)
         self.norm_2 = RMSNorm(n_embd, eps)
         self.norm_3 = RMSNorm(n_embd, eps)
         self.mlp = GatedMLP(n_embd, intermediate_size)

@@ -69,8 +69,8 @@ class Recurrence:
         return model.core_steps(state, e, first_step + n_no_grad, n_grad, ctx)
 
 
-def _block(cfg: RecurrentDepthConfig) -> SandwichBlock:
-    return SandwichBlock(cfg.n_embd, cfg.n_heads, cfg.intermediate_size, cfg.norm_eps, cfg.qk_bias)
+def _block(cfg: RecurrentDepthConfig, window: int = 0) -> SandwichBlock:
+    return SandwichBlock(cfg.n_embd, cfg.n_heads, cfg.intermediate_size, cfg.norm_eps, cfg.qk_bias, window)
 
 
 class RecurrentDepthModel(nn.Module):
@@ -82,7 +82,8 @@ class RecurrentDepthModel(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.prelude = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers_in_prelude))
         self.adapter = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
-        self.core_block = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers_in_recurrent_block))
+        window = getattr(cfg, "core_attention_window", 0)
+        self.core_block = nn.ModuleList(_block(cfg, window) for _ in range(cfg.n_layers_in_recurrent_block))
         self.coda = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers_in_coda))
         self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.emb_scale = math.sqrt(cfg.n_embd)

@@ -510,11 +510,7 @@ def test_fused_bf16_row_engine_gives_generate_alone(debug_model, monkeypatch) ->
                         or real(cache, blocks, part, *a))
     depths = [DepthParams(5), DepthParams(8, "kl", 1e-3), DepthParams(3, kv_sharing=1), DepthParams(6)]
     rows = [Row(p, d, SamplingParams(8, 0.0)) for p, d in zip([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], depths)]
-    engine, waiting = RowEngine(low, max_rows=3), list(rows)
-    while waiting or engine.live:
-        while waiting and engine.free_rows:
-            engine.add(waiting.pop(0))
-        engine.step()
+    RowEngine(low, max_rows=3).run(rows)
     assert {"prelude", "core", "coda"} <= set(stages)
     for row, d in zip(rows, depths):
         out = generate(low, torch.tensor([row.prompt]), max_new_tokens=8, num_steps=d.num_steps,

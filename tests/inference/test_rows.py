@@ -21,11 +21,7 @@ def test_rows_equal_generate_alone_and_end_at_a_stop_token(converging_model) -> 
     rows = [Row(p, d, SamplingParams(6, 0.0, seed=0, stop_token_ids=(stop,) if i == 0 else ()))
             for i, (p, d) in enumerate(zip(prompts, depths))]
     engine = RowEngine(converging_model, max_rows=2)
-    waiting = list(rows)
-    while waiting or engine.live:
-        while waiting and engine.free_rows:
-            engine.add(waiting.pop(0))
-        engine.step()
+    engine.run(rows)
     for i, (row, d) in enumerate(zip(rows, depths)):
         out = generate(converging_model, torch.tensor([row.prompt]), max_new_tokens=6, num_steps=d.num_steps,
                        exit_criterion=d.exit_criterion, exit_threshold=d.exit_threshold, warm_start=d.warm_start,
