@@ -26,7 +26,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # The README's picture of latent thought (rdepth inspect): `make readme-figure MODEL=<checkpoint folder>`.
-INSPECT_PROMPT ?= 879+457=1336
+INSPECT_PROMPT ?= 6-3+7-5-7+9-1*2-4+0+1+1=0
 readme-figure: $(STAMP)
 	$(VENV)/bin/rdepth inspect $(if $(MODEL),--model $(MODEL)) --prompt "$(INSPECT_PROMPT)" --num-steps 64 --out build/inspect
 	mkdir -p docs/images && cp build/inspect/overview.png docs/images/inspect-overview.png

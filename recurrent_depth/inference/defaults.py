@@ -5,7 +5,8 @@ one prompt gives one answer whichever way it is run:
 
     kv_sharing "auto"   -> "latest" when an exit criterion is set, "full" at fixed depth. Under "full" a token that
                            exited early has no keys at deeper recurrence steps, and later tokens that run deeper do not
-                           see it there (on the bundled checkpoint `36+89=` then decodes as `1<eos>` instead of `125`);
+                           see it there (on an addition checkpoint bundled earlier, `36+89=` decoded as `1<eos>`, not
+                           `125`);
                            at fixed depth the two policies give the same tokens.
     init_scale 0.0      -> the initial latent state s0 is zeros: greedy output is deterministic. (The reference's
                            `model.generate` / forward default of 1.0 is kept on those reference-compatible paths.)

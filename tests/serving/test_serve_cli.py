@@ -120,7 +120,7 @@ def _chat_args(*extra: str, model: Path | None = None):
 
 def test_chat_answers_on_the_bundled_model_with_its_defaults() -> None:
     out = io.StringIO()
-    assert chat.run(_chat_args(), stdin=io.StringIO("36+89=\n/quit\n"), stdout=out) == 0
+    assert chat.run(_chat_args(), stdin=io.StringIO("5+5*5-6+6*2-4=\n/quit\n"), stdout=out) == 0
     text = out.getvalue()
     assert "error" not in text and "not sent" not in text, text
     assert "tokens; steps per token:" in text
