@@ -60,6 +60,7 @@ class Scale:
     # the recurrent and fixed-depth arms' core_attention_window (0: global attention, Huginn's); the run-once
     # baselines and the chain-of-thought arm keep global attention, the standard transformer
     core_window: int = 0
+    looped_lr: float | None = None  # the recurrent and fixed-depth arms' learning rate (None: `lr`)
     steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
@@ -79,7 +80,8 @@ class Scale:
 
 
 # The full run: the looped arms' core attends to the last 3 positions (core_attention_window; experiments/README.md,
-# the window probes: with global attention the hard split saturates by r = 4), every arm trains 3000 steps
+# the window probes: with global attention the hard split saturates by r = 4), every arm trains 3000 steps; the
+# looped arms at lr 3e-3 (`--looped-lr 1.5e-3` gave results/reproduce/looped-lr-1.5e-3)
 FULL = Scale(core_window=3, steps=3000)
 QUICK = Scale(n_embd=32, n_heads=2, intermediate_size=64, mean_recurrence=3, backprop_depth=2, steps=20,
               batch_size=16, lr_factors=(1.0,), sweep_fraction=1.0, seeds=(0,), n_train=1000, n_eval=32,
@@ -445,9 +447,10 @@ def plan(scale: Scale, out: Path, task: Any) -> tuple[dict[str, dict[str, Any]],
     jobs: dict[str, dict[str, Any]] = {}
     looped = model_fields(scale, window=scale.core_window)
     for s in scale.seeds:
-        jobs[f"recurrent-s{s}"] = train_tree(scale, looped, huginn, data, scale.steps, seq_len, seed=s)
+        jobs[f"recurrent-s{s}"] = train_tree(scale, looped, huginn, data, scale.steps, seq_len, lr=scale.looped_lr,
+                                             seed=s)
         jobs[f"fixed-depth-s{s}"] = train_tree(scale, looped, {"sampler": "fixed", "depth": mean}, data,
-                                               scale.steps, seq_len, seed=s)
+                                               scale.steps, seq_len, lr=scale.looped_lr, seed=s)
     cores = {m: baseline_core_layers(scale, m, vocab) for m in scale.multipliers}
     sweep_steps = max(1, round(scale.steps * scale.sweep_fraction))
     for m, n_core in cores.items():
@@ -614,7 +617,7 @@ def results_markdown(res: dict[str, Any]) -> str:
         a = res[name]
         best = max(a["depth"]["ood"], key=lambda x: x["accuracy"])
         lines.append(f"| {name} (at its best r = {best['num_steps']} on ood) | {a['arms'][0]['params']:,} | "
-                     f"{sc['lr']:g} | {_pct(_acc(a['depth']['test'], best['num_steps']))}% | "
+                     f"{sc.get('looped_lr') or sc['lr']:g} | {_pct(_acc(a['depth']['test'], best['num_steps']))}% | "
                      f"{_pct(best['accuracy'])}% |")
     for b in res["baselines"]:
         lines.append(f"| baseline {b['multiplier']}x ({b['core_layers']} core layers, run once) | {b['params']:,} | "
@@ -715,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps per arm (not recurrences)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per arm")
     p.add_argument("--jobs", type=int, default=None, help="arms trained at once")
+    p.add_argument("--looped-lr", type=float, default=None, help="the recurrent and fixed-depth arms' learning rate "
+                   "(default: the scale's lr)")
     p.add_argument("--reuse", action="store_true", help="read back arms already trained in --out with the same "
                    "config instead of retraining them")
     p.add_argument("--report-only", action="store_true", help="re-judge the claims and rewrite results.md and "
@@ -726,8 +731,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.train_steps is not None and a.train_steps < 1:
         p.error(f"--train-steps must be >= 1, got {a.train_steps}")
+    if a.looped_lr is not None and not a.looped_lr > 0:
+        p.error(f"--looped-lr must be > 0, got {a.looped_lr}")
     scale = QUICK if a.quick else FULL
-    overrides = {"steps": a.train_steps, "threads": a.threads, "jobs": a.jobs}
+    overrides = {"steps": a.train_steps, "threads": a.threads, "jobs": a.jobs, "looped_lr": a.looped_lr}
     run(a.out, quick=a.quick, scale=replace(scale, **{k: v for k, v in overrides.items() if v is not None}),
         reuse=a.reuse)
     return 0

@@ -14,7 +14,8 @@ from recurrent_depth.cli.reproduce import load_experiment
 
 reproduce = load_experiment()
 MICRO = replace(reproduce.QUICK, steps=4, n_train=200, n_eval=8, text_steps=3, text_max_chars=30_000,
-                multipliers=(1, 2), seeds=(0,), lr_factors=(1.0,), jobs=2, core_window=2)
+                multipliers=(1, 2), seeds=(0,), lr_factors=(1.0,), jobs=2, core_window=2,
+                looped_lr=1e-3)
 
 
 def test_micro_run_writes_results_with_one_claim_per_target(tmp_path: Path) -> None:
@@ -36,6 +37,8 @@ def test_micro_run_writes_results_with_one_claim_per_target(tmp_path: Path) -> N
     windows = {arm: {c.get("core_attention_window", 0) for c in found if "n_layers_in_recurrent_block" in c}
                for arm, found in configs.items()}
     assert windows == {"recurrent-s0": {2}, "fixed-depth-s0": {2}, "sweep-1x-lr1": {0}, "cot": {0}}
+    lrs = {arm: json.loads((tmp_path / "arms" / arm / "config.json").read_text())["optim"]["lr"] for arm in configs}
+    assert lrs == {"recurrent-s0": 1e-3, "fixed-depth-s0": 1e-3, "sweep-1x-lr1": MICRO.lr, "cot": MICRO.lr}
     assert saved["flops"]["steps"] > MICRO.steps  # the equal-FLOPs arm trains longer than the 1x baseline
     md = (tmp_path / "results.md").read_text()
     assert "QUICK smoke run" in md and "| r = 1 |" in md
