@@ -113,3 +113,17 @@ def test_the_row_engine_serves_a_windowed_model_as_generate_does() -> None:
         alone = generate(model, torch.tensor([row.prompt]), max_new_tokens=5, num_steps=4, kv_sharing="full",
                          init_scale=0.0)
         assert row.tokens == alone.sequences[0, len(row.prompt):].tolist()
+
+
+def test_speculative_decoding_of_a_windowed_model_equals_plain_greedy() -> None:
+    """Self-speculative decoding (a shallow draft verified at full depth) over the windowed core's cache: the tokens
+    are plain greedy's, row for row, with left padding."""
+    from recurrent_depth.inference.generate import generate
+
+    model = _model(3)
+    ids, mask = IDS.clone(), torch.ones_like(IDS)
+    mask[1, :4] = 0
+    plain = generate(model, ids, attention_mask=mask, max_new_tokens=8, num_steps=4, init_scale=0.0)
+    fast = generate(model, ids, attention_mask=mask, max_new_tokens=8, num_steps=4, init_scale=0.0, draft_steps=1,
+                    lookahead=3)
+    assert torch.equal(fast.sequences, plain.sequences)
