@@ -669,9 +669,17 @@ def write_outputs(res: dict[str, Any], out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- bundle
+# A task model answers one problem per message, trained on `<bos>` + the prompt: `rdepth chat` and the server's
+# chat endpoint send it the last user message alone, in that format (the default `role: content` transcript would
+# wrap the problem in characters it never saw)
+TASK_CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.last %}{{ bos_token }}{{ message['content'] }}"
+                      "{% endif %}{% endfor %}")
+
+
 def bundle(source: str | Path, dest: str | Path | None = None, command: str = "") -> Path:
     """Copy an arm's latest checkpoint (an `rdepth train` output folder trained on a built-in task) into the
-    package's bundled-model folder (or `dest`), with a bundle.json naming its task for `rdepth demo`."""
+    package's bundled-model folder (or `dest`), with a bundle.json naming its task for `rdepth demo` and a chat
+    template that sends the model the last message as a task prompt."""
     from recurrent_depth.assets import DEFAULT_MODEL
     from recurrent_depth.model.checkpoint import atomic_folder
     from recurrent_depth.training.checkpoint import latest_checkpoint
@@ -696,6 +704,7 @@ def bundle(source: str | Path, dest: str | Path | None = None, command: str = ""
         info = {"task": task["name"], "difficulty": task.get("difficulty", {}),
                 "mean_recurrence": model_cfg["mean_recurrence"], "command": command or f"bundle --from {source}"}
         (folder / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
+        (folder / "chat_template.jinja").write_text(TASK_CHAT_TEMPLATE)
     return target
 
 

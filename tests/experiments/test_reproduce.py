@@ -163,6 +163,11 @@ def test_bundle_then_demo(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatc
     info = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert info["task"] == MICRO.task and info["mean_recurrence"] == MICRO.mean_recurrence
     assert (tmp_path / "bundle" / "tokenizer.json").is_file()
+    from recurrent_depth.serving.model import load_served_model
+
+    served = load_served_model(tmp_path / "bundle")  # a chat message reaches the task model as its bare prompt
+    assert served.render([{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"},
+                          {"role": "user", "content": "4*5="}]) == "<bos>4*5="
     capsys.readouterr()
     import recurrent_depth.inference.generate as engine
     from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO

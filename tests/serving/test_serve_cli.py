@@ -124,6 +124,7 @@ def test_chat_answers_on_the_bundled_model_with_its_defaults() -> None:
     text = out.getvalue()
     assert "error" not in text and "not sent" not in text, text
     assert "tokens; steps per token:" in text
+    assert "model> 6\n" in text, text  # the README's example, answered right: the message reaches it as a prompt
 
 
 def test_chat_refuses_bad_commands_at_once_and_keeps_the_old_settings(ckpt: Path) -> None:
