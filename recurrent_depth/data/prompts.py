@@ -60,12 +60,14 @@ def task_examples(name: str, difficulty: dict[str, Any], n: int, split: str, see
     return task.generate(n, split=split, seed=seed, **extra), task.alphabet
 
 
-def _fit(seqs: list[tuple[list[int], int]], seq_len: int, split: str,
-         notes: list[str] | None) -> list[tuple[list[int], int]]:
+Encoded = tuple[list[int], int, dict[str, str]]  # <bos> prompt answer <eos> ids, prompt length, the example
+
+
+def _fit(seqs: list[Encoded], seq_len: int, split: str, notes: list[str] | None) -> list[Encoded]:
     """The sequences that fit in seq_len positions (<bos> prompt answer; <eos> is only a target). Those left out
     are counted in `notes`; ValueError when none is left."""
     kept = [s for s in seqs if len(s[0]) - 1 <= seq_len]
-    lengths = sorted(len(ids) - 1 for ids, _ in seqs)
+    lengths = sorted(len(s[0]) - 1 for s in seqs)
     if not kept:
         raise ValueError(f"all {len(seqs)} {split} examples are longer than data.seq_len={seq_len} tokens (the "
                          f"shortest needs {lengths[0]}: <bos>, prompt and answer); raise data.seq_len")
@@ -84,14 +86,14 @@ def encode_examples(examples: list[dict[str, str]], tokenizer, seq_len: int, ans
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([e["answer"] for e in examples], add_special_tokens=False)["input_ids"]
-    seqs = [([bos] + p + a + [eos], len(p)) for p, a in zip(prompts, answers)]
+    seqs = [([bos] + p + a + [eos], len(p), e) for p, a, e in zip(prompts, answers, examples)]
     kept = _fit(seqs, seq_len, split, notes)
-    width = length or max(len(ids) - 1 for ids, _ in kept)
+    width = length or max(len(ids) - 1 for ids, _, _ in kept)
     n = len(kept)
     inputs = torch.full((n, width), pad, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)
     answer_labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(kept):
+    for i, (ids, n_prompt, _) in enumerate(kept):
         ids = ids[: width + 1]
         t = torch.tensor(ids)
         inputs[i, : len(ids) - 1] = t[:-1]
@@ -99,8 +101,7 @@ def encode_examples(examples: list[dict[str, str]], tokenizer, seq_len: int, ans
         answer_labels[i, n_prompt: len(ids) - 1] = t[1 + n_prompt:]  # position j predicts ids[j+1]
     if answer_only:
         labels = answer_labels.clone()
-    fitting = [e for e, s in zip(examples, seqs) if len(s[0]) - 1 <= seq_len]  # the examples `_fit` kept
-    for i, ((_, n_prompt), example) in enumerate(zip(kept, fitting)):
+    for i, (_, n_prompt, example) in enumerate(kept):
         if "targets" in example:
             _place_targets(labels[i], example, n_prompt, tokenizer)
     return TokenDataset(inputs, labels, answer_labels)

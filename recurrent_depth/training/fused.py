@@ -154,7 +154,7 @@ def install_fused_recurrence(model: nn.Module, compile: bool = True, checkpoint_
     graph with autograd, one without), `checkpoint_steps` recomputes each step with autograd in backward, as it does
     when the model's recurrence was already checkpointed (which stays the fallback). Returns the FusedCore."""
     t = model.transformer
-    if getattr(t.cfg, "core_attention_window", 0):
+    if t.cfg.core_attention_window:
         raise ValueError("runtime.compile's fused core step attends to every earlier position; a model with "
                          "core_attention_window > 0 trains with runtime.compile: false")
     if isinstance(t.recurrence, FusedRecurrence):
