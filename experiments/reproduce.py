@@ -61,6 +61,7 @@ class Scale:
     # baselines and the chain-of-thought arm keep global attention, the standard transformer
     core_window: int = 0
     looped_lr: float | None = None  # the recurrent and fixed-depth arms' learning rate (None: `lr`)
+    curriculum: float = 0.0  # data.curriculum of every task-trained arm (the first fraction of steps ramps the level)
     steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
@@ -416,7 +417,7 @@ def _max_level(difficulty: dict[str, Any], ood: bool) -> int:
 # ------------------------------------------------------------------------------------------------ the run
 def task_data(scale: Scale) -> dict[str, Any]:
     """The `data` section that trains on the scale's built-in task (answer-only loss, per-character tokens)."""
-    return {"kind": "task", "tokenizer": "char", "answer_only_loss": True,
+    return {"kind": "task", "tokenizer": "char", "answer_only_loss": True, "curriculum": scale.curriculum,
             "task": {"name": scale.task, "difficulty": scale.difficulty, "num_train": scale.n_train,
                      "num_eval": 256, "targets": scale.targets}}
 
@@ -462,7 +463,7 @@ def plan(scale: Scale, out: Path, task: Any) -> tuple[dict[str, dict[str, Any]],
     cot_file = write_jsonl(task.generate(scale.n_train, split="train", seed=0, cot=True),
                            out / "data" / "cot_train.jsonl")
     cot_data = {"kind": "jsonl", "paths": [str(cot_file)], "tokenizer": "char", "answer_only_loss": True,
-                "val_fraction": 0.01}
+                "val_fraction": 0.01, "curriculum": scale.curriculum}
     cot_len = max(_seq_len(task.generate(scale.n_eval, split="ood", seed=EVAL_SEED + 1, cot=True)), seq_len * 3)
     jobs["cot"] = train_tree(scale, model_fields(scale), plain, cot_data, scale.steps, cot_len)
     corpus = export_corpus(out / "data" / "corpus", max_chars=scale.text_max_chars)

@@ -73,6 +73,10 @@ def _prompts(section, seed: int, tok: PreTrainedTokenizerFast | None) -> DataBun
             tok = train_bpe([e["prompt"] + e["answer"] for e in train_ex], section.bpe_vocab_size)
         else:
             tok = load_tokenizer_path(expand_path(section.tokenizer))
+    if section.curriculum and (missing := sum(not isinstance(e.get("level"), int) for e in train_ex)):
+        raise ValueError(f"data.curriculum needs an integer `level` on every training row; {missing} of "
+                         f"{len(train_ex)} rows have none (add \"level\": N to each JSONL row, or set "
+                         "data.curriculum: 0)")
     notes: list[str] = []
     train = encode_examples(train_ex, tok, section.seq_len, section.answer_only_loss, notes=notes)
     val = encode_examples(val_ex, tok, section.seq_len, section.answer_only_loss, notes=notes,

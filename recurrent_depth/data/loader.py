@@ -4,6 +4,8 @@ A `TokenDataset` holds `inputs` (N, L) and `labels` (N, L) (labels aligned with 
 optional `answer_labels` (labels on answer tokens only, for exact-match accuracy). `batch_indices(position, ...)`
 gives the rows of global batch number `position`: epoch e visits the rows in the order randperm(N, seed + e), so a
 resumed run that knows its position reads exactly the batches an uninterrupted run would have read.
+`curriculum_indices(position, ...)` is the same for a curriculum over difficulty (`levels`): only rows up to a maximum
+level (rising with the position, `curriculum_level`) are drawn, again a pure function of the position.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class TokenDataset:
     inputs: Tensor  # (N, L) token ids
     labels: Tensor  # (N, L) next-token targets, -100 where no loss
     answer_labels: Tensor | None = None  # (N, L) targets on answer tokens only (prompt/answer data)
+    levels: Tensor | None = None  # (N,) difficulty level of each row, where every example has one
 
     def __post_init__(self) -> None:
         if self.inputs.shape != self.labels.shape or self.inputs.ndim != 2:
@@ -26,6 +29,8 @@ class TokenDataset:
                              "same (N, L) shape")
         if len(self) == 0:
             raise ValueError("the dataset is empty (no sequences after tokenisation and packing)")
+        if self.levels is not None and self.levels.shape != (len(self),):
+            raise ValueError(f"levels {tuple(self.levels.shape)} must hold one level per row ({len(self)})")
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -36,7 +41,8 @@ class TokenDataset:
 
     def rows(self, index: Tensor) -> TokenDataset:
         answers = self.answer_labels[index] if self.answer_labels is not None else None
-        return TokenDataset(self.inputs[index], self.labels[index], answers)
+        levels = self.levels[index] if self.levels is not None else None
+        return TokenDataset(self.inputs[index], self.labels[index], answers, levels)
 
     def split(self, n_val: int) -> tuple[TokenDataset, TokenDataset]:
         """The first N - n_val rows and the last n_val rows."""
@@ -61,6 +67,26 @@ def batch_indices(position: int, batch_size: int, n: int, seed: int) -> Tensor:
         sel = epochs == e
         out[sel] = epoch_order(n, seed, e)[flat[sel] % n]
     return out
+
+
+def curriculum_level(step: int, levels: Tensor, fraction: float, train_steps: int) -> int | None:
+    """The highest level admitted at `step` of a `train_steps`-step run whose first `fraction` of steps ramp over
+    the levels (lowest level first, each level admitted for an equal share of the ramp); None once every row is."""
+    ramp = fraction * train_steps
+    if fraction <= 0 or step >= ramp:
+        return None
+    distinct = levels.unique().tolist()  # sorted
+    return int(distinct[min(len(distinct) - 1, int(step / ramp * len(distinct)))])
+
+
+def curriculum_indices(position: int, batch_size: int, levels: Tensor, max_level: int, seed: int) -> Tensor:
+    """Row indices of global batch number `position` drawn (without replacement within the batch, with replacement
+    across batches) from the rows whose level is at most `max_level`."""
+    admitted = torch.nonzero(levels <= max_level).flatten()
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (position + 1))
+    if len(admitted) >= batch_size:
+        return admitted[torch.randperm(len(admitted), generator=g)[:batch_size]]
+    return admitted[torch.randint(len(admitted), (batch_size,), generator=g)]
 
 
 def eval_batches(data: TokenDataset, batch_size: int, max_batches: int) -> list[TokenDataset]:

@@ -37,11 +37,13 @@ def iter_jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 def read_jsonl(paths: Iterable[str | Path]) -> list[dict[str, str]]:
     """Examples from JSONL files or folders of them: prompt and answer, and `targets` (dense labels under the prompt
-    characters, see `encode_examples`) where a row has them."""
+    characters, see `encode_examples`) and `level` (an integer difficulty, for `data.curriculum`) where a row has
+    them."""
     out = []
     for path in map(Path, paths):
         for f in sorted(path.glob("**/*.jsonl")) if path.is_dir() else [path]:
-            out.extend({k: row[k] for k in ("prompt", "answer", "targets") if k in row} for row in iter_jsonl_rows(f))
+            out.extend({k: row[k] for k in ("prompt", "answer", "targets", "level") if k in row}
+                       for row in iter_jsonl_rows(f))
     if not out:
         raise ValueError("no prompt/answer examples found in the data paths")
     return out
@@ -82,7 +84,8 @@ def encode_examples(examples: list[dict[str, str]], tokenizer, seq_len: int, ans
                     length: int | None = None, notes: list[str] | None = None,
                     split: str = "train") -> TokenDataset:
     """Tokenize examples into a padded TokenDataset of width `length` (default: the longest, at most seq_len).
-    Examples longer than seq_len are left out, counted in `notes` (named by `split`)."""
+    Examples longer than seq_len are left out, counted in `notes` (named by `split`). Where every example has an
+    integer `level`, the dataset carries them (`levels`)."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = tokenizer([e["prompt"] for e in examples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([e["answer"] for e in examples], add_special_tokens=False)["input_ids"]
@@ -104,7 +107,9 @@ def encode_examples(examples: list[dict[str, str]], tokenizer, seq_len: int, ans
     for i, (_, n_prompt, example) in enumerate(kept):
         if "targets" in example:
             _place_targets(labels[i], example, n_prompt, tokenizer)
-    return TokenDataset(inputs, labels, answer_labels)
+    levels = [e.get("level") for _, _, e in kept]
+    has_levels = all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
+    return TokenDataset(inputs, labels, answer_labels, torch.tensor(levels) if has_levels else None)
 
 
 def _place_targets(labels: torch.Tensor, example: dict, n_prompt: int, tokenizer) -> None:

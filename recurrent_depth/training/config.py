@@ -66,6 +66,10 @@ class DataSection:
     tokenizer: str = "auto"
     bpe_vocab_size: int = 1024
     answer_only_loss: bool = True
+    # a curriculum over difficulty: the first `curriculum` fraction of the steps draws only rows up to a level that
+    # rises from the lowest to the highest (an equal share of those steps per level); needs a `level` on every row
+    # (built-in tasks have one; JSONL rows give an integer "level"). 0: off
+    curriculum: float = 0.0
     task: TaskSection = field(default_factory=TaskSection)
 
 
@@ -309,6 +313,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"`data.val_fraction` must be in [0, 1), got {d.val_fraction}")
     if any(x < 0 for x in cfg.eval.depths):
         raise ConfigError(f"`eval.depths` must be non-negative, got {cfg.eval.depths}")
+    if not 0 <= d.curriculum < 1:
+        raise ConfigError(f"`data.curriculum` must be a fraction of the steps in [0, 1), got {d.curriculum}")
+    if d.curriculum and d.kind == "text":
+        raise ConfigError("`data.curriculum` needs rows with a difficulty `level` (data.kind task or jsonl); "
+                          "plain text has none")
     if d.kind == "task":
         if not d.task.name:
             raise ConfigError("`data.task.name` is required when `data.kind` is task")

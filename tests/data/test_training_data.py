@@ -182,3 +182,42 @@ def test_examples_longer_than_seq_len_are_counted_not_silently_dropped(tmp_path:
     path.write_text("\n".join(json.dumps(e) for e in examples * 4))
     bundle = build_data(DataSection(kind="jsonl", paths=[str(path)], val_fraction=0.25, seq_len=8))
     assert [n.split(" examples")[0] for n in bundle.notes] == ["data: 3 of 9 train", "data: 1 of 3 validation"]
+
+
+def test_curriculum_admits_levels_in_order_then_everything() -> None:
+    from recurrent_depth.data.loader import curriculum_indices, curriculum_level
+
+    levels = torch.tensor([1, 2, 3, 1, 2, 3, 3, 1])
+    caps = [curriculum_level(s, levels, 0.3, 100) for s in range(100)]
+    assert caps[:10] == [1] * 10 and caps[10:20] == [2] * 10 and caps[20:30] == [3] * 10
+    assert caps[30:] == [None] * 70  # after the ramp: every row, the plain epoch schedule
+    assert curriculum_level(0, levels, 0.0, 100) is None
+    for step, cap in enumerate(caps[:30]):
+        rows = curriculum_indices(step, 4, levels, cap, seed=0)
+        assert len(rows) == 4 and bool((levels[rows] <= cap).all())
+        assert torch.equal(rows, curriculum_indices(step, 4, levels, cap, seed=0))  # a function of the position
+    assert len(set(curriculum_indices(0, 3, levels, 1, seed=0).tolist())) == 3  # no repeats within a batch
+    assert len(curriculum_indices(0, 5, levels, 1, seed=0)) == 5  # fewer admitted rows than the batch: repeats
+
+
+def test_encoded_rows_carry_their_levels_only_when_every_row_has_one() -> None:
+    tok = char_tokenizer("0123456789+=")
+    rows = [{"prompt": "1+1=", "answer": "2", "level": 1}, {"prompt": "12+1=", "answer": "13", "level": 2}]
+    data = encode_examples(rows, tok, 16, answer_only=True)
+    assert data.levels.tolist() == [1, 2] and data.rows(torch.tensor([1])).levels.tolist() == [2]
+    assert encode_examples([rows[0], {"prompt": "2+2=", "answer": "4"}], tok, 16, True).levels is None
+
+
+def test_curriculum_needs_levels(tmp_path: Path) -> None:
+    from recurrent_depth.training.config import ConfigError, config_from_dict
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2", "level": 1}\n{"prompt": "2+2=", "answer": "4"}\n' * 4)
+    assert read_jsonl([path])[0]["level"] == 1
+    with pytest.raises(ValueError, match=r"data.curriculum needs an integer `level` on every training row; 3 of 7"):
+        build_data(DataSection(kind="jsonl", paths=[str(path)], tokenizer="char", curriculum=0.5), seed=0)
+    base = {"model": {"preset": "debug"}, "data": {"kind": "text", "paths": [str(path)], "curriculum": 0.5}}
+    with pytest.raises(ConfigError, match="plain text has none"):
+        config_from_dict(base)
+    with pytest.raises(ConfigError, match=r"`data.curriculum` must be a fraction of the steps in \[0, 1\), got 1.5"):
+        config_from_dict({**base, "data": {"kind": "task", "task": {"name": "addition"}, "curriculum": 1.5}})

@@ -182,3 +182,34 @@ def test_resumed_metrics_drop_steps_after_the_checkpoint_and_cut_lines(tmp_path:
     log = MetricsLog(tmp_path, 3, Runtime(torch.device("cpu"), torch.float32), tensorboard=False)
     log.write({"step": 4, "loss": 0.5})
     assert losses(tmp_path) == {1: 1.0, 2: 2.0, 3: 3.0, 4: 0.5}
+
+
+def test_curriculum_run_draws_easy_rows_first_and_resumes_the_same(tmp_path: Path, corpus: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from recurrent_depth.training.config import config_from_dict
+
+    tree = tiny_tree(corpus, data={"kind": "task", "paths": [], "curriculum": 0.5, "seq_len": 24,
+                                   "task": {"name": "addition", "difficulty": {"digits": [1, 3]}, "num_train": 64,
+                                            "num_eval": 8}},
+                     train={"steps": 12}, checkpoint={"every": 3, "keep": 5})
+    import recurrent_depth.training.loop as loop
+
+    drawn: list[list[int]] = []
+    real = loop.curriculum_indices
+    monkeypatch.setattr(loop, "curriculum_indices", lambda *a: drawn.append(a[3]) or real(*a))
+    widths: list[int] = []
+    real_rows = loop.TokenDataset.rows
+    monkeypatch.setattr(loop.TokenDataset, "rows", lambda self, i: widths.append(
+        self.levels[i].max().item() if self.levels is not None else -1) or real_rows(self, i))
+    train(config_from_dict(tree), tmp_path / "full")
+    assert drawn == [1, 1, 2, 2, 3, 3]  # 3 levels over the first half of 12 steps
+    assert widths[:2] == [1, 1] and max(widths[:4]) <= 2 and max(widths[6:12]) == 3
+    # resumed from step 6 (checkpoints after it removed), the run reads the same batches: the same losses
+    import shutil
+
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for ckpt in (tmp_path / "cut" / "checkpoints").iterdir():
+        if int(ckpt.name.split("_")[-1]) > 6:
+            shutil.rmtree(ckpt)
+    train(config_from_dict(tree), tmp_path / "cut", resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
