@@ -19,10 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from recurrent_depth.tasks.base import COT_SEP, SPLITS, Instance, Task, in_held_out
-from recurrent_depth.tasks.families import Addition, Cups, ModularChain, PointerChase, TreePath, VariableBinding
+from recurrent_depth.tasks.families import (
+    Addition,
+    BindingChain,
+    Cups,
+    ModularChain,
+    PointerChase,
+    TreePath,
+    VariableBinding,
+)
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Addition, VariableBinding, PointerChase, TreePath,
-                                                          ModularChain, Cups)}
+                                                          ModularChain, Cups, BindingChain)}
 
 
 def get_task(name: str, **difficulty: Any) -> Task:

@@ -14,6 +14,10 @@ its difficulty level (so more recurrence can help on harder instances):
   read, not a search. CoT: the slots visited.
 - `modular_chain`: "3+4*2-7=" -> "8". Operations applied left to right, modulo 10. Level: number of operations.
   CoT: the running value after each operation.
+- `binding_chain`: "a3,b7,ca,db,ec,fe?" -> "3". Variable binding in program order: each variable is bound to a digit
+  or to an earlier variable; the answer is the last variable's value, k hops from its digit. Each hop is a
+  content-addressed lookup (find where the named variable was bound). Level: k. Dense labels (`trace`): every
+  variable's value under its binding. CoT: the variables visited, then the value.
 - `cups`: "1:acba?" -> "2". A ball under cup 1 of three; each letter swaps two cups (a: 0-1, b: 1-2, c: 0-2); the
   answer is the cup holding the ball at the end. A word problem in the symmetric group: each swap is one token, the
   step is a 3-state lookup, and no count or parity of the letters gives the answer. Level: number of swaps. CoT:
@@ -307,3 +311,78 @@ class Cups(Task):
     def trace(self, inst: Instance) -> str:
         """The ball's cup under `:` (the start) and under each swap letter (after that swap)."""
         return " " + inst.prompt[0] + "".join(inst.steps) + " "
+
+
+@dataclass(frozen=True)
+class BindingChain(Task):
+    """Variable binding in program order, `xy` = "x is bound to y" (a digit or an earlier variable), the last
+    binding queried. `chains` chains of `hops` + 1 variables each, every one rooted at its own digit and interleaved
+    at random (each in its order), so the query's chain is `hops` lookups from its digit and guessing among the chains'
+    digits scores 1 / chains; the other variables of `n_vars` are fillers bound to other digits or to earlier fillers
+    (probability 1 - `p_digit`; at most the split's deepest hop count from a digit), adding lookups to the dense labels
+    without hinting at the answer."""
+
+    name: ClassVar[str] = "binding_chain"
+    symbols: ClassVar[str] = LETTERS + DIGITS + ",?"
+
+    hops: tuple[int, int] = (1, 4)
+    ood_hops: tuple[int, int] = (5, 8)
+    n_vars: tuple[int, int] = (10, 20)  # train's prompt lengths cover ood's: ood needs more hops, not longer prompts
+    ood_n_vars: tuple[int, int] = (18, 20)
+    chains: int = 2
+    p_digit: float = 0.5
+
+    def _validate(self) -> None:
+        if not isinstance(self.p_digit, int | float) or isinstance(self.p_digit, bool) or not 0 < self.p_digit <= 1:
+            raise ValueError(f"difficulty knob `p_digit` must be a number in (0, 1], got {self.p_digit!r}")
+        if not isinstance(self.chains, int) or isinstance(self.chains, bool) or not 1 <= self.chains <= 5:
+            raise ValueError(f"difficulty knob `chains` must be an integer in [1, 5], got {self.chains!r}")
+        for hops, n_vars in (("hops", "n_vars"), ("ood_hops", "ood_n_vars")):
+            h = self._set_range(hops, 0, 25)
+            v = self._set_range(n_vars, 1, 26)
+            if v[0] < self.chains * (h[1] + 1):
+                raise ValueError(f"difficulty knob `{n_vars}` min ({v[0]}) must be at least `chains` x (`{hops}` max "
+                                 f"+ 1) = {self.chains * (h[1] + 1)} so the chains fit")
+
+    def _sample(self, rng: random.Random, ood: bool) -> Instance:
+        h_hi = (self.ood_hops if ood else self.hops)[1]
+        hops = rng.randint(*(self.ood_hops if ood else self.hops))
+        names = rng.sample(LETTERS, rng.randint(*(self.ood_n_vars if ood else self.n_vars)))
+        roots = rng.sample(DIGITS, self.chains)
+        others = [d for d in DIGITS if d not in roots]
+        size = hops + 1
+        chains = [names[c * size:(c + 1) * size] for c in range(self.chains)]
+        fillers = iter(names[self.chains * size:])
+        query = rng.randrange(self.chains)
+        slots = [c for c in range(self.chains) for _ in range(size - (c == query))]
+        slots += [-1] * (len(names) - len(slots) - 1)
+        rng.shuffle(slots)
+        at = [0] * self.chains
+        value: dict[str, str] = {}
+        depth: dict[str, int] = {}
+        bindings = []
+        for c in slots + [query]:
+            if c >= 0:
+                name = chains[c][at[c]]
+                target = roots[c] if at[c] == 0 else chains[c][at[c] - 1]
+                at[c] += 1
+            else:
+                name = next(fillers)
+                earlier = [v for v in value if v not in names[:self.chains * size] and depth[v] < h_hi]
+                target = rng.choice(others) if not earlier or rng.random() < self.p_digit else rng.choice(earlier)
+            value[name] = target if target in DIGITS else value[target]
+            depth[name] = 0 if target in DIGITS else depth[target] + 1
+            bindings.append(name + target)
+        chain = chains[query]
+        steps = tuple(reversed(chain[:-1])) + (value[chain[-1]],)
+        return Instance(",".join(bindings) + "?", value[chain[-1]], steps, hops)
+
+    def trace(self, inst: Instance) -> str:
+        """Each variable's value under the character it is bound to (nothing under names, commas and `?`)."""
+        value: dict[str, str] = {}
+        out = []
+        for binding in inst.prompt[:-1].split(","):
+            name, target = binding
+            value[name] = target if target in DIGITS else value[target]
+            out.append(" " + value[name])
+        return " ".join(out) + " "

@@ -59,6 +59,23 @@ def _cups(prompt: str) -> tuple[str, int, str]:
     return str(ball), len(letters), trail
 
 
+def _bind_chain(prompt: str) -> tuple[str, int, list[str]]:
+    """Bind in order: the last variable's value, its hops from a digit, and every binding's value."""
+    bound: dict[str, str] = {}
+    values = []
+    for name, target in prompt.rstrip("?").split(","):
+        assert name not in bound and (target.isdigit() or target in bound)  # program order, each bound once
+        bound[name] = target
+        node = target
+        while not node.isdigit():
+            node = bound[node]
+        values.append(node)
+    hops, node = 0, bound[name]
+    while not node.isdigit():
+        node, hops = bound[node], hops + 1
+    return values[-1], hops, values
+
+
 def _check_row(name: str, row: dict) -> None:
     prompt, answer, level = row["prompt"], row["answer"], row["level"]
     if name == "addition":
@@ -74,6 +91,8 @@ def _check_row(name: str, row: dict) -> None:
         assert _chase(prompt) == (answer, level)
     elif name == "cups":
         assert _cups(prompt)[:2] == (answer, level)
+    elif name == "binding_chain":
+        assert _bind_chain(prompt)[:2] == (answer, level)
     else:  # a new family must add its independent checker here
         raise AssertionError(f"no answer checker for task {name}")
 
@@ -204,6 +223,9 @@ def test_alphabet_union() -> None:
     ("pointer_chase", {"slots": 27}, "slots"),
     ("pointer_chase", {"slots": 12, "hops": (1, 2), "ood_hops": (5, 6)}, "ood_hops"),
     ("pointer_chase", {"roots": 0}, "roots"),
+    ("binding_chain", {"hops": (1, 9)}, "n_vars"),
+    ("binding_chain", {"chains": 0}, "chains"),
+    ("binding_chain", {"p_digit": 0}, "p_digit"),
     ("addition", {"hops": 3}, "knobs are \\[.digits.,"),
     ("nope", {}, "unknown task"),
 ])
@@ -246,7 +268,17 @@ def test_addition_carry_heavy_ood_split() -> None:
         get_task("addition", ood_digits=(2, 2), ood_min_carry=3)
 
 
-@pytest.mark.parametrize("name", ["cups", "modular_chain"])
+def test_binding_chain_docstring_example_and_no_digit_count_shortcut() -> None:
+    assert _bind_chain("a3,b7,ca,db,ec,fe?")[:2] == ("3", 3)
+    for split in ("train", "ood"):
+        rows = get_task("binding_chain").generate(1000, split, seed=2)
+        most_common = sum(max(set(d := [c for c in r["prompt"] if c.isdigit()]), key=d.count) == r["answer"]
+                          for r in rows)
+        first = sum(next(c for c in r["prompt"] if c.isdigit()) == r["answer"] for r in rows)
+        assert most_common < 250 and first < 600  # guessing among the two chains' digits scores 1/2
+
+
+@pytest.mark.parametrize("name", ["binding_chain", "cups", "modular_chain"])
 def test_targets_label_the_running_state_under_each_prompt_character(name: str) -> None:
     rows = get_task(name).generate(200, split="train", seed=5, targets=True)
     for row in rows:
@@ -254,6 +286,9 @@ def test_targets_label_the_running_state_under_each_prompt_character(name: str) 
         assert len(targets) == len(prompt) and targets[-1] == " "
         if name == "cups":
             assert targets[:2] == " " + prompt[0] and targets[2:-1] == _cups(prompt)[2]
+        elif name == "binding_chain":
+            assert targets[1::3] == "".join(_bind_chain(prompt)[2])  # the value under each bound character
+            assert set(targets[0::3] + targets[2::3]) == {" "}
         else:
             values = [int(prompt[0])]
             for i in range(1, len(prompt) - 1, 2):
