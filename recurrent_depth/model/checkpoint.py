@@ -184,22 +184,52 @@ def _warn_non_finite(path: Path, tensors: Mapping[str, torch.Tensor], stacklevel
 
 
 class _ScreenAtFirstUse:
-    """A forward pre-hook on the token embedding that screens a model's mapped tensors for NaN/inf (`_warn_non_finite`)
-    the first time the model embeds tokens, then removes itself. Every forward (the model's own, training, and the
-    inference steps that call the stages directly) starts with the embedding, and that forward reads every weight
-    page anyway: screened here, a mapped load costs nothing at load, and the first forward pays one pass over the
-    weights at memory speed (about 0.8 s for the 7 GB huginn-3.5b bf16 file on one thread) instead of the load
-    reading the whole file. The names are looked up in the model when the hook fires, so that a `.to()` or a deep
-    copy in between screens what the model then holds."""
+    """Checks a model's mapped tensors for NaN/inf (`_warn_non_finite`) at its first forward, then lets go.
+
+    A mapped load reads no page; the first forward reads them all anyway, and a NaN or an infinity in any weight a
+    forward applies reaches its logits (every product and sum propagates it, and a weight acts at every position).
+    So the first forward proves what it used: the model tells its `stage_observer` each stage it runs (prelude,
+    core, coda, by whichever path), and finite logits from the head clear those stages' tensors and the head's (the
+    tied embedding with it). Only the tensors left (the core when it ran no step, an untied embedding table) are
+    screened then, at memory speed. Non-finite logits screen every tensor, naming the culprits; so does a second
+    embedding before any logits (a forward that computed none). Tensor names are looked up in the model when the
+    check runs, so that a `.to()` or a deep copy in between checks what the model then holds."""
 
     def __init__(self, path: Path, model: torch.nn.Module, names: set[str]) -> None:
         self.path, self.model, self.names = path, model, names
-        self.handle = model.transformer.wte.register_forward_pre_hook(self)
+        self.ran: set[str] = set()
+        self.embedded = 0
+        t = model.transformer
+        self.handles = [t.wte.register_forward_pre_hook(self._embed), model.lm_head.register_forward_hook(self._logits)]
+        t.stage_observer = self._ran
 
-    def __call__(self, module: torch.nn.Module, args: Any) -> None:
-        self.handle.remove()
-        owned = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        _warn_non_finite(self.path, {name: t for name, t in owned.items() if name in self.names}, stacklevel=3)
+    def _ran(self, stage: str) -> None:
+        self.ran.add(stage)
+
+    def _embed(self, module: torch.nn.Module, args: Any) -> None:
+        self.embedded += 1
+        self.ran.clear()
+        if self.embedded > 1:  # a forward came and went without logits: nothing is proven
+            self._screen(self.names)
+
+    def _logits(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not (isinstance(output, torch.Tensor) and bool(torch.isfinite(output).all())):
+            self._screen(self.names)
+            return
+        t = self.model.transformer
+        stages = {"prelude": [t.prelude], "core": [t.core_block, t.adapter], "coda": [t.coda, t.ln_f]}
+        used = [module, *(m for stage in self.ran for m in stages.get(stage, []))]
+        proven = {id(x) for m in used for x in [*m.parameters(), *m.buffers()]}
+        self._screen({name for name, x in self._owned().items() if name in self.names and id(x) not in proven})
+
+    def _owned(self) -> dict[str, torch.Tensor]:
+        return {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+
+    def _screen(self, names: set[str]) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.model.transformer.stage_observer = None
+        _warn_non_finite(self.path, {name: x for name, x in self._owned().items() if name in names}, stacklevel=4)
 
 
 def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any = None, device: Any = None,

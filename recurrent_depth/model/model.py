@@ -15,7 +15,7 @@ cache policies. The network knows nothing of sampling, exit criteria or parallel
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -93,6 +93,8 @@ class RecurrentDepthModel(nn.Module):
         self.stage_runner: StageRunner | None = None  # a faster runner for some cached calls (the fused CPU decode)
         self.fused_decode = True  # offer cached calls to `stage_runner` (False: always the eager modules)
         self.recurrence = Recurrence()  # how the core loop runs (training hands in checkpointed / fused ones)
+        self.stage_observer: Callable[[str], None] | None = None  # told "prelude", "core", "coda" as each stage runs,
+        #                                                            by any path (the first-use weight check)
 
     def _exact_rope(self, device: torch.device) -> Tensor:
         return rope_table(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_base).to(device)
@@ -148,6 +150,8 @@ class RecurrentDepthModel(nn.Module):
 
     def core_step(self, state: Tensor, e: Tensor, step: int, ctx: AttentionContext) -> Tensor:
         """One recurrence: s_{i+1} = Core(Adapter(concat[s_i, e])); `step` is i (0-based), naming cache slots."""
+        if self.stage_observer is not None:
+            self.stage_observer("core")
         if self._runner_takes(state, ctx, self.core_block):
             return self._run_core(state, e, step, 1, ctx)
         x = self.adapter(torch.cat([state, e], dim=-1))
@@ -157,6 +161,8 @@ class RecurrentDepthModel(nn.Module):
         """`num_steps` recurrences from step `first_step`, under the caller's grad mode: one call of the stage runner
         when it takes them (cached CPU inference), else the steps of `self.recurrence`."""
         if num_steps > 0 and self._runner_takes(state, ctx, self.core_block):
+            if self.stage_observer is not None:
+                self.stage_observer("core")
             return self._run_core(state, e, first_step, num_steps, ctx)
         return self.recurrence.steps(self, state, e, first_step, num_steps, ctx)
 
@@ -184,6 +190,8 @@ class RecurrentDepthModel(nn.Module):
 
     def _blocks(self, blocks: nn.ModuleList, part: str, x: Tensor, ctx: AttentionContext) -> Tensor:
         """Run the prelude's or the coda's blocks: by the stage runner when it takes the call, else eagerly."""
+        if self.stage_observer is not None:
+            self.stage_observer(part)
         if self._runner_takes(x, ctx, blocks):
             assert self.stage_runner is not None
             return self.stage_runner.run_blocks(blocks, part, x, ctx, 0, self.cfg.n_heads, self.cfg.norm_eps)

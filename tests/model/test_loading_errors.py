@@ -194,17 +194,47 @@ def test_non_finite_mapped_weights_warn_at_the_first_forward_only(saved: Path, v
         model(ids, num_steps=1)
 
 
-def test_mapped_weights_are_screened_at_first_use_not_at_load(saved: Path, monkeypatch) -> None:
+def _screens(monkeypatch) -> list[set[str]]:
     screened: list[set[str]] = []
     real = checkpoint.non_finite
     monkeypatch.setattr(checkpoint, "non_finite", lambda tensors: screened.append(set(tensors)) or real(tensors))
+    return screened
+
+
+def test_a_finite_first_forward_proves_what_it_used_and_screens_the_rest(saved: Path, monkeypatch) -> None:
+    """Mapped tensors are not read at load; a first forward whose logits are finite proves every stage it ran (the
+    eager forward and the inference steps alike), and only what it did not use is screened then."""
+    screened = _screens(monkeypatch)
     model = _load(saved)
     mapped = {name for name, _ in model.named_parameters()}
     assert not any(screened_now & mapped for screened_now in screened)  # the load read no mapped page
     from recurrent_depth.inference import generate
 
-    generate.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, num_steps=1)  # the inference steps too
-    assert set().union(*screened) == mapped
+    screened.clear()
+    generate.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, num_steps=1)  # the inference steps
+    assert screened == [set()] and model.transformer.stage_observer is None  # all proven, once; the hooks gone
+    model = _load(saved)
+    screened.clear()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), num_steps=0)  # the core ran no step: only its tensors are screened
+    assert screened == [{n for n in mapped if n.startswith(("transformer.core_block.", "transformer.adapter."))}]
+
+
+def test_untied_embedding_rows_are_screened_and_core_poison_found_without_core_steps(saved: Path,
+                                                                                    monkeypatch) -> None:
+    untied = saved.parent / "untied"
+    torch.manual_seed(0)
+    RecurrentDepthForCausalLM(RecurrentDepthConfig.from_name("debug", tie_embeddings=False)).save_pretrained(untied)
+    screened = _screens(monkeypatch)
+    model = _load(untied)
+    screened.clear()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), num_steps=1)
+    assert screened == [{"transformer.wte.weight"}]  # a forward reads only the rows of its tokens
+    _poison(saved, float("nan"), "transformer.core_block.0.mlp.fc.weight")
+    with pytest.warns(UserWarning, match=r"NaN or infinite values: transformer\.core_block\.0\.mlp\.fc\.weight$"), \
+            torch.no_grad():
+        _load(saved)(torch.tensor([[1, 2, 3]]), num_steps=0)
 
 
 def test_first_use_screen_follows_a_deep_copy(saved: Path) -> None:
