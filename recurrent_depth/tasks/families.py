@@ -1,4 +1,4 @@
-"""Five procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
+"""Seven procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
 its difficulty level (so more recurrence can help on harder instances):
 
 - `addition`: "821+379=" -> "1200". Most significant digit first, so the first answer digit depends on the whole
@@ -14,10 +14,11 @@ its difficulty level (so more recurrence can help on harder instances):
   read, not a search. CoT: the slots visited.
 - `modular_chain`: "3+4*2-7=" -> "8". Operations applied left to right, modulo 10. Level: number of operations.
   CoT: the running value after each operation.
-- `binding_chain`: "a3,b7,ca,db,ec,fe?" -> "3". Variable binding in program order: each variable is bound to a digit
-  or to an earlier variable; the answer is the last variable's value, k hops from its digit. Each hop is a
-  content-addressed lookup (find where the named variable was bound). Level: k. Dense labels (`trace`): every
-  variable's value under its binding. CoT: the variables visited, then the value.
+- `binding_chain`: "3a,7b,ac,bd,ce,ef?" -> "3" (a = 3, b = 7, c = a, d = b, e = c, f = e). Variable binding in
+  program order, each binding written value first: a digit or an earlier variable, then the new variable; the answer
+  is the last variable's value, k hops from its digit. Each hop is a content-addressed lookup (the earlier
+  occurrence of the same letter). Level: k. Dense labels (`trace`): each variable's value under both of its
+  characters. CoT: the variables visited, then the value. `name_first=True` writes "a3,b7,ca,..." instead.
 - `cups`: "1:acba?" -> "2". A ball under cup 1 of three; each letter swaps two cups (a: 0-1, b: 1-2, c: 0-2); the
   answer is the cup holding the ball at the end. A word problem in the symmetric group: each swap is one token, the
   step is a 3-state lookup, and no count or parity of the letters gives the answer. Level: number of swaps. CoT:
@@ -315,12 +316,12 @@ class Cups(Task):
 
 @dataclass(frozen=True)
 class BindingChain(Task):
-    """Variable binding in program order, `xy` = "x is bound to y" (a digit or an earlier variable), the last
-    binding queried. `chains` chains of `hops` + 1 variables each, every one rooted at its own digit and interleaved
-    at random (each in its order), so the query's chain is `hops` lookups from its digit and guessing among the chains'
-    digits scores 1 / chains; the other variables of `n_vars` are fillers bound to other digits or to earlier fillers
-    (probability 1 - `p_digit`; at most the split's deepest hop count from a digit), adding lookups to the dense labels
-    without hinting at the answer."""
+    """Variable binding in program order, `yx` = "x is bound to y" (y a digit or an earlier variable;
+    `name_first`: written `xy`), the last binding queried. `chains` chains of `hops` + 1 variables each, every one
+    rooted at its own digit and interleaved at random (each in its order), so the query's chain is `hops` lookups
+    from its digit and guessing among the chains' digits scores 1 / chains; the other variables of `n_vars` are
+    fillers bound to other digits or to earlier fillers (probability 1 - `p_digit`; at most the split's deepest hop
+    count from a digit), adding lookups to the dense labels without hinting at the answer."""
 
     name: ClassVar[str] = "binding_chain"
     symbols: ClassVar[str] = LETTERS + DIGITS + ",?"
@@ -331,10 +332,15 @@ class BindingChain(Task):
     ood_n_vars: tuple[int, int] = (18, 20)
     chains: int = 2
     p_digit: float = 0.5
+    # the new variable before its value: its value is then unknown at its own character (a causal model sees the value
+    # next), so each hop needs a lookup keyed on the previous character (an induction head), not on the same letter
+    name_first: bool = False
 
     def _validate(self) -> None:
         if not isinstance(self.p_digit, int | float) or isinstance(self.p_digit, bool) or not 0 < self.p_digit <= 1:
             raise ValueError(f"difficulty knob `p_digit` must be a number in (0, 1], got {self.p_digit!r}")
+        if not isinstance(self.name_first, bool):
+            raise ValueError(f"difficulty knob `name_first` must be true or false, got {self.name_first!r}")
         if not isinstance(self.chains, int) or isinstance(self.chains, bool) or not 1 <= self.chains <= 5:
             raise ValueError(f"difficulty knob `chains` must be an integer in [1, 5], got {self.chains!r}")
         for hops, n_vars in (("hops", "n_vars"), ("ood_hops", "ood_n_vars")):
@@ -372,17 +378,18 @@ class BindingChain(Task):
                 target = rng.choice(others) if not earlier or rng.random() < self.p_digit else rng.choice(earlier)
             value[name] = target if target in DIGITS else value[target]
             depth[name] = 0 if target in DIGITS else depth[target] + 1
-            bindings.append(name + target)
+            bindings.append(name + target if self.name_first else target + name)
         chain = chains[query]
         steps = tuple(reversed(chain[:-1])) + (value[chain[-1]],)
         return Instance(",".join(bindings) + "?", value[chain[-1]], steps, hops)
 
     def trace(self, inst: Instance) -> str:
-        """Each variable's value under the character it is bound to (nothing under names, commas and `?`)."""
+        """Each variable's value under both characters of its binding (`name_first`: under its value's only, the
+        first character being unknown yet); nothing under commas and `?`."""
         value: dict[str, str] = {}
         out = []
         for binding in inst.prompt[:-1].split(","):
-            name, target = binding
+            name, target = binding if self.name_first else binding[::-1]
             value[name] = target if target in DIGITS else value[target]
-            out.append(" " + value[name])
+            out.append((" " if self.name_first else value[name]) + value[name])
         return " ".join(out) + " "

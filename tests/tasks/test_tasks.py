@@ -59,11 +59,12 @@ def _cups(prompt: str) -> tuple[str, int, str]:
     return str(ball), len(letters), trail
 
 
-def _bind_chain(prompt: str) -> tuple[str, int, list[str]]:
+def _bind_chain(prompt: str, name_first: bool = False) -> tuple[str, int, list[str]]:
     """Bind in order: the last variable's value, its hops from a digit, and every binding's value."""
     bound: dict[str, str] = {}
     values = []
-    for name, target in prompt.rstrip("?").split(","):
+    for binding in prompt.rstrip("?").split(","):
+        name, target = binding if name_first else binding[::-1]
         assert name not in bound and (target.isdigit() or target in bound)  # program order, each bound once
         bound[name] = target
         node = target
@@ -226,6 +227,7 @@ def test_alphabet_union() -> None:
     ("binding_chain", {"hops": (1, 9)}, "n_vars"),
     ("binding_chain", {"chains": 0}, "chains"),
     ("binding_chain", {"p_digit": 0}, "p_digit"),
+    ("binding_chain", {"name_first": 1}, "name_first"),
     ("addition", {"hops": 3}, "knobs are \\[.digits.,"),
     ("nope", {}, "unknown task"),
 ])
@@ -268,10 +270,16 @@ def test_addition_carry_heavy_ood_split() -> None:
         get_task("addition", ood_digits=(2, 2), ood_min_carry=3)
 
 
-def test_binding_chain_docstring_example_and_no_digit_count_shortcut() -> None:
-    assert _bind_chain("a3,b7,ca,db,ec,fe?")[:2] == ("3", 3)
+@pytest.mark.parametrize("name_first", [False, True])
+def test_binding_chain_docstring_example_and_no_digit_count_shortcut(name_first: bool) -> None:
+    assert _bind_chain("3a,7b,ac,bd,ce,ef?")[:2] == ("3", 3) == _bind_chain("a3,b7,ca,db,ec,fe?", True)[:2]
+    task = get_task("binding_chain", name_first=name_first)
+    row = task.generate(1, "train", seed=0, targets=True)[0]
+    assert _bind_chain(row["prompt"], name_first)[:2] == (row["answer"], row["level"])
+    values = "".join(_bind_chain(row["prompt"], name_first)[2])
+    assert row["targets"][1::3] == values and row["targets"][0::3] == (" " * len(values) if name_first else values)
     for split in ("train", "ood"):
-        rows = get_task("binding_chain").generate(1000, split, seed=2)
+        rows = task.generate(1000, split, seed=2)
         most_common = sum(max(set(d := [c for c in r["prompt"] if c.isdigit()]), key=d.count) == r["answer"]
                           for r in rows)
         first = sum(next(c for c in r["prompt"] if c.isdigit()) == r["answer"] for r in rows)
@@ -287,8 +295,8 @@ def test_targets_label_the_running_state_under_each_prompt_character(name: str) 
         if name == "cups":
             assert targets[:2] == " " + prompt[0] and targets[2:-1] == _cups(prompt)[2]
         elif name == "binding_chain":
-            assert targets[1::3] == "".join(_bind_chain(prompt)[2])  # the value under each bound character
-            assert set(targets[0::3] + targets[2::3]) == {" "}
+            values = "".join(_bind_chain(prompt)[2])  # the value under both characters of each binding
+            assert targets[1::3] == values == targets[0::3] and set(targets[2::3]) == {" "}
         else:
             values = [int(prompt[0])]
             for i in range(1, len(prompt) - 1, 2):
