@@ -320,8 +320,8 @@ class BindingChain(Task):
     `name_first`: written `xy`), the last binding queried. `chains` chains of `hops` + 1 variables each, every one
     rooted at its own digit and interleaved at random (each in its order), so the query's chain is `hops` lookups
     from its digit and guessing among the chains' digits scores 1 / chains; the other variables of `n_vars` are
-    fillers bound to other digits or to earlier fillers (probability 1 - `p_digit`; at most the split's deepest hop
-    count from a digit), adding lookups to the dense labels without hinting at the answer."""
+    fillers bound to other digits or to earlier fillers (probability 1 - `p_digit`; at most `hops` from a digit, so
+    no dense label needs more lookups than the answer, the row's level), adding lookups without hinting at it."""
 
     name: ClassVar[str] = "binding_chain"
     symbols: ClassVar[str] = LETTERS + DIGITS + ",?"
@@ -351,7 +351,6 @@ class BindingChain(Task):
                                  f"+ 1) = {self.chains * (h[1] + 1)} so the chains fit")
 
     def _sample(self, rng: random.Random, ood: bool) -> Instance:
-        h_hi = (self.ood_hops if ood else self.hops)[1]
         hops = rng.randint(*(self.ood_hops if ood else self.hops))
         names = rng.sample(LETTERS, rng.randint(*(self.ood_n_vars if ood else self.n_vars)))
         roots = rng.sample(DIGITS, self.chains)
@@ -374,7 +373,7 @@ class BindingChain(Task):
                 at[c] += 1
             else:
                 name = next(fillers)
-                earlier = [v for v in value if v not in names[:self.chains * size] and depth[v] < h_hi]
+                earlier = [v for v in value if v not in names[:self.chains * size] and depth[v] < hops]
                 target = rng.choice(others) if not earlier or rng.random() < self.p_digit else rng.choice(earlier)
             value[name] = target if target in DIGITS else value[target]
             depth[name] = 0 if target in DIGITS else depth[target] + 1
