@@ -329,6 +329,7 @@ class BindingChain(Task):
     hops: tuple[int, int] = (1, 4)
     ood_hops: tuple[int, int] = (5, 8)
     n_vars: tuple[int, int] = (10, 20)  # train's prompt lengths cover ood's: ood needs more hops, not longer prompts
+    #                                     (a row has at least its chains' variables, whatever the minimum)
     ood_n_vars: tuple[int, int] = (18, 20)
     chains: int = 2
     p_digit: float = 0.5
@@ -346,13 +347,14 @@ class BindingChain(Task):
         for hops, n_vars in (("hops", "n_vars"), ("ood_hops", "ood_n_vars")):
             h = self._set_range(hops, 0, 25)
             v = self._set_range(n_vars, 1, 26)
-            if v[0] < self.chains * (h[1] + 1):
-                raise ValueError(f"difficulty knob `{n_vars}` min ({v[0]}) must be at least `chains` x (`{hops}` max "
+            if v[1] < self.chains * (h[1] + 1):
+                raise ValueError(f"difficulty knob `{n_vars}` max ({v[1]}) must be at least `chains` x (`{hops}` max "
                                  f"+ 1) = {self.chains * (h[1] + 1)} so the chains fit")
 
     def _sample(self, rng: random.Random, ood: bool) -> Instance:
         hops = rng.randint(*(self.ood_hops if ood else self.hops))
-        names = rng.sample(LETTERS, rng.randint(*(self.ood_n_vars if ood else self.n_vars)))
+        lo, hi = self.ood_n_vars if ood else self.n_vars
+        names = rng.sample(LETTERS, rng.randint(max(lo, self.chains * (hops + 1)), hi))  # at least the chains
         roots = rng.sample(DIGITS, self.chains)
         others = [d for d in DIGITS if d not in roots]
         size = hops + 1

@@ -224,7 +224,7 @@ def test_alphabet_union() -> None:
     ("pointer_chase", {"slots": 27}, "slots"),
     ("pointer_chase", {"slots": 12, "hops": (1, 2), "ood_hops": (5, 6)}, "ood_hops"),
     ("pointer_chase", {"roots": 0}, "roots"),
-    ("binding_chain", {"hops": (1, 9)}, "n_vars"),
+    ("binding_chain", {"hops": (1, 10)}, "n_vars"),
     ("binding_chain", {"chains": 0}, "chains"),
     ("binding_chain", {"p_digit": 0}, "p_digit"),
     ("binding_chain", {"name_first": 1}, "name_first"),
