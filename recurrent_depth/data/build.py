@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from recurrent_depth.data.loader import TokenDataset
 from recurrent_depth.data.paths import expand_path
-from recurrent_depth.data.prompts import encode_examples, read_jsonl, task_examples
+from recurrent_depth.data.prompts import encode_examples, has_level, read_jsonl, task_examples
 from recurrent_depth.data.text import list_files, pack, read_texts, tokenize_stream
 from recurrent_depth.data.tokenizer import char_tokenizer, load_tokenizer, train_bpe
 
@@ -73,7 +73,7 @@ def _prompts(section, seed: int, tok: PreTrainedTokenizerFast | None) -> DataBun
             tok = train_bpe([e["prompt"] + e["answer"] for e in train_ex], section.bpe_vocab_size)
         else:
             tok = load_tokenizer_path(expand_path(section.tokenizer))
-    if section.curriculum and (missing := sum(not isinstance(e.get("level"), int) for e in train_ex)):
+    if section.curriculum and (missing := sum(not has_level(e) for e in train_ex)):
         raise ValueError(f"data.curriculum needs an integer `level` on every training row; {missing} of "
                          f"{len(train_ex)} rows have none (add \"level\": N to each JSONL row, or set "
                          "data.curriculum: 0)")

@@ -6,6 +6,7 @@ gives the rows of global batch number `position`: epoch e visits the rows in the
 resumed run that knows its position reads exactly the batches an uninterrupted run would have read.
 `curriculum_indices(position, ...)` is the same for a curriculum over difficulty (`levels`): only rows up to a maximum
 level (rising with the position, `curriculum_level`) are drawn, again a pure function of the position.
+`training_indices` picks between the two: the training loop's one call.
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ def curriculum_indices(position: int, batch_size: int, levels: Tensor, max_level
     if len(admitted) >= batch_size:
         return admitted[torch.randperm(len(admitted), generator=g)[:batch_size]]
     return admitted[torch.randint(len(admitted), (batch_size,), generator=g)]
+
+
+def training_indices(position: int, batch_size: int, data: TokenDataset, seed: int, curriculum: float = 0.0,
+                     train_steps: int = 0) -> Tensor:
+    """Rows of training batch `position`: from the curriculum while its ramp lasts (`curriculum` > 0, the first
+    `curriculum` fraction of `train_steps`; `data.levels` needed), else the epoch schedule of `batch_indices`."""
+    level = None
+    if curriculum:
+        if data.levels is None:
+            raise ValueError("a curriculum needs the dataset's row levels (every example's integer `level`)")
+        level = curriculum_level(position, data.levels, curriculum, train_steps)
+    if level is None:
+        return batch_indices(position, batch_size, len(data), seed)
+    return curriculum_indices(position, batch_size, data.levels, level, seed)
 
 
 def eval_batches(data: TokenDataset, batch_size: int, max_batches: int) -> list[TokenDataset]:

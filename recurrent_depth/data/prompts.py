@@ -62,6 +62,12 @@ def task_examples(name: str, difficulty: dict[str, Any], n: int, split: str, see
     return task.generate(n, split=split, seed=seed, **extra), task.alphabet
 
 
+def has_level(example: dict[str, Any]) -> bool:
+    """Whether an example carries an integer difficulty `level` (what `data.curriculum` orders rows by)."""
+    level = example.get("level")
+    return isinstance(level, int) and not isinstance(level, bool)
+
+
 Encoded = tuple[list[int], int, dict[str, str]]  # <bos> prompt answer <eos> ids, prompt length, the example
 
 
@@ -107,9 +113,8 @@ def encode_examples(examples: list[dict[str, str]], tokenizer, seq_len: int, ans
     for i, (_, n_prompt, example) in enumerate(kept):
         if "targets" in example:
             _place_targets(labels[i], example, n_prompt, tokenizer)
-    levels = [e.get("level") for _, _, e in kept]
-    has_levels = all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
-    return TokenDataset(inputs, labels, answer_labels, torch.tensor(levels) if has_levels else None)
+    levels = torch.tensor([e["level"] for _, _, e in kept]) if all(has_level(e) for _, _, e in kept) else None
+    return TokenDataset(inputs, labels, answer_labels, levels)
 
 
 def _place_targets(labels: torch.Tensor, example: dict, n_prompt: int, tokenizer) -> None:

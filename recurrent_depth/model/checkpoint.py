@@ -210,26 +210,25 @@ class _ScreenAtFirstUse:
         self.embedded += 1
         self.ran.clear()
         if self.embedded > 1:  # a forward came and went without logits: nothing is proven
-            self._screen(self.names)
+            self._screen()
 
     def _logits(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not (isinstance(output, torch.Tensor) and bool(torch.isfinite(output).all())):
-            self._screen(self.names)
+            self._screen()
             return
         t = self.model.transformer
         stages = {"prelude": [t.prelude], "core": [t.core_block, t.adapter], "coda": [t.coda, t.ln_f]}
-        used = [module, *(m for stage in self.ran for m in stages.get(stage, []))]
-        proven = {id(x) for m in used for x in [*m.parameters(), *m.buffers()]}
-        self._screen({name for name, x in self._owned().items() if name in self.names and id(x) not in proven})
+        used = [module, *(m for stage in self.ran for m in stages[stage])]
+        self._screen(proven={id(x) for m in used for x in [*m.parameters(), *m.buffers()]})
 
-    def _owned(self) -> dict[str, torch.Tensor]:
-        return {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-
-    def _screen(self, names: set[str]) -> None:
+    def _screen(self, proven: frozenset[int] | set[int] = frozenset()) -> None:
+        """Remove the hooks and screen the mapped tensors the model holds now, but those in `proven` (ids)."""
         for handle in self.handles:
             handle.remove()
         self.model.transformer.stage_observer = None
-        _warn_non_finite(self.path, {name: x for name, x in self._owned().items() if name in names}, stacklevel=4)
+        owned = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        _warn_non_finite(self.path, {name: x for name, x in owned.items()
+                                     if name in self.names and id(x) not in proven}, stacklevel=4)
 
 
 def load(cls: type, path: Any, *args: Any, dtype: Any = None, torch_dtype: Any = None, device: Any = None,

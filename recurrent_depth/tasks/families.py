@@ -366,7 +366,7 @@ class BindingChain(Task):
         rng.shuffle(slots)
         at = [0] * self.chains
         value: dict[str, str] = {}
-        depth: dict[str, int] = {}
+        filler_depth: dict[str, int] = {}  # hops from a digit
         bindings = []
         for c in slots + [query]:
             if c >= 0:
@@ -375,10 +375,10 @@ class BindingChain(Task):
                 at[c] += 1
             else:
                 name = next(fillers)
-                earlier = [v for v in value if v not in names[:self.chains * size] and depth[v] < hops]
+                earlier = [v for v, d in filler_depth.items() if d < hops]
                 target = rng.choice(others) if not earlier or rng.random() < self.p_digit else rng.choice(earlier)
+                filler_depth[name] = 0 if target in DIGITS else filler_depth[target] + 1
             value[name] = target if target in DIGITS else value[target]
-            depth[name] = 0 if target in DIGITS else depth[target] + 1
             bindings.append(name + target if self.name_first else target + name)
         chain = chains[query]
         steps = tuple(reversed(chain[:-1])) + (value[chain[-1]],)

@@ -27,7 +27,7 @@ from torch import nn
 
 from recurrent_depth.config import RecurrentDepthConfig
 from recurrent_depth.data.build import DataBundle, build_data
-from recurrent_depth.data.loader import TokenDataset, batch_indices, curriculum_indices, curriculum_level, eval_batches
+from recurrent_depth.data.loader import TokenDataset, eval_batches, training_indices
 from recurrent_depth.data.paths import expand_path
 from recurrent_depth.depth_sampler import DepthSampler, make_sampler
 from recurrent_depth.hf import RecurrentDepthForCausalLM
@@ -307,10 +307,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runti
             for group in optimizer.param_groups:
                 group["lr"] = lr
             n, k = sampler.sample(step=step)
-            level = (curriculum_level(step, data.train.levels, cfg.data.curriculum, t.steps)
-                     if cfg.data.curriculum else None)
-            rows = (batch_indices(step, t.batch_size, len(data.train), t.seed) if level is None
-                    else curriculum_indices(step, t.batch_size, data.train.levels, level, t.seed))
+            rows = training_indices(step, t.batch_size, data.train, t.seed, cfg.data.curriculum, t.steps)
             batch = data.train.rows(rows)
             n_tokens = int((batch.labels != IGNORE).sum())
             scale = rt.world_size / max(n_tokens, 1)

@@ -200,6 +200,18 @@ def test_curriculum_admits_levels_in_order_then_everything() -> None:
     assert len(curriculum_indices(0, 5, levels, 1, seed=0)) == 5  # fewer admitted rows than the batch: repeats
 
 
+def test_training_indices_follow_the_curriculum_then_the_epoch_schedule() -> None:
+    from recurrent_depth.data.loader import curriculum_indices, training_indices
+
+    x = torch.zeros(8, 3, dtype=torch.long)
+    data = TokenDataset(x, x, levels=torch.tensor([1, 2, 3, 1, 2, 3, 3, 1]))
+    assert torch.equal(training_indices(0, 4, data, 0, 0.3, 100), curriculum_indices(0, 4, data.levels, 1, 0))
+    assert torch.equal(training_indices(30, 4, data, 0, 0.3, 100), batch_indices(30, 4, 8, 0))
+    assert torch.equal(training_indices(0, 4, data, 0), batch_indices(0, 4, 8, 0))  # no curriculum
+    with pytest.raises(ValueError, match="a curriculum needs the dataset's row levels"):
+        training_indices(0, 4, TokenDataset(x, x), 0, 0.3, 100)
+
+
 def test_encoded_rows_carry_their_levels_only_when_every_row_has_one() -> None:
     tok = char_tokenizer("0123456789+=")
     rows = [{"prompt": "1+1=", "answer": "2", "level": 1}, {"prompt": "12+1=", "answer": "13", "level": 2}]

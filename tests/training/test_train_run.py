@@ -192,11 +192,12 @@ def test_curriculum_run_draws_easy_rows_first_and_resumes_the_same(tmp_path: Pat
                                    "task": {"name": "addition", "difficulty": {"digits": [1, 3]}, "num_train": 64,
                                             "num_eval": 8}},
                      train={"steps": 12}, checkpoint={"every": 3, "keep": 5})
+    import recurrent_depth.data.loader as loader
     import recurrent_depth.training.loop as loop
 
     drawn: list[list[int]] = []
-    real = loop.curriculum_indices
-    monkeypatch.setattr(loop, "curriculum_indices", lambda *a: drawn.append(a[3]) or real(*a))
+    real = loader.curriculum_indices
+    monkeypatch.setattr(loader, "curriculum_indices", lambda *a: drawn.append(a[3]) or real(*a))
     widths: list[int] = []
     real_rows = loop.TokenDataset.rows
     monkeypatch.setattr(loop.TokenDataset, "rows", lambda self, i: widths.append(
