@@ -4,13 +4,17 @@
 
 Per thread count and shape (out x in; huginn-3.5b's mlp.fc and attn.proj by default), GB/s of weight bytes streamed
 by x (1, in) @ W^T over distinct matrices (`--total-gb` per set, more than the caches hold, as decoding streams its
-weights) for: ours (the fused op's kernel, `rdepth.linear`, fp32 x) on fp32 and on bf16 weights, ours on fp32
+weights) for: ours (the fused op's kernel, `rdepth.linear`, fp32 x) on fp32 and on bf16 weights; ours on fp32
 weights of half the rows (`fp32_same_bytes`: the bytes of one bf16 call, since a shorter call pays any fixed cost
-per call, its fork and join, in a larger share), and torch's fp32 `F.linear`. One pass measures every kind once, one
-after the other, so the per-pass ratios (bf16 over fp32, bf16 over fp32_same_bytes) compare measurements seconds
-apart: on a shared machine other jobs move the absolute rates by tens of percent within a minute. Reports best,
-median and worst pass and each pass's ratio, with the load average before and after (a memory-bound product is
-slowed by whatever else runs).
+per call, its fork and join, in a larger share); ours on fp32 weights of twice the rows and half the inputs
+(`fp32_same_row_bytes`: a bf16 row's bytes, since a matrix of shorter rows starts more row streams per byte, each
+paying the memory latency before the prefetchers run ahead); and torch's fp32 `F.linear`. One pass measures every
+kind once, one after the other, in an order rotated from pass to pass (whatever runs first or after a given kind
+gains or loses nothing systematically), so the per-pass ratios (bf16 over each fp32 kind) compare measurements
+seconds apart: on a shared machine other jobs move the absolute rates by tens of percent within a minute. A first,
+untimed pass touches every matrix once (fresh pages are slow the first time). Reports best, median and worst pass
+and each pass's ratio, with the load average before and after (a memory-bound product is slowed by whatever else
+runs).
 """
 
 from __future__ import annotations
@@ -47,20 +51,28 @@ def rate(fn: Callable[[torch.Tensor], torch.Tensor], weights: list[torch.Tensor]
 
 
 def shape_rates(n_out: int, n_in: int, passes: int, total_bytes: int) -> dict:
-    """Interleaved passes over the four kinds of module docstring for one shape."""
+    """Interleaved passes over the five kinds of the module docstring for one shape."""
     x = torch.randn(1, n_in)
+    x_half = torch.randn(1, max(1, n_in // 2))
     fp32 = matrices(n_out, n_in, torch.float32, total_bytes)
     ours = lambda w: torch.ops.rdepth.linear(x, w)  # noqa: E731
+    ours_half = lambda w: torch.ops.rdepth.linear(x_half, w)  # noqa: E731
     kinds = {"ours_fp32": (ours, fp32), "ours_bf16": (ours, matrices(n_out, n_in, torch.bfloat16, total_bytes)),
              "ours_fp32_same_bytes": (ours, matrices(max(1, n_out // 2), n_in, torch.float32, total_bytes // 2)),
+             "ours_fp32_same_row_bytes": (ours_half, matrices(2 * n_out, max(1, n_in // 2), torch.float32,
+                                                              total_bytes)),
              "torch_fp32": (lambda w: F.linear(x, w), fp32)}
     rates: dict[str, list[float]] = {name: [] for name in kinds}
-    for _ in range(passes):
-        for name, (fn, ws) in kinds.items():
+    names = list(kinds)
+    for fn, ws in kinds.values():  # untimed: the first touch of fresh pages
+        rate(fn, ws)
+    for p in range(passes):
+        for name in names[p % len(names):] + names[:p % len(names)]:
+            fn, ws = kinds[name]
             rates[name].append(rate(fn, ws))
     out: dict = {name: {"best_GBps": max(r), "median_GBps": statistics.median(r), "worst_GBps": min(r)}
                  for name, r in rates.items()}
-    for ref in ("ours_fp32", "ours_fp32_same_bytes"):
+    for ref in ("ours_fp32", "ours_fp32_same_bytes", "ours_fp32_same_row_bytes"):
         ratios = [b / f for b, f in zip(rates["ours_bf16"], rates[ref], strict=True)]
         out[f"bf16_over_{ref.removeprefix('ours_')}"] = {"per_pass": [round(v, 3) for v in ratios],
                                                          "median": statistics.median(ratios)}

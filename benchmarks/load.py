@@ -49,7 +49,7 @@ def worker(spec: dict) -> dict:
     """Runs in a fresh process: load spec["checkpoint"] as spec["dtype"] with ours or the reference's code."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(spec.get("threads", 1))
     dtype = getattr(torch, spec["dtype"])
     if spec["side"] == "reference":
         from reference_import import import_reference
@@ -115,9 +115,9 @@ def make_checkpoints(preset: str) -> None:
 def run_case(side: str, checkpoint: Path, dtype: str, args: argparse.Namespace) -> dict:
     python = args.reference_python if side == "reference" else sys.executable
     spec = {"side": side, "checkpoint": str(checkpoint), "dtype": dtype, "reference_dir": args.reference_dir,
-            "warmup": str(_checkpoint_folders("debug")["warmup"])}
+            "warmup": str(_checkpoint_folders("debug")["warmup"]), "threads": args.threads}
     proc = subprocess.run([python, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=3600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=3600, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
         raise RuntimeError(f"{side} worker failed on {checkpoint} as {dtype}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -132,6 +132,9 @@ def main() -> None:
                         help="comma-separated SRC-DTYPE: stored fp32|bf16, loaded as float32|bfloat16")
     parser.add_argument("--sides", default="ours,reference",
                         help="comma-separated: ours, reference (the reference needs --reference-dir)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in each worker, both sides (the conversion and first touch of a converting "
+                             "load run on them)")
     parser.add_argument("--reference-dir", default=os.environ.get("REFERENCE_DIR"))
     parser.add_argument("--reference-python", default=os.environ.get("REFERENCE_PYTHON",
                                                                      str(REPO / ".venv-tf4" / "bin" / "python")))

@@ -29,6 +29,7 @@ from recurrent_depth.model.weights import (
     INDEX_NAME,
     WEIGHTS_NAME,
     CheckpointError,
+    Stager,
     StoredTensor,
     available_bytes,
     check_floating,
@@ -136,7 +137,7 @@ def _names(names: list[str], shown: int = 8) -> str:
 
 def check_memory(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.dtype, device: torch.device) -> None:
     """Raise MemoryError, before anything is allocated, when `device` lacks the room for the model in `dtype`."""
-    need = sum(math.prod(e.shape) for e in entries.values()) * dtype.itemsize + CHUNK_BYTES
+    need = sum(math.prod(e.shape) for e in entries.values()) * dtype.itemsize + 2 * CHUNK_BYTES  # + staging
     free = available_bytes(device)
     if free is not None and need > free:
         where = "MemAvailable in /proc/meminfo" if device.type == "cpu" else "free device memory"
@@ -170,7 +171,8 @@ def _read_weights(path: Path, entries: Mapping[str, StoredTensor], dtype: torch.
     rest = {name: entry for name, entry in entries.items() if name not in mapped}
     check_memory(path, rest, dtype, device)  # mapped pages are the file's cache: the kernel may drop and reread them
     drop = device.type == "cpu" and _crowds_page_cache(rest, dtype)
-    read = {name: load_tensor(entry, dtype, device, drop) for name, entry in rest.items()}
+    with Stager() as stager:  # one reading thread and two staging buffers for the whole load
+        read = {name: load_tensor(entry, dtype, device, drop, stager) for name, entry in rest.items()}
     _warn_non_finite(path, read, stacklevel=5)
     return {**tensors, **read}, mapped
 

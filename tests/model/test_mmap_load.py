@@ -157,6 +157,23 @@ def test_converting_load_reads(saved: Path, tmp_path: Path) -> None:
     assert all(p.dtype == torch.bfloat16 and _mapped_from(p, file) for p in same.parameters())
 
 
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 100, 1001])
+@pytest.mark.parametrize("drop_cache", [False, True])
+def test_chunked_conversion_equals_a_cast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, numel: int,
+                                          drop_cache: bool) -> None:
+    """A converting read in many chunks (the next one read on a second thread while this one converts; 8 bf16 per
+    chunk here) gives exactly `Tensor.to`'s values, whatever the remainder, and reads each tensor's own bytes."""
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 16)
+    a = torch.randn(numel).to(torch.bfloat16)
+    b = torch.randn(3, 5).to(torch.bfloat16)
+    file = tmp_path / "two.safetensors"
+    weights.write_safetensors(file, {"a": a, "b": b})
+    entries = weights.read_header(file)
+    for name, expected in (("a", a), ("b", b)):
+        got = weights.load_tensor(entries[name], torch.float32, drop_cache=drop_cache)
+        assert got.dtype == torch.float32 and torch.equal(got, expected.float()), name
+
+
 @pytest.mark.parametrize("crowded", [True, False])
 def test_a_load_that_crowds_memory_drops_the_files_pages_as_it_reads(saved: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch,
