@@ -23,6 +23,7 @@ from recurrent_depth.tasks.families import (
     Addition,
     BindingChain,
     Cups,
+    EdgeChase,
     ModularChain,
     PointerChase,
     TreePath,
@@ -30,7 +31,7 @@ from recurrent_depth.tasks.families import (
 )
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Addition, VariableBinding, PointerChase, TreePath,
-                                                          ModularChain, Cups, BindingChain)}
+                                                          ModularChain, Cups, BindingChain, EdgeChase)}
 
 
 def get_task(name: str, **difficulty: Any) -> Task:

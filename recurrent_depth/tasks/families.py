@@ -1,4 +1,4 @@
-"""Seven procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
+"""Eight procedural reasoning families, each built so that an answer needs a number of sequential steps that grows with
 its difficulty level (so more recurrence can help on harder instances):
 
 - `addition`: "821+379=" -> "1200". Most significant digit first, so the first answer digit depends on the whole
@@ -19,6 +19,12 @@ its difficulty level (so more recurrence can help on harder instances):
   is the last variable's value, k hops from its digit. Each hop is a content-addressed lookup (the earlier
   occurrence of the same letter). Level: k. Dense labels (`trace`): each variable's value under both of its
   characters. CoT: the variables visited, then the value. `name_first=True` writes "a3,b7,ca,..." instead.
+- `edge_chase`: pointer chasing over edges written one token each: "ĐŁđ...;c?" -> "b". Each node (a letter) has
+  one outgoing edge, written as a single character that names both ends (`edge_char`: source s and target t are
+  U+0100 + 16 s + t), roots point to themselves, the edges come in random order, and the answer is the root reached
+  from the query node. A hop is one content-addressed lookup (the edge whose source is the current node) with no
+  previous-token step in it (`binding_chain` and `variable_binding` write a binding over several characters). Level:
+  hops. CoT: the nodes visited.
 - `cups`: "1:acba?" -> "2". A ball under cup 1 of three; each letter swaps two cups (a: 0-1, b: 1-2, c: 0-2); the
   answer is the cup holding the ball at the end. A word problem in the symmetric group: each swap is one token, the
   step is a 3-state lookup, and no count or parity of the letters gives the answer. Level: number of swaps. CoT:
@@ -143,6 +149,45 @@ class VariableBinding(Task):
         return Instance(",".join(assignments) + f";{query}?", values[0], tuple(steps), hops)
 
 
+def _check_forest(task: PointerChase | EdgeChase, size: str, limit: int) -> None:
+    """Validate the knobs of an `_even_forest` task: `size` (its node count knob) and `roots` integers in
+    [2, limit] and [1, limit], `hops` / `ood_hops` ranges in [0, limit - 1] whose longest chains fit: roots x
+    (hops max + 1) nodes."""
+    for knob, low, high in ((size, 2, limit), ("roots", 1, limit)):
+        value = getattr(task, knob)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"difficulty knob `{knob}` must be an integer in [{low}, {high}], got {value!r}")
+    n, roots = getattr(task, size), task.roots
+    for knob in ("hops", "ood_hops"):
+        _, hi = task._set_range(knob, 0, limit - 1)
+        if roots * (hi + 1) > n:
+            raise ValueError(f"difficulty knob `{knob}` max ({hi}): `roots` ({roots}) chains of {hi + 1} "
+                             f"{size} need `{size}` >= {roots * (hi + 1)}, got {n}")
+
+
+def _even_forest(rng: random.Random, n: int, roots: int,
+                 hops: int) -> tuple[list[int], dict[int, int], list[int]]:
+    """`pointer_chase`'s and `edge_chase`'s forest over nodes 0 .. n-1: `roots` trees, each holding a chain of
+    hops + 1 nodes (a root points to itself), the other nodes hung anywhere no deeper than the chains. Returns the
+    random node order (order[0] is the answer's root, order[hops] the query at the end of its chain), each node's
+    parent, and the nodes visited from the query to its root."""
+    order = rng.sample(range(n), n)
+    parent: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    for t in range(roots):  # one chain of hops + 1 nodes per tree; tree 0 holds the query at its end
+        chain = order[t * (hops + 1):(t + 1) * (hops + 1)]
+        for i, node in enumerate(chain):
+            parent[node], depth[node] = chain[max(i - 1, 0)], i
+    for node in order[roots * (hops + 1):]:  # the rest hang anywhere, no deeper than the chains
+        target = rng.choice([v for v in parent if depth[v] < max(hops, 1)])
+        parent[node], depth[node] = target, depth[target] + 1
+    path, node = [], order[hops]
+    while parent[node] != node:
+        node = parent[node]
+        path.append(node)
+    return order, parent, path
+
+
 @dataclass(frozen=True)
 class PointerChase(Task):
     """Pointer chasing by position: slot i of the prompt (named by the i-th letter) holds the name of the slot it
@@ -163,34 +208,13 @@ class PointerChase(Task):
     roots: int = 2  # trees (chance is 1/roots)
 
     def _validate(self) -> None:
-        for knob, low, high in (("slots", 2, 26), ("roots", 1, 26)):
-            value = getattr(self, knob)
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise ValueError(f"difficulty knob `{knob}` must be an integer in [{low}, {high}], got {value!r}")
-        for knob in ("hops", "ood_hops"):
-            _, hi = self._set_range(knob, 0, 25)
-            if self.roots * (hi + 1) > self.slots:
-                raise ValueError(f"difficulty knob `{knob}` max ({hi}): `roots` ({self.roots}) chains of {hi + 1} "
-                                 f"slots need `slots` >= {self.roots * (hi + 1)}, got {self.slots}")
+        _check_forest(self, "slots", 26)
 
     def _sample(self, rng: random.Random, ood: bool) -> Instance:
         hops = rng.randint(*(self.ood_hops if ood else self.hops))
-        order = rng.sample(range(self.slots), self.slots)
-        parent: dict[int, int] = {}
-        depth: dict[int, int] = {}
-        for t in range(self.roots):  # one chain of hops + 1 slots per tree; tree 0 holds the query at its end
-            chain = order[t * (hops + 1):(t + 1) * (hops + 1)]
-            for i, slot in enumerate(chain):
-                parent[slot], depth[slot] = chain[max(i - 1, 0)], i
-        for slot in order[self.roots * (hops + 1):]:  # the rest hang anywhere, no deeper than the chains
-            target = rng.choice([v for v in parent if depth[v] < max(hops, 1)])
-            parent[slot], depth[slot] = target, depth[target] + 1
-        query, steps, node = order[hops], [], order[hops]
-        while parent[node] != node:
-            node = parent[node]
-            steps.append(LETTERS[node])
-        prompt = "".join(LETTERS[parent[i]] for i in range(self.slots)) + f";{LETTERS[query]}?"
-        return Instance(prompt, LETTERS[order[0]], tuple(steps), hops)
+        order, parent, path = _even_forest(rng, self.slots, self.roots, hops)
+        prompt = "".join(LETTERS[parent[i]] for i in range(self.slots)) + f";{LETTERS[order[hops]]}?"
+        return Instance(prompt, LETTERS[order[0]], tuple(LETTERS[v] for v in path), hops)
 
 
 @dataclass(frozen=True)
@@ -394,3 +418,64 @@ class BindingChain(Task):
             value[name] = target if target in DIGITS else value[target]
             out.append((" " if self.name_first else value[name]) + value[name])
         return " ".join(out) + " "
+
+
+EDGE_BASE = 0x100  # edge_chase's edge characters: U+0100 .. U+01FF (Latin Extended-A and -B letters)
+EDGE_NODES = 16  # nodes an edge character can name (a .. p)
+
+
+def edge_char(source: int, target: int) -> str:
+    """The one character `edge_chase` writes for the edge source -> target (node indices < EDGE_NODES)."""
+    return chr(EDGE_BASE + EDGE_NODES * source + target)
+
+
+def edge_ends(char: str) -> tuple[int, int]:
+    """(source, target) of an `edge_chase` edge character."""
+    code = ord(char) - EDGE_BASE
+    if not 0 <= code < EDGE_NODES * EDGE_NODES:
+        raise ValueError(f"{char!r} is not an edge character")
+    return divmod(code, EDGE_NODES)
+
+
+@dataclass(frozen=True)
+class EdgeChase(Task):
+    """Pointer chasing over `nodes` letters whose edges are single tokens: every node has one edge to its parent
+    (a root to itself), written as `edge_char(node, parent)`, all edges in random order, then `;`, the query node
+    and `?`; the answer is the root reached from the query. `roots` trees each hold a chain as long as the query's
+    (`hops` edges below its root) and the other nodes hang no deeper, so neither a tree's size nor its depth tells
+    the answer (the shortcuts `pointer_chase` had to close); chance is 1 / roots. The nodes are a random subset of
+    the 16 letters a .. p. A train or test row's graph has between `min_nodes` (or the chains' roots x (hops + 1), if
+    more; None: `nodes`) and `nodes` nodes, an `ood` row always `nodes`: with `min_nodes` below `nodes` the easy
+    rows include small graphs, where the lookup is learnt quickly (one hop among 8 nodes: 99% within 750 steps x 64,
+    `tiny`; among 16: still at chance at 1000), and ood rows are as long as the longest training rows, so `ood`
+    differs in hops only. Following an edge past the root changes nothing (a root's edge points to itself), so extra
+    recurrence cannot
+    overshoot."""
+
+    name: ClassVar[str] = "edge_chase"
+    symbols: ClassVar[str] = (LETTERS[:EDGE_NODES] + ";?"
+                              + "".join(edge_char(s, t) for s in range(EDGE_NODES) for t in range(EDGE_NODES)))
+
+    nodes: int = 16
+    min_nodes: int | None = None  # None: every graph has `nodes` nodes
+    hops: tuple[int, int] = (1, 4)
+    ood_hops: tuple[int, int] = (5, 7)
+    roots: int = 2
+
+    def _validate(self) -> None:
+        _check_forest(self, "nodes", EDGE_NODES)
+        if self.min_nodes is not None and (not isinstance(self.min_nodes, int) or isinstance(self.min_nodes, bool)
+                                           or not 1 <= self.min_nodes <= self.nodes):
+            raise ValueError(f"difficulty knob `min_nodes` must be null or an integer in [1, nodes = {self.nodes}], "
+                             f"got {self.min_nodes!r}")
+
+    def _sample(self, rng: random.Random, ood: bool) -> Instance:
+        hops = rng.randint(*(self.ood_hops if ood else self.hops))
+        low = self.nodes if ood or self.min_nodes is None else max(self.min_nodes, self.roots * (hops + 1))
+        n = rng.randint(low, self.nodes)
+        order, parent, path = _even_forest(rng, n, self.roots, hops)
+        names = rng.sample(range(EDGE_NODES), n)  # node i is letter names[i]
+        edges = [edge_char(names[v], names[parent[v]]) for v in range(n)]
+        rng.shuffle(edges)
+        return Instance("".join(edges) + f";{LETTERS[names[order[hops]]]}?", LETTERS[names[order[0]]],
+                        tuple(LETTERS[names[v]] for v in path), hops)

@@ -77,6 +77,22 @@ def _bind_chain(prompt: str, name_first: bool = False) -> tuple[str, int, list[s
     return values[-1], hops, values
 
 
+def _edge_chase(prompt: str) -> tuple[str, int, dict[str, str]]:
+    """Decode the edge characters (U+0100 + 16 source + target, written here from the docstring, not the module's
+    helper) and follow them from the query to the node pointing to itself: root, hops, and the parent map."""
+    edges, query = prompt.rstrip("?").split(";")
+    parent = {}
+    for ch in edges:
+        source, target = divmod(ord(ch) - 0x100, 16)
+        assert 0 <= source < 16 and chr(97 + source) not in parent  # one edge out of each node
+        parent[chr(97 + source)] = chr(97 + target)
+    node, hops = query, 0
+    while parent[node] != node:
+        node, hops = parent[node], hops + 1
+        assert hops <= len(parent)  # no cycle but the roots' self-edges
+    return node, hops, parent
+
+
 def _check_row(name: str, row: dict) -> None:
     prompt, answer, level = row["prompt"], row["answer"], row["level"]
     if name == "addition":
@@ -94,6 +110,8 @@ def _check_row(name: str, row: dict) -> None:
         assert _cups(prompt)[:2] == (answer, level)
     elif name == "binding_chain":
         assert _bind_chain(prompt)[:2] == (answer, level)
+    elif name == "edge_chase":
+        assert _edge_chase(prompt)[:2] == (answer, level)
     else:  # a new family must add its independent checker here
         raise AssertionError(f"no answer checker for task {name}")
 
@@ -199,6 +217,44 @@ def test_pointer_chase_levels_and_no_tree_shape_shortcut() -> None:
     assert all(c["answer"].endswith("#" + r["answer"]) for c, r in zip(cot, task.generate(3, "test")))
 
 
+def test_edge_chase_one_token_per_edge_and_no_tree_shape_shortcut() -> None:
+    """Every node's edge is one character; `roots` trees each exactly as deep as the query (so no tree's size or depth
+    names the answer); prompts of one length at every level; ood differs in hops only; CoT lists the nodes visited."""
+    task = get_task("edge_chase", nodes=12, hops=(0, 3), ood_hops=(5, 5), roots=2)
+    rows = task.generate(200, "test")
+    assert {r["level"] for r in rows} == {0, 1, 2, 3} and {len(r["prompt"]) for r in rows} == {15}
+    for row in rows + task.generate(50, "ood"):
+        root, hops, parent = _edge_chase(row["prompt"])
+        assert len(parent) == 12
+        roots = {n for n, p in parent.items() if p == n}
+        depth = {}
+        for n in parent:
+            m, d = n, 0
+            while parent[m] != m:
+                m, d = parent[m], d + 1
+            depth[m] = max(depth.get(m, 0), d)
+        assert len(roots) == 2 and set(depth.values()) == {max(row["level"], 1)} or row["level"] == 0
+        assert root in roots and hops == row["level"]
+    ood = get_task("edge_chase", nodes=8, roots=1, ood_hops=(7, 7)).generate(20, "ood")
+    assert {r["level"] for r in ood} == {7}  # one chain through every node
+    mixed = get_task("edge_chase", min_nodes=4, hops=(1, 3))  # graph sizes from the chains' 2 x (hops + 1) to 16
+    sizes = {}
+    for row in mixed.generate(400, "train"):
+        assert _edge_chase(row["prompt"])[:2] == (row["answer"], row["level"])
+        sizes.setdefault(row["level"], set()).add(len(row["prompt"]) - 3)
+    assert all(min(n) == 2 * (level + 1) and max(n) == 16 for level, n in sizes.items() if level > 1)
+    assert min(sizes[1]) == 4 and {len(r["prompt"]) for r in mixed.generate(50, "ood")} == {19}
+    cot = task.generate(5, "test", cot=True)
+    for c, r in zip(cot, task.generate(5, "test")):
+        steps, final = c["answer"].split("#")
+        walk, node = [], r["prompt"][-2]
+        parent = _edge_chase(r["prompt"])[2]
+        while parent[node] != node:
+            node = parent[node]
+            walk.append(node)
+        assert final == r["answer"] and steps == ",".join(walk)
+
+
 def test_score_is_exact() -> None:
     task = get_task("addition")
     assert task.score("123", "123") and task.score(" 123\n", "123")
@@ -224,6 +280,11 @@ def test_alphabet_union() -> None:
     ("pointer_chase", {"slots": 27}, "slots"),
     ("pointer_chase", {"slots": 12, "hops": (1, 2), "ood_hops": (5, 6)}, "ood_hops"),
     ("pointer_chase", {"roots": 0}, "roots"),
+    ("edge_chase", {"nodes": 17}, "nodes"),
+    ("edge_chase", {"nodes": 12, "hops": (1, 2), "ood_hops": (5, 6)}, "ood_hops"),
+    ("edge_chase", {"roots": 0}, "roots"),
+    ("edge_chase", {"nodes": 16, "min_nodes": 17}, "min_nodes"),
+    ("edge_chase", {"min_nodes": 0}, "min_nodes"),
     ("binding_chain", {"hops": (1, 10)}, "n_vars"),
     ("binding_chain", {"chains": 0}, "chains"),
     ("binding_chain", {"p_digit": 0}, "p_digit"),
