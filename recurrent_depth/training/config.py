@@ -110,6 +110,7 @@ class DepthSection:
     backprop_depth: int = 0
     depth: int = 0  # fixed: total steps (0: mean_recurrence)
     activation_checkpointing: bool = False
+    init_scale: float = 1.0  # the random initial state s0's scale in training (1: Huginn's; 0: zeros)
 
 
 @dataclass
@@ -313,6 +314,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"`data.val_fraction` must be in [0, 1), got {d.val_fraction}")
     if any(x < 0 for x in cfg.eval.depths):
         raise ConfigError(f"`eval.depths` must be non-negative, got {cfg.eval.depths}")
+    if not (isinstance(cfg.depth.init_scale, int | float) and 0 <= cfg.depth.init_scale < float("inf")):
+        raise ConfigError(f"`depth.init_scale` must be a finite number >= 0 (the scale of the random initial state; "
+                          f"1: Huginn's, 0: zeros), got {cfg.depth.init_scale!r}")
     if not 0 <= d.curriculum < 1:
         raise ConfigError(f"`data.curriculum` must be a fraction of the steps in [0, 1), got {d.curriculum}")
     if d.curriculum and d.kind == "text":

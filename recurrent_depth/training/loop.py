@@ -300,7 +300,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runti
         tokens_seen = 0
         # A plain transformer (the core run once) starts from a zero state, as it is evaluated: a random s0 would be
         # noise at the adapter's input that nothing later can average out, handicapping the baseline.
-        plain = cfg.depth.sampler == "non-recurrent"
+        plain = cfg.depth.sampler == "non-recurrent" or cfg.depth.init_scale == 0
+        s0_scale = cfg.depth.init_scale
         t0 = time.perf_counter()
         for step in range(start, t.steps):
             lr = lr_at(step, cfg.optim, t.steps)
@@ -316,7 +317,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runti
                 lo = (a * rt.world_size + rt.rank) * micro
                 sl = slice(lo, lo + micro)
                 s0 = (torch.zeros(len(rows[sl]), seq_len, model.config.n_embd, device=rt.device) if plain
-                      else initial_states(model.config, rows[sl], seq_len, step, t.seed, rt.device))
+                      else initial_states(model.config, rows[sl], seq_len, step, t.seed, rt.device) * s0_scale)
                 with gradient_sync(train_model, a == accum - 1):
                     loss_sum += forward_backward(train_model, batch.inputs[sl].to(rt.device),
                                                  batch.labels[sl].to(rt.device), s0, (n, k), scale, rt.autocast)

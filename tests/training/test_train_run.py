@@ -214,3 +214,26 @@ def test_curriculum_run_draws_easy_rows_first_and_resumes_the_same(tmp_path: Pat
             shutil.rmtree(ckpt)
     train(config_from_dict(tree), tmp_path / "cut", resume=True)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_depth_init_scale_scales_the_training_initial_state(tiny_config, tmp_path: Path, scale: float,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """depth.init_scale multiplies each row's random s0 (0: zeros, as the non-recurrent sampler); the default 1 keeps
+    Huginn's draw unchanged, and a bad value is a ConfigError naming the key."""
+    import recurrent_depth.training.loop as loop
+    from recurrent_depth.training.config import ConfigError
+
+    seen: list[torch.Tensor] = []
+    real = loop.forward_backward
+    monkeypatch.setattr(loop, "forward_backward", lambda m, x, y, s0, *a: seen.append(s0.clone()) or real(m, x, y, s0,
+                                                                                                           *a))
+    kw = dict(train={"steps": 2, "batch_size": 4})
+    train(tiny_config(**kw), tmp_path / "default")
+    train(tiny_config(**kw, depth={"init_scale": scale}), tmp_path / "scaled")
+    default, scaled = seen[:2], seen[2:]
+    assert all(bool(s.abs().max() > 0) for s in default)
+    for d, s in zip(default, scaled, strict=True):
+        assert torch.equal(s, d * scale)
+    with pytest.raises(ConfigError, match="depth.init_scale"):
+        train(tiny_config(**kw, depth={"init_scale": -1.0}), tmp_path / "bad")
