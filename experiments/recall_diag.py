@@ -146,7 +146,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    task = get_task("variable_binding" if args.task in ("mqar", "pointer") else args.task, **json.loads(args.knobs))
+    builtin = args.task not in ("mqar", "pointer")  # a built-in task also reports its ood split
+    task = get_task(args.task if builtin else "variable_binding", **json.loads(args.knobs))
     tok = char_tokenizer(task.alphabet)
     if args.task == "pointer":
         slots, lo, hi = (int(x) for x in args.pointer.split(","))
@@ -160,7 +161,6 @@ def main() -> None:
         train_rows, test_rows = task.generate(args.n_train, "train", args.seed), task.generate(512, "test", args.seed)
     train = encode_examples(train_rows, tok, 128, not args.full_loss)
     test = encode_examples(test_rows, tok, 128, True)
-    builtin = args.task not in ("mqar", "pointer")  # a built-in task also reports its ood split
     ood = encode_examples(task.generate(512, "ood", args.seed), tok, 128, True) if builtin else None
     model, forward = build(args, len(tok))
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2]

@@ -18,6 +18,7 @@ import math
 import os
 from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -174,11 +175,9 @@ def load_tensor(entry: StoredTensor, dtype: torch.dtype, device: torch.device | 
             _read_exact(fh, dest.view(-1).view(torch.uint8).numpy(), entry)
             if drop_cache:
                 _drop_cached(fh, entry.offset, entry.nbytes)
-        elif stager is None:
-            with Stager() as own:
-                _read_converted(fh, dest.view(-1), entry, drop_cache, own)
         else:
-            _read_converted(fh, dest.view(-1), entry, drop_cache, stager)
+            with nullcontext(stager) if stager is not None else Stager() as staging:
+                _read_converted(fh, dest.view(-1), entry, drop_cache, staging)
     return dest
 
 

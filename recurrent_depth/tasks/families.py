@@ -429,14 +429,6 @@ def edge_char(source: int, target: int) -> str:
     return chr(EDGE_BASE + EDGE_NODES * source + target)
 
 
-def edge_ends(char: str) -> tuple[int, int]:
-    """(source, target) of an `edge_chase` edge character."""
-    code = ord(char) - EDGE_BASE
-    if not 0 <= code < EDGE_NODES * EDGE_NODES:
-        raise ValueError(f"{char!r} is not an edge character")
-    return divmod(code, EDGE_NODES)
-
-
 @dataclass(frozen=True)
 class EdgeChase(Task):
     """Pointer chasing over `nodes` letters whose edges are single tokens: every node has one edge to its parent
@@ -449,8 +441,7 @@ class EdgeChase(Task):
     rows include small graphs, where the lookup is learnt quickly (one hop among 8 nodes: 99% within 750 steps x 64,
     `tiny`; among 16: still at chance at 1000), and ood rows are as long as the longest training rows, so `ood`
     differs in hops only. Following an edge past the root changes nothing (a root's edge points to itself), so extra
-    recurrence cannot
-    overshoot."""
+    recurrence cannot overshoot."""
 
     name: ClassVar[str] = "edge_chase"
     symbols: ClassVar[str] = (LETTERS[:EDGE_NODES] + ";?"

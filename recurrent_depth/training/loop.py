@@ -299,9 +299,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runti
         seq_len = data.train.seq_len
         tokens_seen = 0
         # A plain transformer (the core run once) starts from a zero state, as it is evaluated: a random s0 would be
-        # noise at the adapter's input that nothing later can average out, handicapping the baseline.
-        plain = cfg.depth.sampler == "non-recurrent" or cfg.depth.init_scale == 0
-        s0_scale = cfg.depth.init_scale
+        # noise at the adapter's input that nothing later can average out, handicapping the baseline. So does a run
+        # with depth.init_scale 0.
+        zero_state = cfg.depth.sampler == "non-recurrent" or cfg.depth.init_scale == 0
         t0 = time.perf_counter()
         for step in range(start, t.steps):
             lr = lr_at(step, cfg.optim, t.steps)
@@ -316,8 +316,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, rt: Runti
             for a in range(accum):
                 lo = (a * rt.world_size + rt.rank) * micro
                 sl = slice(lo, lo + micro)
-                s0 = (torch.zeros(len(rows[sl]), seq_len, model.config.n_embd, device=rt.device) if plain
-                      else initial_states(model.config, rows[sl], seq_len, step, t.seed, rt.device) * s0_scale)
+                s0 = (torch.zeros(len(rows[sl]), seq_len, model.config.n_embd, device=rt.device) if zero_state
+                      else initial_states(model.config, rows[sl], seq_len, step, t.seed, rt.device,
+                                          cfg.depth.init_scale))
                 with gradient_sync(train_model, a == accum - 1):
                     loss_sum += forward_backward(train_model, batch.inputs[sl].to(rt.device),
                                                  batch.labels[sl].to(rt.device), s0, (n, k), scale, rt.autocast)

@@ -16,15 +16,16 @@ from torch import Tensor, nn
 IGNORE = -100
 
 
-def initial_states(cfg, rows: Tensor, seq_len: int, step: int, seed: int, device: torch.device) -> Tensor:
+def initial_states(cfg, rows: Tensor, seq_len: int, step: int, seed: int, device: torch.device,
+                   scale: float = 1.0) -> Tensor:
     """s0 (B, T, d) for global rows `rows`: truncated normal (std sqrt(2/(5d)), ±3σ) times sqrt(d), as Huginn's
-    like-init, each row from its own generator."""
+    like-init, each row from its own generator; times `scale` (`depth.init_scale`; 1: Huginn's draw)."""
     std = cfg.init_values["std"]
     out = torch.empty(len(rows), seq_len, cfg.n_embd, device=device)
     for i, row in enumerate(rows.tolist()):
         g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_000_003 + row)
         torch.nn.init.trunc_normal_(out[i], mean=0.0, std=std, a=-3 * std, b=3 * std, generator=g)
-    return out * cfg.init_values["embed_scale"]
+    return out * (cfg.init_values["embed_scale"] * scale)
 
 
 def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
