@@ -21,8 +21,10 @@
 //   masks    one per (step, block): empty (every such position visible), or a bool tensor of visible keys, (B, S)
 //            for all tokens of a row or (B, T, S) per token, S = pos + T; a token always sees itself
 //   rope     (B or 1, T, D/2, 2) cos/sin of each token's position
-//   rows     optional (B,) int64: x row b reads and writes cache row rows[b] (a subset of a larger batch: rows still
-//            iterating under adaptive exit, rows still generating); without it x row b is cache row b
+//
+// rdepth.blocks_paged takes, instead of kslots / vslots / pos / masks, a paged store's pools: one (pages, P, H, D)
+// key pool and value pool per block, one (B, max_pages) page table per (step, block), each row's first new position
+// (B,) and the validity flags of the pool's positions (pages * P): every row at its own position (see PagedSlot).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -267,36 +269,77 @@ void check(const at::Tensor& t, at::ScalarType st, const char* name, const char*
               " must be a contiguous ", st == at::kFloat ? "fp32" : "bf16", " CPU tensor");
 }
 
-// A cache slot: a CPU tensor of dtype st whose last dim (D) is contiguous; the other dims may be strided (a paged
-// store's gathered keys are (B, S, H, D) in memory, handed over as their (B, H, S, D) transpose without a copy).
+// A cache slot: a CPU tensor of dtype st whose last dim (D) is contiguous; the other dims may be strided (a view of
+// (B, S, H, D) memory as its (B, H, S, D) transpose is read without a copy).
 void check_slot(const at::Tensor& t, at::ScalarType st, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == st && t.dim() == 4 && t.stride(3) == 1,
               "rdepth.blocks: ", name, " must be a contiguous ", st == at::kFloat ? "fp32" : "bf16",
               " CPU tensor along D: (B, H, C, D) with D's stride 1");
 }
 
+// How one (step, block) call addresses its cache: where row b's key and value at position s of head hh live, which
+// position token t of row b writes (and so the last it attends to), and which positions it may not see.
+//
+// DenseSlot: a (B, H, C, D) slot tensor (any strides but a contiguous D), every row's new tokens at pos + t,
+// visibility from an optional mask (B, S) or (B, T, S).
 template <typename St>
-at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e,
-                       const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
-                       at::TensorList kslots, at::TensorList vslots, int64_t pos, at::TensorList masks,
-                       const at::Tensor& rope, double eps, int64_t n_heads, const c10::optional<at::Tensor>& rows) {
-  const at::ScalarType st = c10::CppTypeToScalarType<St>::value;
-  check(x_arg, st, "x");
+struct DenseSlot {
+  St* k;
+  St* v;
+  int64_t sr, sh, sp;      // row, head, position strides (elements)
+  int64_t pos, T, S;
+  const bool* mp;          // visible keys (nullptr: all)
+  bool per_token;
+  int64_t own(int64_t, int64_t t) const { return pos + t; }
+  int64_t at(int64_t b, int64_t hh, int64_t s) const { return b * sr + hh * sh + s * sp; }
+  bool hidden(int64_t b, int64_t t, int64_t s) const {
+    return mp != nullptr && !mp[(per_token ? (b * T + t) : b) * S + s];
+  }
+  void wrote(int64_t, int64_t) const {}
+};
+
+// PagedSlot: pools of pages (pages, P, H, D) contiguous, a page table (B, max_pages) of page ids (-1: none) for this
+// slot, row b's new tokens at start[b] + t; a position is visible where its page exists and its flag in `valid`
+// (pages * P, shared by a stage's blocks) is set, which the op sets for every position it writes.
+template <typename St>
+struct PagedSlot {
+  St* k;
+  St* v;
+  const int64_t* table;
+  int64_t max_pages, P, H, D;
+  const int64_t* start;
+  bool* valid;
+  int64_t T;
+  int64_t own(int64_t b, int64_t t) const { return start[b] + t; }
+  int64_t flat(int64_t b, int64_t s) const {
+    const int64_t page = table[b * max_pages + s / P];
+    return page < 0 ? -1 : page * P + s % P;
+  }
+  int64_t at(int64_t b, int64_t hh, int64_t s) const { return (flat(b, s) * H + hh) * D; }
+  bool hidden(int64_t b, int64_t, int64_t s) const {
+    const int64_t f = flat(b, s);
+    return f < 0 || !valid[f];
+  }
+  void wrote(int64_t b, int64_t s) const { valid[flat(b, s)] = true; }
+};
+
+// The checks every entry point shares: x (B, T, d), rope, 9 weights per block fitting d, the adapter and e; returns
+// the number of blocks L.
+int64_t check_call(const at::Tensor& x, const c10::optional<at::Tensor>& e, const c10::optional<at::Tensor>& adapter,
+                   int64_t n_steps, at::TensorList weights, const at::Tensor& rope, int64_t n_heads,
+                   at::ScalarType st, size_t n_slots) {
+  check(x, st, "x");
   check(rope, at::kFloat, "rope");
-  TORCH_CHECK(x_arg.dim() == 3, "rdepth.blocks: x must be (B, T, d)");
+  TORCH_CHECK(x.dim() == 3, "rdepth.blocks: x must be (B, T, d)");
   TORCH_CHECK(n_steps >= 1, "rdepth.blocks: n_steps must be at least 1");
-  TORCH_CHECK(pos >= 0, "rdepth.blocks: pos must be >= 0");
   const int64_t L = static_cast<int64_t>(weights.size()) / 9;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 9 * L && L >= 1, "rdepth.blocks: expected 9 weights per block");
-  TORCH_CHECK(static_cast<int64_t>(kslots.size()) == n_steps * L &&
-                  static_cast<int64_t>(vslots.size()) == n_steps * L &&
-                  static_cast<int64_t>(masks.size()) == n_steps * L,
-              "rdepth.blocks: expected one k slot, one v slot and one mask per step and block");
+  TORCH_CHECK(static_cast<int64_t>(n_slots) == n_steps * L,
+              "rdepth.blocks: expected one k slot, one v slot and one mask (or page table) per step and block");
   TORCH_CHECK(adapter.has_value() || n_steps == 1, "rdepth.blocks: several steps need the core's adapter");
-  const int64_t B = x_arg.size(0), T = x_arg.size(1), d = x_arg.size(2), R = B * T;
-  const int64_t H = n_heads, D = d / n_heads, S = pos + T;
-  const int64_t half = D / 2;
-  TORCH_CHECK(T >= 1 && H >= 1 && D * H == d && D % 2 == 0,
+  const int64_t B = x.size(0), T = x.size(1), d = x.size(2);
+  const int64_t D = d / n_heads, half = D / 2;
+  TORCH_CHECK(T >= 1 && n_heads >= 1 && D * n_heads == d && D % 2 == 0,
               "rdepth.blocks: n_heads must divide d into even head sizes");
   TORCH_CHECK(rope.dim() == 4 && (rope.size(0) == 1 || rope.size(0) == B) && rope.size(1) == T &&
                   rope.size(2) == half && rope.size(3) == 2,
@@ -312,49 +355,32 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
                     w[6].size(1) == d && w[7].size(0) == d && w[7].size(1) * 2 == w[6].size(0),
                 "rdepth.blocks: block weights do not fit d = ", d);
   }
-  at::Tensor xe;
   if (adapter.has_value()) {
-    TORCH_CHECK(e.has_value() && e->sizes() == x_arg.sizes(), "rdepth.blocks: the adapter needs e shaped like x");
+    TORCH_CHECK(e.has_value() && e->sizes() == x.sizes(), "rdepth.blocks: the adapter needs e shaped like x");
     check(*e, st, "e");
     check(*adapter, st, "adapter");
     TORCH_CHECK(adapter->size(0) == d && adapter->size(1) == 2 * d, "rdepth.blocks: adapter must be (d, 2d)");
+  }
+  return L;
+}
+
+// The stage itself, over checked arguments: `slots` holds one Slot per (step, block), step-major; S bounds every
+// token's last visible position + 1 (the scores' length).
+template <typename St, typename Slot>
+at::Tensor run_stage(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e,
+                     const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
+                     const std::vector<Slot>& slots, int64_t S, const at::Tensor& rope, double eps, int64_t n_heads) {
+  const int64_t L = static_cast<int64_t>(weights.size()) / 9;
+  const int64_t B = x_arg.size(0), T = x_arg.size(1), d = x_arg.size(2), R = B * T;
+  const int64_t H = n_heads, D = d / n_heads;
+  const int64_t half = D / 2;
+  at::Tensor xe;
+  if (adapter.has_value()) {
     xe = at::empty({R, 2 * d}, x_arg.options().dtype(at::kFloat));  // [state | e]
     float* xep = xe.data_ptr<float>();
     const St* ep = e->data_ptr<St>();
     for (int64_t r = 0; r < R; ++r)
       for (int64_t i = 0; i < d; ++i) xep[r * 2 * d + d + i] = widen(ep[r * d + i]);
-  }
-  const int64_t* rowp = nullptr;  // x row b lives in cache row rowp[b] (all rows in order without `rows`)
-  if (rows.has_value()) {
-    TORCH_CHECK(rows->device().is_cpu() && rows->scalar_type() == at::kLong && rows->is_contiguous() &&
-                    rows->dim() == 1 && rows->size(0) == B,
-                "rdepth.blocks: rows must be a contiguous int64 tensor of B cache row indices");
-    rowp = rows->data_ptr<int64_t>();
-  }
-  int64_t row_end = B;  // one past the largest cache row read or written
-  if (rowp != nullptr) {
-    row_end = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(rowp[b] >= 0, "rdepth.blocks: a row index is outside the cache");
-      row_end = std::max(row_end, rowp[b] + 1);
-    }
-  }
-  for (int64_t i = 0; i < n_steps * L; ++i) {
-    const at::Tensor& ks = kslots[i];
-    const at::Tensor& vs = vslots[i];
-    check_slot(ks, st, "k slot");
-    check_slot(vs, st, "v slot");
-    TORCH_CHECK(ks.dim() == 4 && (rowp != nullptr || ks.size(0) == B) && ks.size(1) == H && ks.size(3) == D &&
-                    ks.size(2) >= S && vs.sizes() == ks.sizes() && vs.strides() == ks.strides(),
-                "rdepth.blocks: cache slots must be (B, H, C >= pos + T, D), k and v alike");
-    TORCH_CHECK(row_end <= ks.size(0), "rdepth.blocks: a row index is outside the cache");
-    const at::Tensor& mask = masks[i];
-    if (mask.numel() > 0) {
-      TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.size(0) == B &&
-                      ((mask.dim() == 2 && mask.size(1) == S) ||
-                       (mask.dim() == 3 && mask.size(1) == T && mask.size(2) == S)),
-                  "rdepth.blocks: a mask must be a contiguous bool tensor (B, pos + T) or (B, T, pos + T)");
-    }
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t I = weights[6].size(0) / 2;
@@ -386,20 +412,15 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
     }
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor* w = weights.data() + 9 * l;
-      const at::Tensor& ks = kslots[step * L + l];
-      const at::Tensor& vs = vslots[step * L + l];
-      const at::Tensor& mask = masks[step * L + l];
-      const bool* mp = mask.numel() > 0 ? mask.data_ptr<bool>() : nullptr;
-      const bool mask_per_token = mp != nullptr && mask.dim() == 3;
-      const int64_t sr = ks.stride(0), sh = ks.stride(1), sp = ks.stride(2);  // row, head, position (elements)
+      const Slot& slot = slots[step * L + l];
 
       // attention half: x = norm_2(attn(norm_1(x)) + x)
       rms_norm_rows(xp, w[0].data_ptr<float>(), hp, R, d, eps);
       linear<St>(h, w[1], qkv);  // (R, 3d): q | k | v
       const bool has_bias = w[2].numel() > 0;
       const float* bias = has_bias ? w[2].data_ptr<float>() : nullptr;
-      St* kc = ks.data_ptr<St>();
-      St* vc = vs.data_ptr<St>();
+      St* kc = slot.k;
+      St* vc = slot.v;
       for (int64_t b = 0; b < B; ++b) {  // bias, RoPE and the cache write of every new token first
         for (int64_t t = 0; t < T; ++t) {
           float* q = qp + (b * T + t) * 3 * d;
@@ -412,6 +433,7 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
               k[i] += bias[d + i];
             }
           }
+          const int64_t own = slot.own(b, t);
           for (int64_t hh = 0; hh < H; ++hh) {
             for (int64_t i = 0; i < half; ++i) {
               const float c = cs[2 * i], sn = cs[2 * i + 1];
@@ -423,33 +445,29 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
               kk[0] = k0 * c + k1 * (-sn);
               kk[1] = k1 * c + k0 * sn;
             }
-            const int64_t cb = rowp != nullptr ? rowp[b] : b;
-            St* kdst = kc + cb * sr + hh * sh + (pos + t) * sp;
-            St* vdst = vc + cb * sr + hh * sh + (pos + t) * sp;
+            St* kdst = kc + slot.at(b, hh, own);
+            St* vdst = vc + slot.at(b, hh, own);
             for (int64_t i = 0; i < D; ++i) {
               kdst[i] = narrow<St>(k[hh * D + i]);
               vdst[i] = narrow<St>(v[hh * D + i]);
             }
           }
+          slot.wrote(b, own);
         }
       }
-      for (int64_t b = 0; b < B; ++b) {  // causal attention: token t sees keys 0 .. pos + t (itself always)
+      for (int64_t b = 0; b < B; ++b) {  // causal attention: token t sees keys 0 .. own (itself always)
         for (int64_t t = 0; t < T; ++t) {
           const float* q = qp + (b * T + t) * 3 * d;
-          const int64_t own = pos + t;
-          const bool* mrow = mp == nullptr ? nullptr : mp + (mask_per_token ? (b * T + t) : b) * S;
+          const int64_t own = slot.own(b, t);
           for (int64_t hh = 0; hh < H; ++hh) {
             const float* qh = q + hh * D;
-            const int64_t cb = rowp != nullptr ? rowp[b] : b;
-            const St* kbase = kc + cb * sr + hh * sh;  // the token's own key and value as stored (rounded)
-            const St* vbase = vc + cb * sr + hh * sh;
             float m = -INFINITY;
             for (int64_t s = 0; s <= own; ++s) {
-              if (mrow && !mrow[s] && s != own) {
+              if (s != own && slot.hidden(b, t, s)) {
                 scores[s] = -INFINITY;
                 continue;
               }
-              const St* kr = kbase + s * sp;
+              const St* kr = kc + slot.at(b, hh, s);  // as stored (rounded), the token's own key included
               float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
               for (int64_t i = 0; i < D; ++i) dot += qh[i] * widen(kr[i]);
@@ -469,7 +487,7 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
             for (int64_t s = 0; s <= own; ++s) {
               const float p = sc[s] / total;
               if (p == 0.f) continue;
-              const St* vr = vbase + s * sp;
+              const St* vr = vc + slot.at(b, hh, s);
 #pragma omp simd
               for (int64_t i = 0; i < D; ++i) out[i] += p * widen(vr[i]);
             }
@@ -492,21 +510,119 @@ at::Tensor blocks_impl(const at::Tensor& x_arg, const c10::optional<at::Tensor>&
       add_rms_norm_rows(op, xp, w[8].data_ptr<float>(), hp, xp, R, d, eps);
     }
   }
-  return x.to(st).view({B, T, d});
+  return x.to(c10::CppTypeToScalarType<St>::value).view({B, T, d});
+}
+
+template <typename St>
+at::Tensor blocks_impl(const at::Tensor& x, const c10::optional<at::Tensor>& e,
+                       const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
+                       at::TensorList kslots, at::TensorList vslots, int64_t pos, at::TensorList masks,
+                       const at::Tensor& rope, double eps, int64_t n_heads) {
+  const at::ScalarType st = c10::CppTypeToScalarType<St>::value;
+  check_call(x, e, adapter, n_steps, weights, rope, n_heads, st, kslots.size());
+  TORCH_CHECK(vslots.size() == kslots.size() && masks.size() == kslots.size(),
+              "rdepth.blocks: expected one k slot, one v slot and one mask per step and block");
+  TORCH_CHECK(pos >= 0, "rdepth.blocks: pos must be >= 0");
+  const int64_t B = x.size(0), T = x.size(1), H = n_heads, D = x.size(2) / n_heads, S = pos + T;
+  std::vector<DenseSlot<St>> slots;
+  for (size_t i = 0; i < kslots.size(); ++i) {
+    const at::Tensor& ks = kslots[i];
+    const at::Tensor& vs = vslots[i];
+    check_slot(ks, st, "k slot");
+    check_slot(vs, st, "v slot");
+    TORCH_CHECK(ks.dim() == 4 && ks.size(0) == B && ks.size(1) == H && ks.size(3) == D && ks.size(2) >= S &&
+                    vs.sizes() == ks.sizes() && vs.strides() == ks.strides(),
+                "rdepth.blocks: cache slots must be (B, H, C >= pos + T, D), k and v alike");
+    const at::Tensor& mask = masks[i];
+    if (mask.numel() > 0) {
+      TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.size(0) == B &&
+                      ((mask.dim() == 2 && mask.size(1) == S) ||
+                       (mask.dim() == 3 && mask.size(1) == T && mask.size(2) == S)),
+                  "rdepth.blocks: a mask must be a contiguous bool tensor (B, pos + T) or (B, T, pos + T)");
+    }
+    slots.push_back({ks.data_ptr<St>(), vs.data_ptr<St>(), ks.stride(0), ks.stride(1), ks.stride(2), pos, T, S,
+                     mask.numel() > 0 ? mask.data_ptr<bool>() : nullptr, mask.numel() > 0 && mask.dim() == 3});
+  }
+  return run_stage<St>(x, e, adapter, n_steps, weights, slots, S, rope, eps, n_heads);
+}
+
+// The paged form: kpools / vpools one (pages, P, H, D) pool per block (the same pools at every step), tables one
+// (B, max_pages) int64 page table per (step, block), step-major, starts (B,) int64 the position row b's first new
+// token takes, valid (pages * P,) bool the positions holding a key (set here for the positions written).
+template <typename St>
+at::Tensor paged_impl(const at::Tensor& x, const c10::optional<at::Tensor>& e,
+                      const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
+                      at::TensorList kpools, at::TensorList vpools, at::TensorList tables, const at::Tensor& starts,
+                      const at::Tensor& valid, const at::Tensor& rope, double eps, int64_t n_heads) {
+  const at::ScalarType st = c10::CppTypeToScalarType<St>::value;
+  const int64_t L = check_call(x, e, adapter, n_steps, weights, rope, n_heads, st, tables.size());
+  const int64_t B = x.size(0), T = x.size(1), H = n_heads, D = x.size(2) / n_heads;
+  TORCH_CHECK(static_cast<int64_t>(kpools.size()) == L && static_cast<int64_t>(vpools.size()) == L,
+              "rdepth.blocks_paged: expected one k pool and one v pool per block");
+  TORCH_CHECK(starts.device().is_cpu() && starts.scalar_type() == at::kLong && starts.is_contiguous() &&
+                  starts.dim() == 1 && starts.size(0) == B,
+              "rdepth.blocks_paged: starts must be a contiguous int64 tensor of B positions");
+  TORCH_CHECK(valid.device().is_cpu() && valid.scalar_type() == at::kBool && valid.is_contiguous() && valid.dim() == 1,
+              "rdepth.blocks_paged: valid must be a contiguous 1-D bool tensor (pages * P)");
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  int64_t S = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0, "rdepth.blocks_paged: starts must be >= 0");
+    S = std::max(S, sp[b] + T);
+  }
+  const int64_t P = kpools[0].size(1), pages = kpools[0].size(0);
+  TORCH_CHECK(valid.size(0) == pages * P, "rdepth.blocks_paged: valid must hold pages * P flags");
+  for (int64_t l = 0; l < L; ++l) {
+    check(kpools[l], st, "k pool", "rdepth.blocks_paged");
+    check(vpools[l], st, "v pool", "rdepth.blocks_paged");
+    TORCH_CHECK(kpools[l].dim() == 4 && kpools[l].size(0) == pages && kpools[l].size(1) == P &&
+                    kpools[l].size(2) == H && kpools[l].size(3) == D && vpools[l].sizes() == kpools[l].sizes(),
+                "rdepth.blocks_paged: pools must be (pages, P, H, D), the same for every block, k and v alike");
+  }
+  std::vector<PagedSlot<St>> slots;
+  for (int64_t i = 0; i < n_steps * L; ++i) {
+    const at::Tensor& table = tables[i];
+    TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.is_contiguous() &&
+                    table.dim() == 2 && table.size(0) == B && table.size(1) * P >= S,
+                "rdepth.blocks_paged: a page table must be a contiguous int64 (B, max_pages) covering every position");
+    const int64_t* tp = table.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {  // the pages written must exist: reads of missing pages are masked instead
+      for (int64_t n = sp[b] / P; n <= (sp[b] + T - 1) / P; ++n) {
+        TORCH_CHECK(tp[b * table.size(1) + n] >= 0 && tp[b * table.size(1) + n] < pages,
+                    "rdepth.blocks_paged: a written position has no page (bind the rows first)");
+      }
+    }
+    const int64_t l = i % L;
+    slots.push_back({kpools[l].data_ptr<St>(), vpools[l].data_ptr<St>(), tp, table.size(1), P, H, D, sp,
+                     valid.data_ptr<bool>(), T});
+  }
+  return run_stage<St>(x, e, adapter, n_steps, weights, slots, S, rope, eps, n_heads);
 }
 
 // The storage type is the weight matrices' dtype: fp32 or bf16.
 at::Tensor blocks(const at::Tensor& x, const c10::optional<at::Tensor>& e, const c10::optional<at::Tensor>& adapter,
                   int64_t n_steps, at::TensorList weights, at::TensorList kslots, at::TensorList vslots, int64_t pos,
-                  at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads,
-                  const c10::optional<at::Tensor>& rows) {
+                  at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads) {
   TORCH_CHECK(weights.size() >= 2, "rdepth.blocks: expected 9 weights per block");
   const at::ScalarType st = weights[1].scalar_type();
   if (st == at::kBFloat16)
-    return blocks_impl<at::BFloat16>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps, n_heads,
-                                     rows);
+    return blocks_impl<at::BFloat16>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps,
+                                     n_heads);
   TORCH_CHECK(st == at::kFloat, "rdepth.blocks: the weight matrices must be fp32 or bf16, not ", st);
-  return blocks_impl<float>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps, n_heads, rows);
+  return blocks_impl<float>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps, n_heads);
+}
+
+at::Tensor blocks_paged(const at::Tensor& x, const c10::optional<at::Tensor>& e,
+                        const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
+                        at::TensorList kpools, at::TensorList vpools, at::TensorList tables, const at::Tensor& starts,
+                        const at::Tensor& valid, const at::Tensor& rope, double eps, int64_t n_heads) {
+  TORCH_CHECK(weights.size() >= 2 && !kpools.empty(), "rdepth.blocks_paged: expected 9 weights and a pool per block");
+  const at::ScalarType st = weights[1].scalar_type();
+  if (st == at::kBFloat16)
+    return paged_impl<at::BFloat16>(x, e, adapter, n_steps, weights, kpools, vpools, tables, starts, valid, rope, eps,
+                                    n_heads);
+  TORCH_CHECK(st == at::kFloat, "rdepth.blocks_paged: the weight matrices must be fp32 or bf16, not ", st);
+  return paged_impl<float>(x, e, adapter, n_steps, weights, kpools, vpools, tables, starts, valid, rope, eps, n_heads);
 }
 
 // fp32 x (B, K) @ W^T, W fp32 or bf16, through the same matrix-vector path the blocks use (tests and benchmarks)
@@ -540,10 +656,14 @@ TORCH_LIBRARY(rdepth, m) {
   m.def("linear(Tensor x, Tensor W) -> Tensor");
   m.def("vector_isa() -> str", &vector_isa);
   m.def("blocks(Tensor x, Tensor? e, Tensor? adapter, int n_steps, Tensor[] weights, Tensor[] kslots, "
-        "Tensor[] vslots, int pos, Tensor[] masks, Tensor rope, float eps, int n_heads, Tensor? rows=None) -> Tensor");
+        "Tensor[] vslots, int pos, Tensor[] masks, Tensor rope, float eps, int n_heads) -> Tensor");
+  m.def("blocks_paged(Tensor x, Tensor? e, Tensor? adapter, int n_steps, Tensor[] weights, Tensor[] kpools, "
+        "Tensor[] vpools, Tensor[] tables, Tensor starts, Tensor valid, Tensor rope, float eps, int n_heads) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rdepth, CPU, m) {
   m.impl("blocks", &blocks);
+  m.impl("blocks_paged", &blocks_paged);
   m.impl("linear", &linear_op);
 }

@@ -1,5 +1,7 @@
-"""KV caches across recurrence steps, with the sharing policy as an object: `KVCache` (static batches: `generate()`,
-speculative decoding, HF `generate`) and `RowKVCache` (paged, rows that join and leave: the server's row engine).
+"""KV caches across recurrence steps, with the sharing policy as an object: `RowKVCache` (paged, rows that join and
+leave, each at its own position: every decoder's store, through `recurrent_depth.inference.rows.RowEngine`) and
+`KVCache` (one dense slot per layer invocation: the transformers-facing cache of `model(ids, use_cache=True)` and HF
+`generate`).
 
 Every attention-layer invocation (prelude layer j, core layer j at recurrence i, coda layer j; see `LayerKey`) reads
 and writes a *slot*. Which slot is the policy's choice:
@@ -7,18 +9,15 @@ and writes a *slot*. Which slot is the policy's choice:
     FullSharing()      one slot per (recurrence step, core layer): Huginn's default `full` lookup. A token that
                        exited early leaves holes in deeper slots; later tokens at those steps do not see it.
     LatestSharing()    same slots, but a token that exited after n steps is read, at deeper steps, from its latest
-                       computed step (the reference's `latest-m4`): each engine calls `fill_exited` at the exit.
+                       computed step (the reference's `latest-m4`): the engine calls `fill_exited` at the exit.
     CyclicSharing(k)   k recurrence slots per core layer, reused cyclically (step i -> slot i mod k); k = 1 is one
                        cache per physical layer (the reference's `latest-m4-compress-s{4k}` for a 4-layer core).
 
     make_kv_policy("full" | "latest" | k)  -> the policy object; anything else is a ValueError naming the choices.
 
-`KVCache`'s storage is preallocated per slot, (B, H, capacity, D) for keys and values plus a (B, capacity) validity
-mask; `capacity` is `max_length` when given (`generate()` passes prompt + new tokens), else it doubles on demand.
-Writes go to positions [seq_len, seq_len + T); `commit(T)` advances. `rows` (an index tensor, or None for all rows)
-restricts reads and writes to a subset of the batch: `forward_rows` uses it for rows that are still iterating
-(adaptive exit) and rows that have not finished. Positions a row never wrote at a slot are invalid and masked out of
-attention. `RowKVCache`'s storage is pages of positions, taken and given back per row (its class docstring).
+`RowKVCache`'s storage is pages of positions, taken and given back per row (its class docstring); positions a row
+never wrote at a slot are invalid and masked out of attention. `KVCache`'s is one (B, H, capacity, D) tensor per slot
+for keys and values; writes go to positions [seq_len, seq_len + T) of every row, `commit(T)` advances.
 """
 
 from __future__ import annotations
@@ -36,10 +35,10 @@ if TYPE_CHECKING:
 
 
 class SlotCopier(Protocol):
-    """What a policy needs from a cache to fill an exited token's deeper slots: both `KVCache` and
-    `RowKVCache` copy the positions being written now (the forward in progress) of `rows` from slot src to dst."""
+    """What a policy needs from a cache to fill an exited token's deeper slots (`RowKVCache`): for each (src, dst)
+    pair of core slots, copy the positions being written now (the forward in progress) of `rows` from src to dst."""
 
-    def copy_slot(self, src: LayerKey, dst: LayerKey, rows: Tensor, n_tokens: int) -> None:
+    def copy_slots(self, pairs: list[tuple[LayerKey, LayerKey]], rows: Tensor, n_tokens: int) -> None:
         ...
 
 
@@ -84,10 +83,10 @@ class LatestSharing(FullSharing):
                     n_tokens: int) -> None:
         """Copy rows' keys/values at recurrence `last_step` (their final one) into steps last_step+1 .. num_steps-1
         for the positions being written (the reference's `latest` lookup, done once at the exit)."""
-        for j in range(n_core_layers):
-            src = self.slot(LayerKey("core", j, last_step))
-            for i in range(last_step + 1, num_steps):
-                cache.copy_slot(src, self.slot(LayerKey("core", j, i)), rows, n_tokens)
+        pairs = [(self.slot(LayerKey("core", j, last_step)), self.slot(LayerKey("core", j, i)))
+                 for j in range(n_core_layers) for i in range(last_step + 1, num_steps)]
+        if pairs:
+            cache.copy_slots(pairs, rows, n_tokens)
 
 
 @dataclass(frozen=True)
@@ -135,27 +134,27 @@ class _Slot:
     __slots__ = ("k", "v", "valid", "written", "holes")
 
     def __init__(self, k: Tensor, v: Tensor, valid: Tensor) -> None:
-        self.k, self.v, self.valid = k, v, valid  # (B, H, C, D), (B, H, C, D), (B, C)
-        self.written = 0  # positions [0, written) have been written for some row
-        self.holes = False  # some row may lack a position below `written`
+        self.k, self.v, self.valid = k, v, valid  # (B, H, C, D), (B, H, C, D), (C,)
+        self.written = 0  # positions [0, written) have been reached
+        self.holes = False  # some position below `written` was never written
 
 
 class KVCache:
-    """Preallocated KV cache with one slot per layer invocation under a sharing policy (default: Huginn's `full`).
+    """The transformers-facing cache: one slot per layer invocation under a sharing policy (default: Huginn's
+    `full`), for `model(ids, use_cache=True)`, `past_key_values` / `cache` and HF `generate`.
 
-    The model writes the T positions [seq_len, seq_len + T) of every slot it computes during a forward, then calls
-    `commit(T)`. `KVCache()` with no arguments is the dynamic cache transformers' generate and `model.forward` use.
+    Every forward writes the T positions [seq_len, seq_len + T) of every slot it computes, for every row (padding is
+    the forward's own mask), then calls `commit(T)`. A slot that a forward skipped (a later forward ran more
+    recurrences than an earlier one) has holes there, masked out of attention. `KVCache()` with no arguments grows
+    on demand; `max_length` preallocates. Our own decoders use the paged `RowKVCache`.
     """
 
     is_compileable = False  # transformers' generate inspects this
 
-    def __init__(self, policy: str | int | SharingPolicy | None = "full", max_length: int | None = None,
-                 batch_size: int | None = None) -> None:
+    def __init__(self, policy: str | int | SharingPolicy | None = "full", max_length: int | None = None) -> None:
         self.policy = make_kv_policy(policy)
         self.max_length = max_length
-        self.batch_size = batch_size
         self.seq_len = 0
-        self.rows: Tensor | None = None  # restrict reads/writes to these batch rows (None: all)
         self.slots: dict[LayerKey, _Slot] = {}
         self.peak_bytes = 0
 
@@ -164,76 +163,44 @@ class KVCache:
         return self.seq_len
 
     def reserve(self, key: LayerKey, like: Tensor) -> _Slot:
-        """The bookkeeping of a write of T positions [seq_len, seq_len + T) by the selected rows, without the write:
-        the slot (allocated or grown as needed), its holes and validity. `like` gives the write's shape (R, H, T, D),
-        dtype and device: the keys themselves (`update`) or an expanded scalar (the fused forward,
-        `recurrent_depth.inference.fused`, which writes keys and values in place)."""
+        """The bookkeeping of a write of T positions [seq_len, seq_len + T), without the write: the slot (allocated
+        or grown as needed), its holes and validity. `like` gives the write's shape (B, H, T, D), dtype and device:
+        the keys themselves (`update`) or an expanded scalar (the fused forward, `recurrent_depth.inference.fused`,
+        which writes keys and values in place)."""
         start, end = self.seq_len, self.seq_len + like.shape[2]
         slot = self._slot(self.policy.slot(key), like, end)
-        rows = self.rows
-        if start > slot.written or rows is not None:
-            self._mark_holes(slot)  # positions [written, start) never written, or only some rows written
-        if rows is not None:
-            slot.valid[rows, start:end] = True
-        elif slot.holes:
-            slot.valid[:, start:end] = True
+        if start > slot.written and not slot.holes:  # positions [written, start) never written
+            slot.valid[: slot.written] = True  # validity is tracked from the first hole on
+            slot.holes = True
+        if slot.holes:
+            slot.valid[start:end] = True
         slot.written = max(slot.written, end)
         return slot
 
     def update(self, key: LayerKey, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Write k, v (R, H, T, D) at [seq_len, seq_len + T) for the selected rows; return keys and values
-        (R, H, S, D) with S = seq_len + T and a validity mask (R, 1, 1, S), or None when every position is valid."""
+        """Write k, v (B, H, T, D) at [seq_len, seq_len + T); return keys and values (B, H, S, D) with
+        S = seq_len + T and a validity mask (B, 1, 1, S), or None when every position is valid."""
         start, end = self.seq_len, self.seq_len + k.shape[2]
         slot = self.reserve(key, k)
-        rows = self.rows
-        if rows is None:
-            slot.k[:, :, start:end] = k
-            slot.v[:, :, start:end] = v
-            ks, vs = slot.k[:, :, :end], slot.v[:, :, :end]
-        else:
-            slot.k[rows, :, start:end] = k
-            slot.v[rows, :, start:end] = v
-            ks, vs = slot.k[rows, :, :end], slot.v[rows, :, :end]
+        slot.k[:, :, start:end] = k
+        slot.v[:, :, start:end] = v
+        ks, vs = slot.k[:, :, :end], slot.v[:, :, :end]
         if not slot.holes:
             return ks, vs, None
-        valid = slot.valid[:, :end] if rows is None else slot.valid[rows, :end]
-        return ks, vs, valid[:, None, None, :]
-
-    @staticmethod
-    def _mark_holes(slot: _Slot) -> None:
-        """Switch a slot to explicit validity tracking. Until its first hole every row wrote every position below
-        `written` (the mask is only maintained from then on, which saves a write per layer in plain decoding)."""
-        if not slot.holes:
-            slot.valid[:, : slot.written] = True
-            slot.holes = True
+        return ks, vs, slot.valid[:end].expand(k.shape[0], 1, 1, end)
 
     def commit(self, n_tokens: int) -> None:
         """Advance past the T positions the last forward wrote."""
         self.seq_len += n_tokens
 
     def crop(self, length: int) -> None:
-        """Drop every position at or after `length` (speculative decoding rejects drafted tokens)."""
+        """Drop every position at or after `length`."""
         self.seq_len = min(self.seq_len, length)
         for slot in self.slots.values():
             if slot.written > length:
                 if slot.holes:
-                    slot.valid[:, length:] = False
+                    slot.valid[length:] = False
                 slot.written = length
-
-    # -------------------------------------------------------------------------------------------- engine
-    def copy_slot(self, src: LayerKey, dst: LayerKey, rows: Tensor, n_tokens: int) -> None:
-        """Copy rows' keys/values at positions [seq_len, seq_len + n_tokens) from slot src into slot dst (the
-        sharing policy's `fill_exited` for a token that exited; a missing src is left alone)."""
-        source = self.slots.get(src)
-        if source is None:
-            return
-        start, end = self.seq_len, self.seq_len + n_tokens
-        dest = self._slot(dst, source.k, end)
-        self._mark_holes(dest)  # only some rows are filled
-        dest.k[rows, :, start:end] = source.k[rows, :, start:end]
-        dest.v[rows, :, start:end] = source.v[rows, :, start:end]
-        dest.valid[rows, start:end] = True
-        dest.written = max(dest.written, end)
 
     def nbytes(self) -> int:
         """Bytes currently allocated for keys and values (validity masks excluded)."""
@@ -245,17 +212,16 @@ class KVCache:
 
     # -------------------------------------------------------------------------------------------- storage
     def _slot(self, key: LayerKey, like: Tensor, end: int) -> _Slot:
-        """The slot `key` with room for `end` positions, allocated (shaped and typed after `like`, (R, H, T, D)) or
+        """The slot `key` with room for `end` positions, allocated (shaped and typed after `like`, (B, H, T, D)) or
         grown as needed."""
         slot = self.slots.get(key)
         if slot is None:
-            _, H, _, D = like.shape
-            B = self._batch_size(like)
+            B, H, _, D = like.shape
             if self.max_length is not None and end > self.max_length:
                 raise ValueError(f"KV cache holds {self.max_length} positions, a write reaches {end}")
             cap = self.max_length if self.max_length is not None else max(end, 16)
             slot = _Slot(like.new_zeros(B, H, cap, D), like.new_zeros(B, H, cap, D),
-                         torch.zeros(B, cap, dtype=torch.bool, device=like.device))
+                         torch.zeros(cap, dtype=torch.bool, device=like.device))
             self.slots[key] = slot
             self.peak_bytes = max(self.peak_bytes, self.nbytes())
         elif end > slot.k.shape[2]:
@@ -266,16 +232,9 @@ class KVCache:
             B, H, _, D = slot.k.shape
             slot.k = torch.cat([slot.k, slot.k.new_zeros(B, H, grow, D)], dim=2)
             slot.v = torch.cat([slot.v, slot.v.new_zeros(B, H, grow, D)], dim=2)
-            slot.valid = torch.cat([slot.valid, slot.valid.new_zeros(B, grow)], dim=1)
+            slot.valid = torch.cat([slot.valid, slot.valid.new_zeros(grow)])
             self.peak_bytes = max(self.peak_bytes, self.nbytes())
         return slot
-
-    def _batch_size(self, k: Tensor) -> int:
-        if self.rows is None:
-            return k.shape[0]
-        if self.batch_size is None:
-            raise ValueError("KVCache.rows is set but the cache was not told its batch size (set batch_size)")
-        return self.batch_size
 
 
 class RowKVCache:
@@ -294,9 +253,9 @@ class RowKVCache:
     `policy_b.slot(LayerKey("core", j, step_b))`. `update` writes k and v and returns each row's visible keys and
     values right-aligned to the longest row (the attention layer lets each query see the last T keys as its own),
     with a validity mask; positions of other rows never mix. What an exited token leaves at deeper steps is its
-    policy's `fill_exited`, through `copy_slot`, as in `KVCache`. The fused CPU op reads (B, H, S, D) slots: `gather`
-    lends it the bound rows' keys and values in that layout (right-aligned, as `update` returns them) and `scatter`
-    writes back the new positions it filled (`recurrent_depth.inference.fused`).
+    policy's `fill_exited`, through `copy_slots`. The fused CPU op reads and writes the pages in
+    place through the bound rows' page tables (`paged`; `recurrent_depth.inference.fused`), for one or several
+    recurrences per call.
     """
 
     is_compileable = False
@@ -316,26 +275,33 @@ class RowKVCache:
         self.free: dict[str, list[int]] = {}
         self._rows: Tensor | None = None
         self._start: Tensor | None = None
-        self._slots: list[list[int]] = []  # per layer of the bound part: each bound row's slot
+        self._slots: list[list[list[int]]] = []  # per bound recurrence, per layer: each bound row's slot
         self._index: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}  # slots -> (write, read, ok) indices
         self._T, self._part = 0, "prelude"
         self._host: tuple[list[int], list[int]] = ([], [])
+        self.live_pages: dict[str, int] = {}  # part -> pages live rows hold
+        self.peak_bytes = 0  # the most bytes of keys and values live rows held at once (`bytes_in_use`'s peak)
+        self.peak_core_bytes = 0  # the same for the core's pages alone
 
     # ------------------------------------------------------------------------------------------ binding
     def bind(self, rows: list[int], starts: list[int], T: int, part: str,
-             steps: list[int] | None = None, policies: list[SharingPolicy] | None = None) -> None:
+             steps: list[int] | None = None, policies: list[SharingPolicy] | None = None, num_steps: int = 1) -> None:
         """Set the rows of the next layer calls (store row ids), the position each writes from, the new tokens T
-        per row and the part; for the core, each row's recurrence step and sharing policy. Pages for the positions
-        the rows will write are taken here (host-side bookkeeping, no device sync in the layers)."""
+        per row and the part; for the core, each row's first recurrence step and sharing policy, and how many
+        recurrences (`num_steps`) the calls run: core layer j at recurrence `steps_b + o` is `LayerKey("core", j, o)`
+        to `update` and the fused op. Pages for every position the rows will write are taken here (host-side
+        bookkeeping, no device sync in the layers)."""
         if part not in self.n_layers:
             raise ValueError(f"unknown part {part!r}; valid: {', '.join(self.n_layers)}")
-        slots = [[0] * len(rows) for _ in range(self.n_layers[part])]
+        L = self.n_layers[part]
+        slots = [[[0] * len(rows) for _ in range(L)]]
         if part == "core":
             if steps is None or policies is None:
                 raise ValueError("binding the core needs each row's recurrence step and sharing policy")
-            slots = [[self._core_slot(p, j, s) for p, s in zip(policies, steps)] for j in range(self.n_layers[part])]
+            slots = [[[self._core_slot(p, j, s + o) for p, s in zip(policies, steps)] for j in range(L)]
+                     for o in range(num_steps)]
         for i, (row, start) in enumerate(zip(rows, starts)):
-            for slot in {j_slots[i] for j_slots in slots}:
+            for slot in {j_slots[i] for o_slots in slots for j_slots in o_slots}:
                 self._take_pages(part, row, slot, start, start + T)
         self._rows = torch.tensor(rows, device=self.device)
         self._start = torch.tensor(starts, device=self.device)
@@ -369,34 +335,37 @@ class RowKVCache:
         v_all = V.index_select(0, read).view(n, S, self.H, self.D)
         return k_all.transpose(1, 2), v_all.transpose(1, 2), ok[:, None, None, :]
 
-    def gather(self, key: LayerKey, n_rows: int, n_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Copies of the bound rows' keys and values at layer `key`, (n, H, S, D) views of (n, S, H, D) memory,
-        right-aligned as in `update` (row b's T new tokens at positions S - T .. S - 1, whatever is there to be
-        overwritten), and which positions hold a key, (n, S): the slot layout of the fused op
-        (`recurrent_depth.inference.fused`), which writes the new keys and values into them at position S - T;
-        `scatter` then puts those into the pages."""
-        K, V, (_, read, ok) = self._bound(key, n_rows, n_tokens, "gather")
-        n, S = ok.shape
-        k = K.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2)  # (n, H, S, D) view: no second copy
-        v = V.index_select(0, read).view(n, S, self.H, self.D).transpose(1, 2)
-        return k, v, ok
-
-    def scatter(self, key: LayerKey, k: Tensor, v: Tensor) -> None:
-        """Write the last T positions of k, v (n, H, S, D), as `gather` gave them and the fused op filled them (the
-        bound rows' new tokens), into the rows' pages."""
-        K, V, (write, _, _) = self._bound(key, k.shape[0], self._T, "scatter")
-        K.index_copy_(0, write, k[:, :, -self._T:].transpose(1, 2).reshape(-1, self.H, self.D))
-        V.index_copy_(0, write, v[:, :, -self._T:].transpose(1, 2).reshape(-1, self.H, self.D))
+    def paged(self, part: str, n_rows: int, n_tokens: int, first: int,
+              num_steps: int) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor]:
+        """The fused op's view of the bound rows (`torch.ops.rdepth.blocks_paged`): the part's key and value pools,
+        one per layer, (pages, P, H, D); one page table (n, max_pages) per (recurrence, layer), recurrence-major,
+        for the bound offsets first .. first + num_steps - 1; each row's first new position (n,); and the part's
+        validity flags (pages * P,), which the op sets where it writes. No key is copied."""
+        if (self._rows is None or part != self._part or n_rows != self._rows.shape[0] or n_tokens != self._T
+                or first < 0 or first + num_steps > len(self._slots)):
+            raise RuntimeError("RowKVCache.paged called without a matching bind()")
+        L = self.n_layers[part]
+        table, tables, made = self.table[part], [], {}
+        for o in range(first, first + num_steps):
+            for j in range(L):
+                slots = tuple(self._slots[o][j])
+                if slots not in made:
+                    made[slots] = table[self._rows, torch.tensor(slots, device=self.device)].contiguous()
+                tables.append(made[slots])
+        return ([self.k[(part, j)] for j in range(L)], [self.v[(part, j)] for j in range(L)], tables, self._start,
+                self.valid[part].view(-1))
 
     def _bound(self, key: LayerKey, n_rows: int, n_tokens: int,
                caller: str) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         """The flat key and value pools (pages * P, H, D) of layer `key` and the bound rows' indices at its slots
         (`_indices`), once the call is checked against the last `bind` (part, rows, T)."""
-        if self._rows is None or key.part != self._part or n_rows != self._rows.shape[0] or n_tokens != self._T:
+        offset = key.step if key.part == "core" else 0
+        if (self._rows is None or key.part != self._part or n_rows != self._rows.shape[0] or n_tokens != self._T
+                or not 0 <= offset < len(self._slots)):
             raise RuntimeError(f"RowKVCache.{caller} called without a matching bind()")
         K = self.k[(key.part, key.layer)].view(-1, self.H, self.D)
         V = self.v[(key.part, key.layer)].view(-1, self.H, self.D)
-        return K, V, self._indices(self._slots[key.layer])
+        return K, V, self._indices(self._slots[offset][key.layer])
 
     def _indices(self, slots: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """For the bound rows at `slots` (one per row): the flat pool indices the T new positions go to (n * T,),
@@ -424,39 +393,56 @@ class RowKVCache:
         page = self.table[part][rows[:, None], slot, pos // self.P]
         return torch.where(page >= 0, page * self.P + pos % self.P, -1)
 
-    def copy_slot(self, src: LayerKey, dst: LayerKey, rows: Tensor, n_tokens: int) -> None:
-        """Copy the bound rows' current positions (the forward just run) from core slot src into dst (the
-        sharing policy's `fill_exited`); `rows` must be the bound rows."""
+    def copy_slots(self, pairs: list[tuple[LayerKey, LayerKey]], rows: Tensor, n_tokens: int) -> None:
+        """For each (src, dst) pair of core slots, copy the bound rows' current positions (the forward just run) from
+        src to dst (the sharing policy's `fill_exited`): the page lookups once for all the slots named, then one
+        gather and one write per layer's pools; `rows` must be the bound rows."""
         if self._rows is None or not torch.equal(rows.to(self.device), self._rows) or n_tokens != self._T:
-            raise RuntimeError("RowKVCache.copy_slot needs the rows and T of the last bind()")
+            raise RuntimeError("RowKVCache.copy_slots needs the rows and T of the last bind()")
         host_rows, starts = self._host
-        for row, start in zip(host_rows, starts):
-            self._take_pages("core", row, dst.step, start, start + n_tokens)
-        pos = self._start[:, None] + torch.arange(n_tokens, device=self.device)
-        src_flat = self._flat("core", self._rows, torch.full_like(self._rows, src.step)[:, None], pos)
-        dst_flat = self._flat("core", self._rows, torch.full_like(self._rows, dst.step)[:, None], pos)
-        for name in (("core", src.layer),):
-            for pool in (self.k[name], self.v[name]):
+        steps = sorted({key.step for pair in pairs for key in pair})
+        for step in {dst.step for _, dst in pairs}:
+            for row, start in zip(host_rows, starts):
+                self._take_pages("core", row, step, start, start + n_tokens)
+        pos = self._start[:, None] + torch.arange(n_tokens, device=self.device)  # (n, T)
+        page = self.table["core"][self._rows[None, :, None], torch.tensor(steps, device=self.device)[:, None, None],
+                                  pos // self.P]  # (slots, n, T)
+        flat = (page * self.P + pos % self.P).view(len(steps), -1)
+        at = {step: i for i, step in enumerate(steps)}
+        by_layer: dict[int, tuple[list[int], list[int]]] = {}
+        for src, dst in pairs:
+            src_i, dst_i = by_layer.setdefault(src.layer, ([], []))
+            src_i.append(at[src.step])
+            dst_i.append(at[dst.step])
+        ok = self.valid["core"].view(-1)
+        for layer, (src_i, dst_i) in by_layer.items():
+            src_flat, dst_flat = flat[src_i].view(-1), flat[dst_i].view(-1)
+            for pool in (self.k[("core", layer)], self.v[("core", layer)]):
                 flat_pool = pool.view(-1, self.H, self.D)
                 flat_pool[dst_flat] = flat_pool[src_flat]
-        ok = self.valid["core"].view(-1)
-        ok[dst_flat] = ok[src_flat]
+            ok[dst_flat] = ok[src_flat]
 
     # ----------------------------------------------------------------------------------------------- pages
     def _take_pages(self, part: str, row: int, slot: int, start: int, end: int) -> None:
         """Give row `row` pages covering positions [start, end) at `slot` (no-op where it has them)."""
         if end > self.max_pages * self.P:
             raise ValueError(f"RowKVCache holds {self.max_pages * self.P} positions per row, a write reaches {end}")
-        pages = range(start // self.P, -(-end // self.P))
+        first, last = start // self.P, (end - 1) // self.P
         held = self.owned.get(part, {}).get(row)
-        if held is not None and all((slot, n) in held for n in pages):
+        if held is not None and ((slot, first) in held if first == last else
+                                 all((slot, n) in held for n in range(first, last + 1))):
             return  # the common case (a decode step inside a page it holds): no table lookup, no tensor write
+        pages = range(first, last + 1)
         table = self._table(part, slot)
         held = self.owned[part].setdefault(row, {})
         for n in pages:
             if (slot, n) not in held:
                 held[slot, n] = page = self._new_page(part)
                 table[row, slot, n] = page
+                self.live_pages[part] = self.live_pages.get(part, 0) + 1
+        self.peak_bytes = max(self.peak_bytes, self.bytes_in_use())
+        if part == "core":
+            self.peak_core_bytes = max(self.peak_core_bytes, self.live_pages[part] * self._page_bytes(part))
 
     def _table(self, part: str, slot: int) -> Tensor:
         table = self.table.get(part)
@@ -494,6 +480,13 @@ class RowKVCache:
         self.valid[part] = valid
         self.free[part] = list(range(cap - 1, kept - 1, -1))
 
+    def truncate(self, row: int, length: int) -> None:
+        """Mark row `row`'s positions at and after `length` as holding no key, in every slot (its pages stay)."""
+        for part, owned in self.owned.items():
+            for (_, n), page in owned.get(row, {}).items():
+                if (n + 1) * self.P > length:
+                    self.valid[part][page, max(0, length - n * self.P):] = False
+
     def release(self, row: int) -> None:
         """Give back every page row `row` holds (its request finished or its client left)."""
         for part, owned in self.owned.items():
@@ -503,6 +496,7 @@ class RowKVCache:
             self.table[part][row] = -1
             self.valid[part][pages] = False
             self.free[part].extend(pages)
+            self.live_pages[part] -= len(pages)
             self._maybe_compact(part)
 
     def _maybe_compact(self, part: str) -> None:
@@ -526,7 +520,7 @@ class RowKVCache:
 
     def bytes_in_use(self) -> int:
         """Bytes of keys and values in the pages live rows hold."""
-        return sum(len(p) * self._page_bytes(part) for part, owned in self.owned.items() for p in owned.values())
+        return sum(n * self._page_bytes(part) for part, n in self.live_pages.items())
 
     def nbytes(self) -> int:
         """Bytes the pools hold for keys and values, live or free (validity masks and page tables excluded)."""

@@ -8,10 +8,11 @@ above), the norms, RoPE, KV write, attention and gating are plain loops. It appl
 
     a stage with at least one block, at most MAX_TOKENS (64) new tokens per row, activations and weights on the CPU
     in fp32, or in bf16 where the library was built with AVX-512 (`kernels.vector_isa()`), no autograd, no module
-    hooks, and a `KVCache` (all of its rows or the subset `cache.rows`): decoding and short prefills, speculative
-    drafting and verification, the rows still iterating under adaptive exit, HF `generate` with our cache; or the
-    row engine's paged `RowKVCache` (`recurrent_depth.inference.rows`: the server), whose bound rows' keys and values
-    are gathered into one copy per layer, right-aligned, for one recurrence per call, the new ones put back after it.
+    hooks, and either the row engine's paged `RowKVCache` (`recurrent_depth.inference.rows`: every decoder, i.e.
+    decoding and short prefills, speculative drafting and verification, the rows still iterating under adaptive
+    exit, the server), whose pages the op reads and writes in place through each row's page table
+    (`torch.ops.rdepth.blocks_paged`), for one or several recurrences a call; or a dense `KVCache`
+    (`model(ids, use_cache=True)`, HF `generate` with our cache: `torch.ops.rdepth.blocks`).
 
 Anything else runs the eager network. The library is built on first use with the system C++ compiler
 (`torch.utils.cpp_extension`, cached under ~/.cache/torch_extensions); without a compiler, or with
@@ -86,28 +87,23 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
     """Run `blocks` (one stage's sandwich blocks) on x (B, T, d) through the fused op; the caller checked
     `applicable`. With `adapter` (and `e`), x is the core's state and the op runs `num_steps` recurrences (steps
     step .. step + num_steps - 1), each the blocks on adapter([x, e]). Cache bookkeeping (slots, holes, validity) is
-    the cache's own, as in `KVCache.update`; a `RowKVCache` lends the op copies of the bound rows' keys
-    (`_run_paged`)."""
+    the cache's own, as in `KVCache.update`; a `RowKVCache` lends the op its pages (`_run_paged`)."""
     B, T, d = x.shape
     D = d // n_heads
     scratch = ctx.fused
     weights = scratch.get(part)
-    if weights is None:  # gathered once per forward (not per recurrence): parameters may change between forwards
+    if weights is None:  # gathered once per scratch (a forward; a row-engine step): parameters may change between
         weights = scratch[part] = _weights(blocks)
-        if "rope" not in scratch:
-            scratch["rope"] = ctx.rope.reshape(ctx.rope.shape[0], T, D // 2, 2).float().contiguous()
+    rope = ctx.rope.reshape(ctx.rope.shape[0], T, D // 2, 2).float().contiguous()
     x = x.contiguous()
     e = None if e is None else e.contiguous()
     if isinstance(ctx.cache, RowKVCache):
-        return _run_paged(ctx.cache, blocks, part, x, e, adapter, weights, scratch["rope"], step, n_heads, eps,
-                          num_steps)
+        return _run_paged(ctx.cache, blocks, part, x, e, adapter, weights, rope, step, n_heads, eps, num_steps)
     cache: KVCache = ctx.cache  # type: ignore[assignment]
     start = cache.seq_len
     S = start + T
-    if "pad" not in scratch:  # the forward's own mask (padding; causal within the new tokens is the op's): (B, T, S)
-        scratch["pad"] = None if ctx.mask is None else ctx.mask[:, 0, :, :S]
-    pad = scratch["pad"]
-    rows = cache.rows
+    pad = None if ctx.mask is None else ctx.mask[:, 0, :, :S]  # the forward's own mask (padding; causal within the
+    #                                                                 new tokens is the op's): (B, T, S)
     like = x.new_empty(()).expand(B, n_heads, T, D)  # the shape of one layer's new keys, for the cache's bookkeeping
     kslots, vslots, masks = [], [], []
     for i in range(step, step + num_steps):
@@ -115,36 +111,22 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
             slot = cache.reserve(LayerKey(part, j, i), like)
             kslots.append(slot.k)
             vslots.append(slot.v)
-            if slot.holes:  # (B, S): positions some row never wrote
-                valid = slot.valid[:, :S] if rows is None else slot.valid[rows, :S]
-            else:
-                valid = None
+            valid = slot.valid[:S].expand(B, S) if slot.holes else None  # (B, S): positions never written
             if pad is not None:
                 valid = pad if valid is None else valid[:, None, :] & pad
             masks.append(_EMPTY if valid is None else valid.contiguous())
-    return torch.ops.rdepth.blocks(x, e, adapter, num_steps, weights, kslots, vslots, start, masks, scratch["rope"],
-                                   eps, n_heads, rows)
+    return torch.ops.rdepth.blocks(x, e, adapter, num_steps, weights, kslots, vslots, start, masks, rope, eps,
+                                   n_heads)
 
 
 def _run_paged(cache: RowKVCache, blocks: Any, part: str, x: Tensor, e: Tensor | None, adapter: Tensor | None,
                weights: list[Tensor], rope: Tensor, step: int, n_heads: int, eps: float, num_steps: int) -> Tensor:
-    """The op over the rows bound in a paged store: each layer's visible keys and values gathered into (B, H, S, D)
-    slots (strided views of one copy each), right-aligned (every row writes its new tokens at S - T; positions before
-    a shorter row's start are masked out), the new ones put back into the pages after the call. The store binds each
-    row's own recurrence step and slot (`RowKVCache.bind`), so the core runs one recurrence per call (`step` is not
-    read)."""
-    if num_steps != 1:
-        raise ValueError(f"a RowKVCache binds one recurrence step per row: the fused op runs 1 step on it, "
-                         f"not {num_steps}")
-    B, T, _ = x.shape
-    keys = [LayerKey(part, j, step) for j in range(len(blocks))]
-    gathered = [cache.gather(key, B, T) for key in keys]
-    S = gathered[0][2].shape[1]
-    out = torch.ops.rdepth.blocks(x, e, adapter, 1, weights, [k for k, _, _ in gathered], [v for _, v, _ in gathered],
-                                  S - T, [ok for _, _, ok in gathered], rope, eps, n_heads, None)
-    for key, (k, v, _) in zip(keys, gathered):
-        cache.scatter(key, k, v)
-    return out
+    """The op over the rows bound in a paged store, reading and writing their pages in place through page tables
+    (`RowKVCache.paged`): each row at its own position, recurrence steps and slots as the store bound them; `step` is
+    the first bound recurrence this call runs (an offset into the bind, not a row's own step)."""
+    kpools, vpools, tables, starts, valid = cache.paged(part, x.shape[0], x.shape[1], step, num_steps)
+    return torch.ops.rdepth.blocks_paged(x, e, adapter, num_steps, weights, kpools, vpools, tables, starts, valid,
+                                         rope, eps, n_heads)
 
 
 def head(model: Any, hidden: Tensor) -> Tensor | None:

@@ -7,9 +7,10 @@
     out.steps       # (B, new) recurrences each generated token used (0 after a row stopped)
     out.kv_cache_bytes  # peak bytes of keys and values held
 
-Every forward is `recurrent_depth.inference.step.forward_rows` (one forward of T tokens for a subset of the rows, with
-per-row adaptive exit), which speculative decoding drives too; the depth keywords are validated once, as a
-`recurrent_depth.inference.params.DepthParams`.
+The batch runs on the per-row step engine (`recurrent_depth.inference.rows.RowEngine`, the server's engine too) over
+the paged `RowKVCache`: each row is its own sequence (its prompt without the padding, its own positions and exits), and
+a token's whole recurrence runs in one fused call where the rows' depths agree. The depth keywords are validated
+once, as a `recurrent_depth.inference.params.DepthParams`.
 
 A padded batch gives, row by row, what each row gives alone: positions count real tokens only and padding is masked.
 """
@@ -22,15 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from recurrent_depth.inference.cache import KVCache, SharingPolicy
+from recurrent_depth.inference.cache import SharingPolicy
 from recurrent_depth.inference.defaults import INIT_SCALE, KV_SHARING_AUTO
 from recurrent_depth.inference.exit import ExitCriterion, NoExit
-from recurrent_depth.inference.params import DepthParams
+from recurrent_depth.inference.params import DepthParams, SamplingParams
+from recurrent_depth.inference.rows import Row, RowEngine
 from recurrent_depth.inference.sampling import Sampler
 from recurrent_depth.inference.speculative import generate_speculative
-from recurrent_depth.inference.step import GenerateOutput, RowsResult, forward_rows
+from recurrent_depth.inference.step import GenerateOutput
 
-__all__ = ["GenerateOutput", "RowsResult", "forward_rows", "generate"]
+__all__ = ["GenerateOutput", "generate"]
 
 
 def _check_common(model: Any, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int) -> None:
@@ -96,13 +98,12 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
         size when the embedding is padded past it (the server does). None: every row of the model's vocabulary.
     """
     _check_common(model, input_ids, attention_mask, max_new_tokens)
-    depth = DepthParams(num_steps, exit_criterion, exit_threshold, warm_start, kv_sharing, init_scale)
+    depth = DepthParams(num_steps, exit_criterion, exit_threshold, warm_start, kv_sharing, init_scale, min_steps,
+                        exit_in_prefill)
     policy, init_scale = depth.policy(), depth.init_scale
     criterion = depth.criterion()
     if isinstance(criterion, NoExit):
         criterion = None
-    if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 0:
-        raise ValueError(f"min_steps must be an integer >= 0, got {min_steps!r}")
     sampler = Sampler(do_sample, temperature, top_k, top_p, min_p, generator)
     eos = _eos_ids(eos_token_id, input_ids.device)
     if draft_steps is not None or lookahead is not None:
@@ -115,51 +116,65 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
                                     vocab_limit=vocab_limit)
     B, T0 = input_ids.shape
     device = input_ids.device
-    cache = KVCache(policy, max_length=T0 + max_new_tokens, batch_size=B)
-    full_mask = None
-    if attention_mask is not None and not bool(attention_mask.all()):
-        full_mask = torch.ones(B, T0 + max_new_tokens, dtype=torch.long, device=device)
-        full_mask[:, :T0] = attention_mask
     new_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     steps = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    rows: Tensor | None = None  # rows still generating (None: all)
-    ids, state0 = input_ids, None
-    for pos in range(max_new_tokens):
-        mask = None if full_mask is None else full_mask[:, : cache.seq_len + ids.shape[1]]
-        if rows is not None and mask is not None:
-            mask = mask[rows]
-        res = forward_rows(model, ids, cache, num_steps=num_steps, rows=rows, attention_mask=mask,
-                           criterion=criterion if pos > 0 or exit_in_prefill else None, min_steps=min_steps,
-                           initial_state=state0, init_scale=init_scale, generator=generator,
-                           vocab_limit=vocab_limit)
-        tok = sampler(res.logits)  # (R,)
-        idx = rows if rows is not None else slice(None)
-        new_tokens[idx, pos] = tok
-        steps[idx, pos] = res.steps
+    if max_new_tokens == 0:
         if streamer is not None:
-            if hasattr(streamer, "put_steps"):
-                streamer.put_steps(steps[:, pos: pos + 1].cpu())
-            streamer.put(new_tokens[:, pos: pos + 1].cpu())
-        if depth.warm is not None:
-            state0 = (res.state if depth.warm == "raw" else res.latents)[:, -1:]
-        ids = tok[:, None]
-        if eos is not None:
-            hit = torch.isin(tok, eos)
-            if bool(hit.any()):
-                live = rows if rows is not None else torch.arange(B, device=device)
-                finished[live[hit]] = True
-                keep = (~hit).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    new_tokens[:, pos + 1:] = eos[0]
-                    break
-                rows, ids = live[keep], ids[keep]
-                if state0 is not None:
-                    state0 = state0[keep]
-                new_tokens[finished, pos + 1:] = eos[0]
+            streamer.end()
+        return GenerateOutput(input_ids.clone(), steps, 0, {"core_kv_bytes": 0})
+    real = [input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()] for b in range(B)]
+    sampling = SamplingParams(max_new_tokens, sampler.temperature if do_sample else 0.0, top_p or 1.0,
+                              stop_token_ids=tuple(eos.tolist()) if eos is not None else (), top_k=top_k, min_p=min_p)
+    rows = [Row(r.tolist(), depth, sampling) for r in real]
+    max_len = max(len(r.prompt) for r in rows) + max_new_tokens
+    engine = _StaticBatch(model, rows, max_len, vocab_limit, streamer, new_tokens, steps, eos, generator)
+    engine.run(rows)
     if streamer is not None:
         streamer.end()
-    return GenerateOutput(torch.cat([input_ids, new_tokens], dim=1), steps, cache.peak_bytes,
-                          {"core_kv_bytes": cache.core_nbytes()})
+    store = engine.store
+    return GenerateOutput(torch.cat([input_ids, new_tokens], dim=1), steps, store.peak_bytes,
+                          {"core_kv_bytes": store.peak_core_bytes})
+
+
+class _StaticBatch(RowEngine):
+    """`generate()`'s batch on the row engine: every row admitted at once, each token's whole recurrence in one
+    call where the rows' depths agree (`chunk=None`), one page per row and slot (the batch's length is known), new
+    tokens written into the output by position and streamed a column at a time, once every unfinished row has it.
+    Every row draws its s0 and samples from the caller's generator (None: torch's global one), in row order: a
+    one-row batch draws exactly what a server row seeded like that generator draws."""
+
+    def __init__(self, model: Any, rows: list[Row], max_len: int, vocab_limit: int | None, streamer: Any,
+                 new_tokens: Tensor, token_steps: Tensor, eos: Tensor | None,
+                 generator: torch.Generator | None) -> None:
+        super().__init__(model, max_rows=len(rows), vocab_limit=vocab_limit, max_len=max_len, chunk=None,
+                         page_size=max_len)
+        self.index = {row.id: b for b, row in enumerate(rows)}
+        self.rows, self.streamer, self.new_tokens, self.eos = rows, streamer, new_tokens, eos
+        self.token_steps = token_steps
+        self.generator, self.streamed = generator, 0
+
+    def add(self, seq: Row) -> None:
+        super().add(seq)
+        seq.generator, seq.sampler = self.generator, seq.sampling.sampler(self.generator)
+
+    def step(self) -> None:
+        super().step()
+        if self.streamer is None:
+            return
+        done = min((len(r.tokens) for r in self.rows if r.finish_reason is None),  # once all ended: their last
+                   default=max(len(r.tokens) for r in self.rows))
+        for pos in range(self.streamed, done):
+            if hasattr(self.streamer, "put_steps"):
+                self.streamer.put_steps(self.token_steps[:, pos: pos + 1].cpu())
+            self.streamer.put(self.new_tokens[:, pos: pos + 1].cpu())
+        self.streamed = max(self.streamed, done)
+
+    def _emit(self, s: Row, token: int) -> None:
+        b, pos = self.index[s.id], len(s.tokens) - 1
+        self.new_tokens[b, pos], self.token_steps[b, pos] = token, s.token_steps[-1]
+        super()._emit(s, token)
+        if s.finish_reason == "stop":  # later positions hold the first EOS id, with 0 steps
+            self.new_tokens[b, pos + 1:] = int(self.eos[0])
+

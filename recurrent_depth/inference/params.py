@@ -41,8 +41,10 @@ class DepthParams:
     threshold None: the criterion's default); warm_start: False, True / "latent" (start each token from the
     previous token's final ln_f(s)) or "raw" (from the raw core output); kv_sharing: "auto" (latest with an exit
     criterion, else full), "full", "latest", an int k or a policy object (`recurrent_depth.inference.cache`);
-    init_scale: std scale of the random initial state (0: zeros, deterministic). Invalid values raise ValueError
-    whose message starts with the field's name."""
+    init_scale: std scale of the random initial state (0: zeros, deterministic); min_steps: recurrences every token
+    runs before its first exit check; exit_in_prefill: whether the prompt's forward (the first new token) may exit
+    early (the reference's default: yes). Invalid values raise ValueError whose message starts with the field's
+    name."""
 
     num_steps: int
     exit_criterion: str | ExitCriterion | None = "none"
@@ -50,6 +52,8 @@ class DepthParams:
     warm_start: bool | str = False
     kv_sharing: str | int | SharingPolicy = KV_SHARING_AUTO
     init_scale: float = INIT_SCALE
+    min_steps: int = 0
+    exit_in_prefill: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 0:
@@ -67,6 +71,10 @@ class DepthParams:
         except ValueError as err:
             raise ValueError(f"kv_sharing: {err}") from None
         object.__setattr__(self, "init_scale", check_init_scale(self.init_scale))
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}")
+        if not isinstance(self.exit_in_prefill, bool):
+            raise ValueError(f"exit_in_prefill must be true or false, got {self.exit_in_prefill!r}")
 
     def criterion(self) -> ExitCriterion:
         """A fresh exit criterion object (NoExit at fixed depth)."""
@@ -86,8 +94,9 @@ class DepthParams:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """max_tokens >= 1; temperature 0 = greedy; top_p nucleus mass; seed for s0 draws and sampling (None: random);
-    stop: strings that end the text (not included); stop_token_ids: tokens that end it (EOS)."""
+    """max_tokens >= 1; temperature 0 = greedy; top_p nucleus mass; top_k / min_p (None: off); seed for s0 draws
+    and sampling (None: random); stop: strings that end the text (not included); stop_token_ids: tokens that end it
+    (EOS)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -95,8 +104,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    top_k: int | None = None
+    min_p: float | None = None
 
     def sampler(self, generator: torch.Generator | None) -> Sampler:
         """The `Sampler` these parameters mean, drawing from `generator`."""
         return Sampler(do_sample=self.temperature > 0, temperature=self.temperature or 1.0,
-                       top_p=self.top_p if self.top_p < 1 else None, generator=generator)
+                       top_p=self.top_p if self.top_p < 1 else None, top_k=self.top_k, min_p=self.min_p,
+                       generator=generator)

@@ -68,6 +68,7 @@ class Row:
     logits: Tensor | None = None  # last position's logits of the current state, if already computed
     step_count: int = 0
     exited: bool = False
+    checks: bool = True  # whether this token's recurrence checks the exit criterion (not in a prefill without it)
     criterion: ExitCriterion | None = None
     sharing: SharingPolicy | None = None
     sampler: Sampler | None = None
@@ -82,12 +83,20 @@ class RowEngine:
     """Owns the model, the paged per-row KV cache and the live rows; `step()` advances them (module docstring).
 
     vocab_limit: vocabulary rows at or beyond it are never produced (the tokenizer's size; None: none banned).
+    max_len: positions a row may reach (prompt + new tokens; None: the model's block_size). chunk: recurrences per
+    engine step for rows that check no exit criterion (None: a token's whole recurrence, in one fused call where the
+    rows' depths agree: static batches; 1: every row advances one recurrence per engine step, so a shallow row is
+    not held to a deep row's pace: the server). page_size: positions per page of the store (`RowKVCache`).
     Not thread-safe: one thread calls `add`, `remove` and `step`.
     """
 
-    def __init__(self, model: torch.nn.Module, max_rows: int = 8, vocab_limit: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, max_rows: int = 8, vocab_limit: int | None = None,
+                 max_len: int | None = None, chunk: int | None = 1, page_size: int = 16) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk must be an integer >= 1 or None, got {chunk!r}")
+        self.chunk = chunk
         self.model, self.max_rows, self.vocab_limit = model.eval(), max_rows, vocab_limit
         self.t = model.transformer
         self.cfg = model.config
@@ -95,10 +104,13 @@ class RowEngine:
         self.device, self.dtype = param.device, param.dtype
         layers = {"prelude": self.cfg.n_layers_in_prelude, "core": self.cfg.n_layers_in_recurrent_block,
                   "coda": self.cfg.n_layers_in_coda}
+        self.max_len = self.cfg.block_size if max_len is None else min(max_len, self.cfg.block_size)
         self.store = RowKVCache(self.cfg.n_heads, self.cfg.n_embd // self.cfg.n_heads, layers, max_rows,
-                                self.cfg.block_size, self.dtype, self.device)
+                                self.max_len, self.dtype, self.device, page_size)
         self.live: list[Row] = []
         self._free = list(range(max_rows))[::-1]
+        self._scratch: dict = {}  # the fused op's per-stage weights, gathered once for the engine's life (a model
+        #                           whose parameters are replaced, not updated in place, needs a new engine)
 
     # --------------------------------------------------------------------------------------- membership
     @property
@@ -111,9 +123,9 @@ class RowEngine:
             raise RuntimeError("no free row in the batch")
         if not seq.prompt:
             raise ValueError("empty prompt")
-        if len(seq.prompt) + seq.sampling.max_tokens > self.cfg.block_size:
+        if len(seq.prompt) + seq.sampling.max_tokens > self.max_len:
             raise ValueError(f"prompt ({len(seq.prompt)}) + max_tokens ({seq.sampling.max_tokens}) exceeds the "
-                             f"context length {self.cfg.block_size}")
+                             f"context length {self.max_len}")
         seq.criterion, seq.sharing = seq.depth.criterion(), seq.depth.policy()  # validated by DepthParams
         seq.generator = torch.Generator(device=self.device)
         if seq.sampling.seed is None:
@@ -148,10 +160,16 @@ class RowEngine:
     # ------------------------------------------------------------------------------------------- stepping
     @torch.inference_mode()
     def step(self) -> None:
-        """Advance every live row by one phase-step (embed / one core step / finish)."""
+        """Advance every live row by one phase-step: embed; the recurrence (all of it, in as few calls as the rows'
+        depths allow, for rows that check no exit criterion; one core step for the others); finish."""
         for group in self._groups([s for s in self.live if s.phase == EMBED]):
             self._embed(group)
-        for group in self._groups([s for s in self.live if s.phase == ITERATE and not self._done_iterating(s)]):
+        iterating = [s for s in self.live if s.phase == ITERATE and not self._done_iterating(s)]
+        if self.chunk != 1:
+            for group in self._groups([s for s in iterating if not s.checks]):
+                self._core_steps(group)
+            iterating = [s for s in iterating if s.checks]
+        for group in self._groups(iterating):
             self._core_step(group)
         for group in self._groups([s for s in self.live if s.phase == ITERATE and self._done_iterating(s)]):
             self._finish(group)
@@ -165,6 +183,32 @@ class RowEngine:
                 self.add(waiting.pop(0))
             self.step()
         return rows
+
+    @torch.inference_mode()
+    def forward(self, rows: list[Row], tokens: list[list[int]], num_steps: int, all_logits: bool = False) -> Tensor:
+        """One forward at the fixed depth `num_steps` of `tokens` (the same count T for each row) for admitted
+        `rows`, committed to their cache positions: fp32 logits (n, V) of each row's last new position, or (n, T, V)
+        with all_logits. The step for decoders that choose every row's tokens themselves (speculative drafts and
+        their verification); it leaves the rows outside the `step()` cycle."""
+        for s, ids in zip(rows, tokens):
+            s.pending = list(ids)
+        self._embed(rows)
+        state = torch.cat([s.state for s in rows])
+        if num_steps > 0:
+            state = self.t.core_steps(state, torch.cat([s.e for s in rows]), 0, num_steps,
+                                      self._context(rows, "core", num_steps=num_steps))
+        hidden, _ = self.t.decode(state, self._context(rows, "coda"))
+        for s in rows:
+            s.length += len(s.pending)
+            s.e = s.state = s.memory = None
+            s.phase = DONE
+        return head_logits(self.model, hidden, all_logits, self.vocab_limit)
+
+    @torch.inference_mode()  # the store's tensors are inference tensors
+    def truncate(self, seq: Row, length: int) -> None:
+        """Forget row `seq`'s positions at and after `length` (speculative decoding rejects drafted tokens)."""
+        seq.length = min(seq.length, length)
+        self.store.truncate(seq.row, length)
 
     @staticmethod
     def _done_iterating(s: Row) -> bool:
@@ -181,18 +225,21 @@ class RowEngine:
             by_len.setdefault(len(s.pending), []).append(s)
         return list(by_len.values())
 
-    def _context(self, group: list[Row], part: str, steps: list[int] | None = None) -> AttentionContext:
-        """Bind the group's rows in the store for `part` (core: at `steps`, default each row's own next step) and
-        build their RoPE rows (no host-device sync per layer)."""
+    def _context(self, group: list[Row], part: str, steps: list[int] | None = None,
+                 num_steps: int = 1) -> AttentionContext:
+        """Bind the group's rows in the store for `part` (core: `num_steps` recurrences from `steps`, default each
+        row's own next step) and build their RoPE rows (no host-device sync per layer)."""
         T = len(group[0].pending)
         starts = [s.length for s in group]
         if part == "core":
             steps = [s.step_count for s in group] if steps is None else steps
-            self.store.bind([s.row for s in group], starts, T, part, steps, [s.sharing for s in group])
+            self.store.bind([s.row for s in group], starts, T, part, steps, [s.sharing for s in group], num_steps)
         else:
             self.store.bind([s.row for s in group], starts, T, part)
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
-        return AttentionContext(rope=self.t.rope[0, positions], mask=None, cache=self.store)  # positions (n, T)
+        ctx = AttentionContext(rope=self.t.rope[0, positions], mask=None, cache=self.store)  # positions (n, T)
+        ctx.fused = self._scratch
+        return ctx
 
     def _embed(self, group: list[Row]) -> None:
         ids = torch.tensor([s.pending for s in group], device=self.device)  # (n, T)
@@ -203,8 +250,23 @@ class RowEngine:
                 s.state = s.warm
             else:
                 s.state = self.t.initial_state(s.e, s.depth.init_scale, s.generator)
-            s.memory = s.criterion.init(s.state, self.cfg.vocab_size)
+            s.checks = not isinstance(s.criterion, NoExit) and (bool(s.tokens) or s.depth.exit_in_prefill)
+            s.memory = s.criterion.init(s.state, self.cfg.vocab_size) if s.checks else None
             s.step_count, s.exited, s.logits, s.phase = 0, False, None, ITERATE
+
+    def _core_steps(self, group: list[Row]) -> None:
+        """Rows that check no exit criterion: up to `chunk` recurrences (None: all that remain) now, each call running
+        the recurrences all its rows still need (one fused call where the rows share a depth)."""
+        left = self.chunk
+        while group and (left is None or left > 0):
+            n = min(s.depth.num_steps - s.step_count for s in group)
+            n = n if left is None else min(n, left)
+            left = None if left is None else left - n
+            ctx = self._context(group, "core", num_steps=n)
+            new = self.t.core_steps(torch.cat([s.state for s in group]), torch.cat([s.e for s in group]), 0, n, ctx)
+            for i, s in enumerate(group):
+                s.state, s.step_count, s.logits = new[i:i + 1], s.step_count + n, None
+            group = [s for s in group if not self._done_iterating(s)]
 
     def _core_step(self, group: list[Row]) -> None:
         ctx = self._context(group, "core")
@@ -213,20 +275,20 @@ class RowEngine:
         new = self.t.core_step(state, e, 0, ctx)  # the store picks each row's slot from its own step
         for i, s in enumerate(group):
             s.state, s.step_count, s.logits = new[i:i + 1], s.step_count + 1, None
-        needs = [s for s in group if s.criterion.needs_logits]
+        checked = [s for s in group if s.checks and s.step_count >= s.depth.min_steps]  # first: max(min_steps, 1)
+        needs = [s for s in checked if s.criterion.needs_logits]
         if needs:
             logits = self._logits(needs)
             for i, s in enumerate(needs):
                 s.logits = logits[i:i + 1]
-        self._check_exits(group)
+        self._check_exits(checked)
 
     @staticmethod
     def _check_exits(group: list[Row]) -> None:
         """Each row's own criterion, evaluated once per (criterion, threshold) over the rows that share it."""
         by_criterion: dict[tuple, list[Row]] = {}
         for s in group:
-            if not isinstance(s.criterion, NoExit):  # never exits: nothing to evaluate
-                by_criterion.setdefault((type(s.criterion), s.criterion.threshold), []).append(s)
+            by_criterion.setdefault((type(s.criterion), s.criterion.threshold), []).append(s)
         for members in by_criterion.values():
             crit = members[0].criterion
             logits = torch.cat([s.logits for s in members]) if crit.needs_logits else None
@@ -249,17 +311,26 @@ class RowEngine:
         greedy = [s for s in group if not s.sampler.do_sample]
         picked = dict(zip((s.id for s in greedy), torch.cat([s.logits for s in greedy]).argmax(-1).tolist())
                       if greedy else ())
+        self._fill_exited([s for s in group if s.sharing.fills_exited and 0 < s.step_count < s.depth.num_steps])
         for s in group:
             T = len(s.pending)
-            if s.sharing.fills_exited and 0 < s.step_count < s.depth.num_steps:  # exited early
-                self._context([s], "core", [s.step_count - 1])
-                s.sharing.fill_exited(self.store, self.store.bound_rows, s.step_count - 1, s.depth.num_steps,
-                                      self.cfg.n_layers_in_recurrent_block, T)
             token = picked[s.id] if s.id in picked else int(s.sampler(s.logits)[0])  # own generator per row
             s.length += T
             if s.depth.warm is not None:
                 s.warm = (s.state if s.depth.warm == "raw" else self.t.ln_f(s.state))[:, -1:]
             s.tokens.append(token)
             s.token_steps.append(s.step_count)
-            s.pending, s.phase, s.logits = [token], EMBED, None
-            self._emit(s, token)
+            s.pending, s.phase = [token], EMBED
+            self._emit(s, token)  # s.logits still hold the token's logits here
+            s.logits = None
+
+    def _fill_exited(self, exited: list[Row]) -> None:
+        """What tokens that exited early leave at their deeper steps: their policy's `fill_exited`, once for the
+        rows that share a policy, a last step and a depth."""
+        by_exit: dict[tuple, list[Row]] = {}
+        for s in exited:
+            by_exit.setdefault((s.sharing, s.step_count, s.depth.num_steps), []).append(s)
+        for (policy, n, depth), rows in by_exit.items():
+            self._context(rows, "core", [n - 1] * len(rows))
+            policy.fill_exited(self.store, self.store.bound_rows, n - 1, depth, self.cfg.n_layers_in_recurrent_block,
+                               len(rows[0].pending))

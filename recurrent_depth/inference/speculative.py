@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from recurrent_depth.inference.cache import KVCache, SharingPolicy
-from recurrent_depth.inference.step import GenerateOutput, forward_rows
+from recurrent_depth.inference.cache import SharingPolicy
+from recurrent_depth.inference.params import DepthParams, SamplingParams
+from recurrent_depth.inference.rows import Row, RowEngine
+from recurrent_depth.inference.step import GenerateOutput
 
 
 def _check(draft_steps: int | None, lookahead: int | None, num_steps: int) -> tuple[int, int]:
@@ -54,26 +56,38 @@ def generate_speculative(model: Any, input_ids: Tensor, attention_mask: Tensor |
                          num_steps: int, draft_steps: int | None, lookahead: int | None, kv_sharing: SharingPolicy,
                          init_scale: float, eos: Tensor | None, streamer: Any = None,
                          vocab_limit: int | None = None) -> GenerateOutput:
-    """Greedy self-speculative generation; see the module docstring. vocab_limit: as in `forward_rows`."""
+    """Greedy self-speculative generation; see the module docstring. Runs on the row engine (`RowEngine.forward`
+    and `truncate`), each row its own sequence (its prompt without the padding); vocab_limit: as in `generate`."""
 
     draft_steps, lookahead = _check(draft_steps, lookahead, num_steps)
     B, T0 = input_ids.shape
     device = input_ids.device
-    total = T0 + max_new_tokens + lookahead + 1
-    cache = KVCache(kv_sharing, max_length=total, batch_size=B)
-    full_mask = None
-    if attention_mask is not None and not bool(attention_mask.all()):
-        full_mask = torch.ones(B, total, dtype=torch.long, device=device)
-        full_mask[:, :T0] = attention_mask
+    prompts = [(input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]).tolist()
+               for b in range(B)]
+    max_len = max(len(p) for p in prompts) + max_new_tokens + lookahead + 1
+    engine = RowEngine(model, max_rows=B, vocab_limit=vocab_limit, max_len=max_len, chunk=None, page_size=max_len)
+    depth = DepthParams(num_steps, kv_sharing=kv_sharing, init_scale=init_scale)
+    rows = [Row(p, depth, SamplingParams(max(max_new_tokens, 1), 0.0)) for p in prompts]
+    for row in rows:
+        engine.add(row)
+        row.generator = None  # s0 draws (init_scale > 0) from torch's global generator, in row order
 
     def run(ids: Tensor, steps: int, all_logits: bool = False) -> Tensor:
-        mask = None if full_mask is None else full_mask[:, : cache.seq_len + ids.shape[1]]
-        return forward_rows(model, ids, cache, num_steps=steps, attention_mask=mask, init_scale=init_scale,
-                            all_logits=all_logits, vocab_limit=vocab_limit).logits
+        return engine.forward(rows, ids.tolist(), steps, all_logits)
+
+    def first() -> Tensor:  # the prefill, rows of equal prompt length sharing a forward: (B,) first tokens
+        tok = torch.empty(B, dtype=torch.long, device=device)
+        by_len: dict[int, list[int]] = {}
+        for b, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(b)
+        for members in by_len.values():
+            logits = engine.forward([rows[b] for b in members], [prompts[b] for b in members], num_steps)
+            tok[torch.tensor(members, device=device)] = logits.argmax(-1).to(device)
+        return tok
 
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    out: list[Tensor] = [run(input_ids, num_steps).argmax(-1)[:, None]]  # (B, 1) first token from the prefill
+    out: list[Tensor] = [first()[:, None]]  # (B, 1) first token from the prefill
     produced, rounds, kept = 1, 0, 0
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     if streamer is not None:
@@ -84,20 +98,22 @@ def generate_speculative(model: Any, input_ids: Tensor, attention_mask: Tensor |
             if bool(finished.all()):
                 break
         last = out[-1][:, -1:]  # (B, 1): newest token, not yet in the cache
-        start = cache.seq_len
+        starts = [row.length for row in rows]
         drafts = [last]
         for _ in range(lookahead):
-            drafts.append(run(drafts[-1], draft_steps).argmax(-1)[:, None])
-        cache.crop(start)
+            drafts.append(run(drafts[-1], draft_steps).argmax(-1)[:, None].to(device))
+        for row, start in zip(rows, starts):
+            engine.truncate(row, start)
         draft = torch.cat(drafts[1:], dim=1)  # (B, L)
-        pred = run(torch.cat(drafts[:-1], dim=1), num_steps, all_logits=True).argmax(-1)  # (B, L)
+        pred = run(torch.cat(drafts[:-1], dim=1), num_steps, all_logits=True).argmax(-1).to(device)  # (B, L)
         agree = (pred == draft) | finished[:, None]
         n = int(agree.long().cumprod(dim=1).sum(dim=1).min())  # drafted tokens every row keeps
         if n == lookahead:
             new = draft
         else:
             new = torch.cat([draft[:, :n], pred[:, n: n + 1]], dim=1)
-            cache.crop(start + n + 1)  # keep [last, draft_1 .. draft_n]; the correction is the new `last`
+            for row, start in zip(rows, starts):  # keep [last, draft_1 .. draft_n]; the correction is the new `last`
+                engine.truncate(row, start + n + 1)
         rounds, kept = rounds + 1, kept + n
         out.append(new)
         if streamer is not None:
@@ -112,6 +128,9 @@ def generate_speculative(model: Any, input_ids: Tensor, attention_mask: Tensor |
     steps = torch.full_like(new_tokens, num_steps)
     if eos is not None:
         steps = steps.masked_fill(after, 0)
+    store = engine.store
     stats = {"rounds": rounds, "accepted_per_round": kept / max(rounds, 1), "draft_steps": draft_steps,
-             "lookahead": lookahead, "core_kv_bytes": cache.core_nbytes()}
-    return GenerateOutput(torch.cat([input_ids, new_tokens], dim=1), steps, cache.peak_bytes, stats)
+             "lookahead": lookahead, "core_kv_bytes": store.peak_core_bytes}
+    for row in rows:
+        engine.remove(row, "stop")
+    return GenerateOutput(torch.cat([input_ids, new_tokens], dim=1), steps, store.peak_bytes, stats)

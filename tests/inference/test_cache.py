@@ -1,5 +1,5 @@
-"""KVCache and sharing policies: slot mapping, holes and validity masks, the `latest` fill, crop, growth, and the
-reference's lookup strings."""
+"""The KV stores and sharing policies: slot mapping, holes and validity masks, the `latest` fill, truncation, crop,
+growth, pages, and the reference's lookup strings."""
 
 from __future__ import annotations
 
@@ -38,20 +38,32 @@ def test_policies_map_slots() -> None:
         make_kv_policy("most")
 
 
-def test_row_subset_writes_leave_masked_holes() -> None:
-    cache = KVCache("full", max_length=8, batch_size=3)
-    key = LayerKey("core", 0, 2)
-    k, v, mask = cache.update(key, *_kv(3, 2, 1.0))
-    assert mask is None and k.shape == (3, 2, 2, 4)
-    cache.commit(2)
-    cache.rows = torch.tensor([0, 2])
-    k, v, mask = cache.update(key, *_kv(2, 1, 2.0))
-    assert k.shape == (2, 2, 3, 4) and mask.tolist() == [[[[True, True, True]]], [[[True, True, True]]]]
-    cache.rows = None
-    cache.commit(1)
-    k, v, mask = cache.update(key, *_kv(3, 1, 3.0))
-    assert mask[:, 0, 0].tolist() == [[True, True, True, True], [True, True, False, True], [True, True, True, True]]
-    assert k[1, 0, :, 0].tolist() == [1.0, 1.0, 0.0, 3.0]
+def test_row_cache_leaves_masked_holes_where_a_row_skipped_a_step() -> None:
+    """Row 1's first token exited after one recurrence under `full`: at step 1 it has no key at position 0, and its
+    next token does not see one there; row 0's does."""
+    store = RowKVCache(n_heads=1, head_dim=2, n_layers={"core": 1}, max_rows=2, max_len=8,
+                       dtype=torch.float32, device="cpu", page_size=4)
+    policy, key = FullSharing(), LayerKey("core", 0, 0)
+    store.bind([0, 1], [0, 0], 1, "core", [0, 0], [policy] * 2)
+    store.update(key, *_kv1(2, 1, 1.0))
+    store.bind([0], [0], 1, "core", [1], [policy])
+    store.update(key, *_kv1(1, 1, 2.0))
+    store.bind([0, 1], [1, 1], 1, "core", [1, 1], [policy] * 2)
+    k, _, ok = store.update(key, *_kv1(2, 1, 3.0))
+    assert ok[:, 0, 0].tolist() == [[True, True], [False, True]]
+    assert k[0, 0, :, 0].tolist() == [2.0, 3.0]
+
+
+def test_row_cache_truncate_forgets_later_positions() -> None:
+    store = RowKVCache(n_heads=1, head_dim=2, n_layers={"prelude": 1}, max_rows=1, max_len=16,
+                       dtype=torch.float32, device="cpu", page_size=4)
+    key = LayerKey("prelude", 0)
+    store.bind([0], [0], 6, "prelude")
+    store.update(key, *_kv1(1, 6, 1.0))
+    store.truncate(0, 3)  # positions 3.. (inside the first page and the whole second) hold nothing now
+    store.bind([0], [5], 1, "prelude")
+    _, _, ok = store.update(key, *_kv1(1, 1, 2.0))
+    assert ok.flatten().tolist() == [True, True, True, False, False, True]
 
 
 def test_gap_in_a_slot_is_masked() -> None:
@@ -60,16 +72,6 @@ def test_gap_in_a_slot_is_masked() -> None:
     cache.commit(2)  # step 1's slot never saw these two positions (the tokens exited after one step)
     _, _, mask = cache.update(LayerKey("core", 0, 1), *_kv(1, 1, 2.0))
     assert mask[0, 0, 0].tolist() == [False, False, True]
-
-
-def test_latest_fill_copies_the_last_computed_step() -> None:
-    cache = KVCache("latest", max_length=4, batch_size=2)
-    for step in range(2):
-        cache.update(LayerKey("core", 0, step), *_kv(2, 1, 10.0 + step))
-    cache.policy.fill_exited(cache, torch.tensor([1]), last_step=1, num_steps=4, n_core_layers=1, n_tokens=1)
-    for step in (2, 3):
-        slot = cache.slots[LayerKey("core", 0, step)]
-        assert slot.k[1, 0, 0, 0].item() == 11.0 and slot.valid[:, 0].tolist() == [False, True]
 
 
 def test_crop_and_growth() -> None:

@@ -13,7 +13,9 @@ from recurrent_depth import kernels
 from recurrent_depth.inference import fused
 from recurrent_depth.inference.cache import KVCache
 from recurrent_depth.inference.exit import make_exit_criterion
-from recurrent_depth.inference.generate import forward_rows, generate
+from recurrent_depth.inference.generate import generate
+from recurrent_depth.inference.params import DepthParams, SamplingParams
+from recurrent_depth.inference.rows import Row, RowEngine
 from tests.inference.conftest import make_converging_model
 
 
@@ -28,7 +30,8 @@ def _fused(model, on: bool, counter: list[int] | None = None):
     original = fused.run_blocks
 
     def counting(*args, **kwargs):
-        subset = args[3].cache.rows is not None  # ctx.cache.rows: a subset of the batch's rows
+        cache = args[3].cache  # a subset of the batch's rows: fewer rows bound in the RowKVCache than it holds
+        subset = not isinstance(cache, KVCache) and len(cache.bound_rows) < cache.max_rows
         counter.append(args[1] + ("[rows]" if subset else ""))  # the stage: prelude, core or coda
         return original(*args, **kwargs)
 
@@ -42,6 +45,18 @@ def _fused(model, on: bool, counter: list[int] | None = None):
         fused.run_blocks = original
 
 
+def _prefill_calls(mask: torch.Tensor) -> list[str]:
+    """The fused calls of a padded batch's prefill on the row engine: one forward per distinct prompt length (rows of
+    equal length share it), "[rows]" where it holds only some rows; prompts too long for the op prefill eagerly."""
+    lengths = mask.sum(1).tolist()
+    calls: list[str] = []
+    for n in dict.fromkeys(lengths):
+        if n <= fused.MAX_TOKENS:
+            calls += [stage + ("[rows]" if lengths.count(n) < len(lengths) else "") for stage in ("prelude", "core",
+                                                                                                  "coda")]
+    return calls
+
+
 def _padded(seed: int = 0, batch: int = 3, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(4, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
@@ -50,24 +65,46 @@ def _padded(seed: int = 0, batch: int = 3, length: int = 7) -> tuple[torch.Tenso
     return ids.masked_fill(mask == 0, 0), mask
 
 
+class _Teacher(RowEngine):
+    """Teacher forcing on the row engine: after its prompt each row is fed the given tokens whatever it produced;
+    each token's logits and recurrence steps are recorded."""
+
+    def __init__(self, model, rows: list[Row], new: torch.Tensor) -> None:
+        super().__init__(model, max_rows=len(rows), chunk=None)
+        self.new, self.index = new, {row.id: b for b, row in enumerate(rows)}
+        self.logits: list[list[torch.Tensor]] = [[] for _ in rows]
+        self.steps: list[list[int]] = [[] for _ in rows]
+
+    def _emit(self, s: Row, token: int) -> None:
+        b, pos = self.index[s.id], len(s.tokens) - 1
+        self.logits[b].append(s.logits[0])
+        self.steps[b].append(s.token_steps[-1])
+        if pos < self.new.shape[1]:
+            s.pending = [int(self.new[b, pos])]
+        else:
+            self._free_row(s, "length")
+
+
 def _teacher_forced(model, ids, mask, new, *, policy, num_steps, criterion=None, chunk=1):
-    """Logits and steps of a prefill plus one forward per `chunk` tokens of `new` (B, n), fed regardless of the
-    logits (last-position logits of each forward)."""
-    B, T0 = ids.shape
-    cache = KVCache(policy, max_length=T0 + new.shape[1], batch_size=B)
-    full = torch.ones(B, T0 + new.shape[1], dtype=torch.long)
-    full[:, :T0] = mask
-    logits, steps = [], []
-    res = forward_rows(model, ids, cache, num_steps=num_steps, attention_mask=full[:, :T0], criterion=criterion)
-    logits.append(res.logits)
-    steps.append(res.steps)
+    """Logits and steps of each row's prefill (its prompt without the padding) plus one forward per `chunk` tokens
+    of `new` (B, n), fed regardless of the logits (last-position logits of each forward), on the row engine: one
+    token at a time through its step cycle (per-row exits), or `chunk` tokens at a time at fixed depth."""
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    criteria = criterion if isinstance(criterion, list) else [criterion] * len(prompts)
+    rows = [Row(p, DepthParams(num_steps, c, kv_sharing=policy), SamplingParams(new.shape[1] + 1, 0.0))
+            for p, c in zip(prompts, criteria)]
+    engine = _Teacher(model, rows, new)
+    if chunk == 1:
+        engine.run(rows)
+        return (torch.stack([torch.stack(r) for r in engine.logits]),
+                torch.tensor(engine.steps))
+    assert criterion is None, "several tokens per forward: fixed depth only"
+    for row in rows:
+        engine.add(row)
+    logits = [torch.cat([engine.forward([row], [row.prompt], num_steps) for row in rows])]
     for p in range(0, new.shape[1], chunk):
-        piece = new[:, p: p + chunk]
-        res = forward_rows(model, piece, cache, num_steps=num_steps,
-                           attention_mask=full[:, : T0 + p + piece.shape[1]], criterion=criterion)
-        logits.append(res.logits)
-        steps.append(res.steps)
-    return torch.stack(logits, 1), torch.stack(steps, 1)
+        logits.append(engine.forward(rows, new[:, p: p + chunk].tolist(), num_steps))
+    return torch.stack(logits, 1), torch.full((len(rows), len(logits)), num_steps)
 
 
 @pytest.mark.parametrize("policy", ["full", "latest", 2, 1])
@@ -79,7 +116,8 @@ def test_fused_decode_matches_eager_with_padding(debug_model, policy) -> None:
     calls: list[int] = []
     with torch.inference_mode(), _fused(debug_model, True, calls):
         fast, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=5)
-    assert calls == ["prelude", "core", "coda"] * 6  # prefill and each token: prelude, 5 core steps in one call, coda
+    # the prefill per prompt length, then each token: prelude, 5 core steps in one call, coda
+    assert sorted(calls) == sorted(_prefill_calls(mask) + ["prelude", "core", "coda"] * 5)
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
 
 
@@ -141,19 +179,19 @@ def test_fused_path_is_skipped_where_it_does_not_apply(debug_model) -> None:
     ids = torch.randint(4, 256, (1, 1))
     calls: list[int] = []
     with _fused(debug_model, True, calls):
-        cache = KVCache("full", max_length=4, batch_size=1)
+        cache = KVCache("full", max_length=4)
         debug_model(ids, num_steps=2, use_cache=True, cache=cache)  # grad mode on: eager
         assert not calls
         seen: list[int] = []
         hook = debug_model.transformer.core_block[0].register_forward_hook(lambda *a: seen.append(1))
         try:
             with torch.inference_mode():
-                debug_model(ids, num_steps=2, use_cache=True, cache=KVCache("full", max_length=4, batch_size=1))
+                debug_model(ids, num_steps=2, use_cache=True, cache=KVCache("full", max_length=4))
         finally:
             hook.remove()
         assert seen == [1, 1] and "core" not in calls  # the hooked stage ran its modules; the others fused
         with torch.inference_mode():
-            debug_model(ids, num_steps=2, use_cache=True, cache=KVCache("full", max_length=4, batch_size=1))
+            debug_model(ids, num_steps=2, use_cache=True, cache=KVCache("full", max_length=4))
         assert calls
 
 
@@ -167,7 +205,7 @@ def test_fused_multi_token_forwards_match_eager(debug_model, policy) -> None:
     calls: list[int] = []
     with torch.inference_mode(), _fused(debug_model, True, calls):
         fast, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=4, chunk=3)
-    assert calls == ["prelude", "core", "coda"] * 4
+    assert sorted(calls) == sorted(_prefill_calls(mask) + ["prelude", "core", "coda"] * 3)
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
 
 
@@ -185,7 +223,7 @@ def test_fused_op_rejects_bad_arguments(debug_model) -> None:
     slot = torch.zeros(1, H, 4, d // H)
     rope = torch.zeros(1, 1, d // H // 2, 2)
     args = dict(x=torch.zeros(1, 1, d), e=None, adapter=None, n_steps=1, weights=weights, kslots=[slot],
-                vslots=[slot], pos=0, masks=[fused._EMPTY], rope=rope, eps=1e-6, n_heads=H, rows=None)
+                vslots=[slot], pos=0, masks=[fused._EMPTY], rope=rope, eps=1e-6, n_heads=H)
     torch.ops.rdepth.blocks(*args.values())  # well-formed: runs
     for change, message in [(dict(x=torch.zeros(1, d)), "x must be"),
                             (dict(x=torch.zeros(1, 1, d, dtype=torch.float64)), "x must be a contiguous fp32"),
@@ -197,16 +235,15 @@ def test_fused_op_rejects_bad_arguments(debug_model) -> None:
                             (dict(n_steps=2), "one k slot"),
                             (dict(adapter=torch.zeros(d, 2 * d)), "adapter needs e"),
                             (dict(rope=torch.zeros(1, 1, 3, 2)), "rope must be"),
-                            (dict(rows=torch.tensor([1])), "outside the cache"),
-                            (dict(rows=torch.tensor([0, 0])), "rows must be")]:
+                            (dict(kslots=[torch.zeros(2, H, 4, d // H)], vslots=[torch.zeros(2, H, 4, d // H)]),
+                             "cache slots must be \\(B")]:
         with pytest.raises(RuntimeError, match=f"rdepth.blocks: .*{message}"):
             torch.ops.rdepth.blocks(*{**args, **change}.values())
 
 
 def test_fused_op_reads_strided_slots(debug_model) -> None:
-    """A cache slot may be any (B, H, C, D) view whose D is contiguous (the paged store lends its gathered (B, S, H, D)
-    copies transposed): the output and the keys written are those of contiguous slots; a strided D, or k and v laid
-    out differently, is refused."""
+    """A cache slot may be any (B, H, C, D) view whose D is contiguous (a (B, S, H, D) tensor transposed): the output
+    and the keys written are those of contiguous slots; a strided D, or k and v laid out differently, is refused."""
     d, H = debug_model.config.n_embd, debug_model.config.n_heads
     blocks = debug_model.transformer.core_block
     weights, L, D = fused._weights(blocks), len(blocks), d // H
@@ -216,7 +253,7 @@ def test_fused_op_reads_strided_slots(debug_model) -> None:
     base_k, base_v = torch.randn(2, 6, H, D, generator=g), torch.randn(2, 6, H, D, generator=g)
 
     def run(ks, vs):
-        return torch.ops.rdepth.blocks(x, None, None, 1, weights, ks, vs, 3, [fused._EMPTY] * L, rope, 1e-6, H, None)
+        return torch.ops.rdepth.blocks(x, None, None, 1, weights, ks, vs, 3, [fused._EMPTY] * L, rope, 1e-6, H)
 
     strided_k = [base_k.clone().transpose(1, 2) for _ in range(L)]  # (B, H, C, D) views of (B, C, H, D) memory
     strided_v = [base_v.clone().transpose(1, 2) for _ in range(L)]
@@ -299,17 +336,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class _Replay:
-    """An exit criterion that replays a plan: row r of the k-th forward exits after plans[k][r] steps (the same
-    exits, hence the same cache holes, on every path compared)."""
+    """An exit criterion that replays one row's plan: its k-th token exits after plan[k] steps (the same exits,
+    hence the same cache holes, on every path compared)."""
 
     name, threshold, needs_logits = "replay", 0.0, False
 
-    def __init__(self, plans: list[torch.Tensor]) -> None:
-        self.plans = list(plans)
+    def __init__(self, plan: list[int]) -> None:
+        self.plan = list(plan)
 
     def init(self, state: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        plan = self.plans.pop(0)
-        return torch.stack([plan, torch.zeros_like(plan)], 1)  # (B, 2): planned steps, steps so far
+        return torch.tensor([[self.plan.pop(0), 0]])  # (1, 2): planned steps, steps so far
 
     def check(self, memory, state, logits, valid=None):
         count = memory[:, 1] + 1
@@ -331,7 +367,7 @@ def test_fused_bf16_decode_matches_eager_with_padding(debug_model, policy, lengt
     calls: list[str] = []
     with torch.inference_mode(), _fused(low, True, calls):
         fast, _ = _teacher_forced(low, ids, mask, new, policy=policy, num_steps=5)
-    assert calls == ["prelude", "core", "coda"] * (6 if length <= fused.MAX_TOKENS else 5)
+    assert sorted(calls) == sorted(_prefill_calls(mask) + ["prelude", "core", "coda"] * 5)
     assert _rel(fast, eager) < 2e-2  # bf16 rounding of activations (eager) and of stage outputs and the cache (ours)
     assert _rel(fast, ref) < 1e-2
     assert _rel(fast, ref) < _rel(eager, ref)
@@ -341,18 +377,22 @@ def test_fused_bf16_decode_matches_eager_with_padding(debug_model, policy, lengt
 @pytest.mark.parametrize("policy", ["full", "latest", 1])
 def test_fused_bf16_decode_with_rows_exiting_at_different_depths(policy) -> None:
     """A batch whose rows exit at different steps (a replayed plan, so that every path has the same holes): the
-    bf16 fused path, including the rows still iterating (cache.rows), against eager bf16 and fp32."""
+    bf16 fused path, including the rows still iterating (a subset of the rows bound), against eager bf16 and fp32."""
     low, ref_model = _bf16_pair(make_converging_model(contraction=0.6))
     ids = torch.randint(4, 256, (3, 6), generator=torch.Generator().manual_seed(2))
     new = torch.randint(4, 256, (3, 6), generator=torch.Generator().manual_seed(3))
     plans = list(torch.randint(1, 13, (7, 3), generator=torch.Generator().manual_seed(4)))
     run = dict(policy=policy, num_steps=12, mask=torch.ones_like(ids))
+
+    def replay() -> list[_Replay]:  # row b's plan: its tokens' exit steps
+        return [_Replay([int(p[b]) for p in plans]) for b in range(3)]
+
     with torch.inference_mode(), _fused(low, False), _fused(ref_model, False):
-        eager, eager_steps = _teacher_forced(low, ids, new=new, criterion=_Replay(plans), **run)
-        ref, _ = _teacher_forced(ref_model, ids, new=new, criterion=_Replay(plans), **run)
+        eager, eager_steps = _teacher_forced(low, ids, new=new, criterion=replay(), **run)
+        ref, _ = _teacher_forced(ref_model, ids, new=new, criterion=replay(), **run)
     calls: list[str] = []
     with torch.inference_mode(), _fused(low, True, calls):
-        fast, fast_steps = _teacher_forced(low, ids, new=new, criterion=_Replay(plans), **run)
+        fast, fast_steps = _teacher_forced(low, ids, new=new, criterion=replay(), **run)
     assert "core[rows]" in calls and "coda[rows]" in calls
     assert fast_steps.tolist() == eager_steps.tolist() == torch.stack(plans, 1).tolist()
     assert _rel(fast, eager) < 2e-2
@@ -484,7 +524,7 @@ def test_fused_op_rejects_mixed_storage_types(debug_model) -> None:
     slot = torch.zeros(1, H, 4, d // H, dtype=torch.bfloat16)
     args = dict(x=torch.zeros(1, 1, d, dtype=torch.bfloat16), e=None, adapter=None, n_steps=1, weights=weights,
                 kslots=[slot], vslots=[slot], pos=0, masks=[fused._EMPTY], rope=torch.zeros(1, 1, d // H // 2, 2),
-                eps=1e-6, n_heads=H, rows=None)
+                eps=1e-6, n_heads=H)
     assert torch.ops.rdepth.blocks(*args.values()).dtype == torch.bfloat16  # well-formed: runs
     norm_bf16 = [weights[0].to(torch.bfloat16), *weights[1:]]
     half = [w.half() if w.dim() == 2 else w for w in weights]
@@ -517,3 +557,64 @@ def test_fused_bf16_row_engine_gives_generate_alone(debug_model, monkeypatch) ->
                        exit_criterion=d.exit_criterion, exit_threshold=d.exit_threshold, kv_sharing=d.kv_sharing)
         alone = (out.sequences[0, len(row.prompt):].tolist(), out.steps[0].tolist())
         assert (row.tokens, row.token_steps) == alone, d
+
+
+# ------------------------------------------------------------------------------------------ the paged op
+def _engine_forwards(model, on: bool, policy, calls: list[str] | None = None) -> list[torch.Tensor]:
+    """Rows of different lengths in one paged store (`RowEngine.forward`): separate prefills, then forwards of one
+    and of three tokens for all rows together (each at its own position), at several recurrences per call, then a
+    truncation and a forward over the truncated positions. Returns every forward's logits."""
+    from recurrent_depth.inference.params import DepthParams, SamplingParams
+    from recurrent_depth.inference.rows import Row, RowEngine
+
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
+    engine = RowEngine(model, max_rows=3, max_len=24, chunk=None, page_size=4)  # pages smaller than a row
+    rows = [Row(p, DepthParams(5, kv_sharing=policy), SamplingParams(8, 0.0)) for p in prompts]
+    for row in rows:
+        engine.add(row)
+    out = []
+    with _fused(model, on, calls):
+        for row in rows:
+            out.append(engine.forward([row], [row.prompt], 5))
+        out.append(engine.forward(rows, [[20], [21], [22]], 5, all_logits=True))
+        out.append(engine.forward(rows, [[23, 24, 25]] * 3, 5, all_logits=True))
+        for row in rows:
+            engine.truncate(row, row.length - 2)
+        out.append(engine.forward(rows, [[26, 27]] * 3, 5, all_logits=True))
+    return out
+
+
+@pytest.mark.parametrize("policy", ["full", 2])
+def test_paged_op_matches_eager_rows_at_their_own_positions(debug_model, policy) -> None:
+    """The fused op over the paged store (`rdepth.blocks_paged`: page tables, each row at its own position, five
+    recurrences per call, keys read and written in place) against the eager modules over the same store."""
+    eager = _engine_forwards(debug_model, False, policy)
+    calls: list[str] = []
+    fast = _engine_forwards(debug_model, True, policy, calls)
+    assert [c.removesuffix("[rows]") for c in calls] == ["prelude", "core", "coda"] * 6  # all recurrences in one
+    for a, b in zip(fast, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_paged_op_rejects_bad_arguments(debug_model) -> None:
+    d, H = debug_model.config.n_embd, debug_model.config.n_heads
+    D = d // H
+    weights = fused._weights(debug_model.transformer.core_block[:1])
+    pool = torch.zeros(3, 4, H, D)
+    rope = torch.zeros(1, 1, D // 2, 2)
+    args = dict(x=torch.zeros(1, 1, d), e=None, adapter=None, n_steps=1, weights=weights, kpools=[pool],
+                vpools=[pool], tables=[torch.tensor([[0, 1]])], starts=torch.tensor([5]),
+                valid=torch.zeros(12, dtype=torch.bool), rope=rope, eps=1e-6, n_heads=H)
+    torch.ops.rdepth.blocks_paged(*args.values())  # well-formed: runs, and marks position 5 (page 1, slot 1) valid
+    assert args["valid"].nonzero().flatten().tolist() == [4 + 1]
+    for change, message in [(dict(tables=[torch.tensor([[0, -1]])]), "has no page"),
+                            (dict(tables=[torch.tensor([[0]])]), "covering every position"),
+                            (dict(tables=[]), "one k slot"),
+                            (dict(starts=torch.tensor([-1])), "starts must be >= 0"),
+                            (dict(starts=torch.tensor([1, 2])), "starts must be"),
+                            (dict(valid=torch.zeros(11, dtype=torch.bool)), "pages \\* P flags"),
+                            (dict(kpools=[torch.zeros(3, 4, H, D + 2)], vpools=[torch.zeros(3, 4, H, D + 2)]),
+                             "pools must be"),
+                            (dict(kpools=[]), "a pool per block")]:
+        with pytest.raises(RuntimeError, match=f"rdepth.blocks(_paged)?: .*{message}"):
+            torch.ops.rdepth.blocks_paged(*{**args, **change}.values())

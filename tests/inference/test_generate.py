@@ -142,14 +142,17 @@ def test_cached_generation_equals_uncached_recompute(debug_model, kv_sharing) ->
 
 
 def test_cached_logits_equal_full_forward(debug_model) -> None:
-    from recurrent_depth.inference.cache import KVCache
-    from recurrent_depth.inference.generate import forward_rows
+    from recurrent_depth.inference.params import DepthParams, SamplingParams
+    from recurrent_depth.inference.rows import Row, RowEngine
 
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
-    cache = KVCache("full", max_length=9, batch_size=2)
-    pieces = [forward_rows(debug_model, ids[:, :4], cache, num_steps=5, all_logits=True).logits]
+    engine = RowEngine(debug_model, max_rows=2, max_len=9, chunk=None)
+    rows = [Row(r[:4].tolist(), DepthParams(5, kv_sharing="full"), SamplingParams(5, 0.0)) for r in ids]
+    for row in rows:
+        engine.add(row)
+    pieces = [engine.forward(rows, ids[:, :4].tolist(), 5, all_logits=True)]
     for t in range(4, 9):
-        pieces.append(forward_rows(debug_model, ids[:, t:t + 1], cache, num_steps=5, all_logits=True).logits)
+        pieces.append(engine.forward(rows, ids[:, t:t + 1].tolist(), 5, all_logits=True))
     with torch.no_grad():
         full = debug_model(ids, num_steps=5, init_scale=0.0).logits
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
