@@ -1,4 +1,5 @@
-"""The per-row step engine: continuous batching at the granularity of one recurrence step.
+"""The per-row step engine, the library's one decoder: continuous batching at the granularity of one recurrence
+step, which `generate()`, speculative decoding, evaluation, `rdepth chat` and the server all drive.
 
 A `Row` is one generated continuation. Each advances through a small cycle per token: *embed* (prelude on the new
 token, or on the whole prompt at first, and its initial state s0), *iterate* (core steps, its own exit criterion
@@ -6,24 +7,27 @@ checked after each), *finish* (coda + head, sample, emit). `RowEngine.step()` mo
 phase-step:
 
     1. rows with a token to embed run the prelude (rows batched) and draw s0 (or take the warm state);
-    2. every row still iterating runs ONE core step (rows batched, each at its own recurrence step and cache slot),
-       then its exit criterion decides;
+    2. every row still iterating runs core steps (rows batched, each at its own recurrence step and cache slot):
+       ONE, then its exit criterion decides, for rows that check one (and for every row with `chunk=1`, the
+       server's setting); up to `chunk` (None: all that remain, in as few calls as the rows' depths allow) for rows
+       that check none (`generate()`'s static batches);
     3. rows whose recurrence ended (depth reached or exited) run coda + head, sample a token and emit it.
 
-So one engine step costs one core step for the rows still iterating, and a row at r = 4 produces a token every 4
-engine steps whatever the others ask for; rows that finished their recurrence cost nothing until their next token.
-Rows join (`add`) and leave (`remove`, or when done) between steps. Prompts are prefilled through the same cycle;
-rows that feed the same number of tokens (all decoding rows; prompts of equal length) share each call.
+With `chunk=1` one engine step costs one core step for the rows still iterating, and a row at r = 4 produces a token
+every 4 engine steps whatever the others ask for; rows that finished their recurrence cost nothing until their next
+token. Rows join (`add`) and leave (`remove`, or when done) between steps. Prompts are prefilled through the same
+cycle; rows that feed the same number of tokens (all decoding rows; prompts of equal length) share each call.
+`forward()` runs one fixed-depth forward of tokens the caller chose (speculative drafts and their verification),
+`truncate()` forgets rejected positions.
 
 Every row reads and writes only its own pages of the `RowKVCache`, its own RoPE positions and its own random
-generator, so a row produces what `generate()` produces for it alone (bit-for-bit apart from floating-point
+generator, so a row produces what it produces alone in a one-row batch (bit-for-bit apart from floating-point
 reduction order; greedy tokens are tested equal). The request set-up (exit criterion, sharing policy, sampler,
-warm start) is `DepthParams` / `SamplingParams`'s, what an exited token leaves in the cache is its policy's
-`fill_exited`, the head is `step.head_logits` (vocabulary ban included): the same objects `generate()` uses. On the
-CPU its prelude, core step and coda calls take the fused op (`recurrent_depth.inference.fused`) as `generate()`'s do,
-over contiguous copies of the bound rows' keys (`RowKVCache.gather` / `scatter`), one recurrence per call. The server
-(`recurrent_depth.serving.engine.BatchEngine`) adds text, stop strings and events by overriding `_emit` and
-`_release`.
+warm start, min_steps) is `DepthParams` / `SamplingParams`'s, what an exited token leaves in the cache is its
+policy's `fill_exited`, the head is `step.head_logits` (vocabulary ban included). On the CPU its prelude, core and
+coda calls take the fused op (`recurrent_depth.inference.fused`), which reads and writes the bound rows' pages in
+place through their page tables. The server (`recurrent_depth.serving.engine.BatchEngine`) adds text, stop strings
+and events by overriding `_emit` and `_release`.
 """
 
 from __future__ import annotations
