@@ -82,14 +82,44 @@ class NonRecurrent:
         return 0, 1
 
 
+@dataclass(frozen=True)
+class DepthWarmup:
+    """A depth curriculum around another sampler: during the first `warmup_steps` steps, step t runs at most
+    1 + floor(t * mean_recurrence / warmup_steps) recurrences in all (r = 1 at the start, the sampler's mean at the
+    end of the ramp), its last min(total, backprop_depth) with gradients; afterwards the sampler's own draw. A pure
+    function of the step, like every draw here (resumed and distributed runs agree)."""
+
+    inner: DepthSampler
+    warmup_steps: int
+    mean_recurrence: int
+    backprop_depth: int
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 1 or self.mean_recurrence < 1 or self.backprop_depth < 1:
+            raise ValueError(f"warmup_steps, mean_recurrence and backprop_depth must be >= 1, got "
+                             f"{self.warmup_steps}, {self.mean_recurrence}, {self.backprop_depth}")
+
+    def sample(self, step: int | None = None, generator: torch.Generator | None = None) -> tuple[int, int]:
+        n, k = self.inner.sample(step, generator)
+        if step is None or step >= self.warmup_steps:
+            return n, k
+        total = min(n + k, 1 + step * self.mean_recurrence // self.warmup_steps)
+        k = min(total, self.backprop_depth)
+        return total - k, k
+
+
 # The one list of sampler names: the training config's `depth.sampler` is typed with it, make_sampler maps it.
 SamplerName = Literal["poisson-lognormal-filling", "fixed", "non-recurrent"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 
 
-def make_sampler(name: str, mean_recurrence: int, backprop_depth: int, num_steps: int = 0) -> DepthSampler:
+def make_sampler(name: str, mean_recurrence: int, backprop_depth: int, num_steps: int = 0,
+                 warmup_steps: int = 0) -> DepthSampler:
     """The sampler called `name` (one of SAMPLERS); `num_steps` is the fixed sampler's total recurrence count (0:
-    mean_recurrence)."""
+    mean_recurrence); warmup_steps > 0 wraps it in a `DepthWarmup` ramp (not for non-recurrent, which runs r = 1)."""
+    if warmup_steps:
+        inner = make_sampler(name, mean_recurrence, backprop_depth, num_steps)
+        return DepthWarmup(inner, warmup_steps, num_steps or mean_recurrence, backprop_depth)
     if name == "poisson-lognormal-filling":
         return PoissonLogNormalFilling(mean_recurrence, backprop_depth)
     if name == "fixed":

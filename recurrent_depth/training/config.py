@@ -111,6 +111,7 @@ class DepthSection:
     depth: int = 0  # fixed: total steps (0: mean_recurrence)
     activation_checkpointing: bool = False
     init_scale: float = 1.0  # the random initial state s0's scale in training (1: Huginn's; 0: zeros)
+    warmup_steps: int = 0  # depth curriculum: r capped from 1 up to the mean over these first steps (0: none)
 
 
 @dataclass
@@ -302,6 +303,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
               "optim.cooldown_steps": o.cooldown_steps, "checkpoint.every": cfg.checkpoint.every,
               "eval.every": cfg.eval.every, "eval.batches": cfg.eval.batches, "data.max_bytes": d.max_bytes,
               "depth.mean_recurrence": cfg.depth.mean_recurrence, "depth.backprop_depth": cfg.depth.backprop_depth,
+              "depth.warmup_steps": cfg.depth.warmup_steps,
               "depth.depth": cfg.depth.depth, "runtime.threads": cfg.runtime.threads}
     for key, v in nonneg.items():
         if v < 0:

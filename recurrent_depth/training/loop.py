@@ -158,7 +158,7 @@ def build_model(cfg: TrainConfig, vocab: int, rt: Runtime) -> RecurrentDepthForC
 def build_sampler(cfg: TrainConfig, model_cfg: RecurrentDepthConfig) -> DepthSampler:
     d = cfg.depth
     return make_sampler(d.sampler, d.mean_recurrence or model_cfg.mean_recurrence,
-                        d.backprop_depth or model_cfg.mean_backprop_depth or 1, d.depth)
+                        d.backprop_depth or model_cfg.mean_backprop_depth or 1, d.depth, d.warmup_steps)
 
 
 def micro_batches(cfg: TrainConfig, rt: Runtime) -> tuple[int, int]:

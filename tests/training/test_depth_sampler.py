@@ -76,3 +76,23 @@ def test_the_config_accepts_exactly_the_samplers_make_sampler_builds() -> None:
 
     assert typing.get_args(typing.get_type_hints(DepthSection)["sampler"]) == SAMPLERS
     assert all(make_sampler(name, 8, 2).sample(step=0) for name in SAMPLERS)
+
+
+def test_depth_warmup_ramps_the_total_depth_from_one_then_hands_over() -> None:
+    """`depth.warmup_steps`: step t of the ramp runs at most 1 + t * mean / warmup recurrences (r = 1 first), the
+    last min(total, backprop_depth) with gradients; after the ramp, the wrapped sampler's own draw, unchanged."""
+    from recurrent_depth.depth_sampler import DepthWarmup
+
+    inner = PoissonLogNormalFilling(mean_recurrence=8, backprop_depth=2)
+    warm = make_sampler("poisson-lognormal-filling", 8, 2, warmup_steps=100)
+    assert isinstance(warm, DepthWarmup)
+    assert warm.sample(step=0) == (0, 1)
+    caps = [1 + t * 8 // 100 for t in range(100)]
+    totals = [sum(warm.sample(step=t)) for t in range(100)]
+    assert all(total <= cap for total, cap in zip(totals, caps)) and max(totals) > 4  # capped, and rising
+    assert all(warm.sample(step=t) == (sum(warm.sample(step=t)) - min(2, sum(warm.sample(step=t))),
+                                       min(2, sum(warm.sample(step=t)))) for t in range(100))
+    assert [warm.sample(step=t) for t in range(100, 140)] == [inner.sample(step=t) for t in range(100, 140)]
+    assert make_sampler("fixed", 8, 2, num_steps=6, warmup_steps=10).sample(step=5) == (2, 2)  # cap 1 + 5*6//10 = 4
+    with pytest.raises(ValueError, match="warmup_steps"):
+        DepthWarmup(inner, 0, 8, 2)
