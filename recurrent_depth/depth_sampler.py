@@ -116,7 +116,7 @@ SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 def make_sampler(name: str, mean_recurrence: int, backprop_depth: int, num_steps: int = 0,
                  warmup_steps: int = 0) -> DepthSampler:
     """The sampler called `name` (one of SAMPLERS); `num_steps` is the fixed sampler's total recurrence count (0:
-    mean_recurrence); warmup_steps > 0 wraps it in a `DepthWarmup` ramp (not for non-recurrent, which runs r = 1)."""
+    mean_recurrence); warmup_steps > 0 wraps it in a `DepthWarmup` ramp (a no-op for non-recurrent, always r = 1)."""
     if warmup_steps:
         inner = make_sampler(name, mean_recurrence, backprop_depth, num_steps)
         return DepthWarmup(inner, warmup_steps, num_steps or mean_recurrence, backprop_depth)

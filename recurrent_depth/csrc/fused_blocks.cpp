@@ -309,7 +309,6 @@ struct PagedSlot {
   int64_t max_pages, P, H, D;
   const int64_t* start;
   bool* valid;
-  int64_t T;
   int64_t own(int64_t b, int64_t t) const { return start[b] + t; }
   int64_t flat(int64_t b, int64_t s) const {
     const int64_t page = table[b * max_pages + s / P];
@@ -594,7 +593,7 @@ at::Tensor paged_impl(const at::Tensor& x, const c10::optional<at::Tensor>& e,
     }
     const int64_t l = i % L;
     slots.push_back({kpools[l].data_ptr<St>(), vpools[l].data_ptr<St>(), tp, table.size(1), P, H, D, sp,
-                     valid.data_ptr<bool>(), T});
+                     valid.data_ptr<bool>()});
   }
   return run_stage<St>(x, e, adapter, n_steps, weights, slots, S, rope, eps, n_heads);
 }

@@ -389,7 +389,8 @@ class RowKVCache:
         return cached
 
     def _flat(self, part: str, rows: Tensor, slot: Tensor, pos: Tensor) -> Tensor:
-        """Flat pool indices (page * P + offset) of rows' positions pos (n, X) at slot (n, 1); < 0: no page."""
+        """Flat pool indices (page * P + offset) of rows' positions pos (n, X) at slot (n, 1), or at each of m slots
+        (m, 1, 1) -> (m, n, X); < 0: no page."""
         page = self.table[part][rows[:, None], slot, pos // self.P]
         return torch.where(page >= 0, page * self.P + pos % self.P, -1)
 
@@ -405,9 +406,8 @@ class RowKVCache:
             for row, start in zip(host_rows, starts):
                 self._take_pages("core", row, step, start, start + n_tokens)
         pos = self._start[:, None] + torch.arange(n_tokens, device=self.device)  # (n, T)
-        page = self.table["core"][self._rows[None, :, None], torch.tensor(steps, device=self.device)[:, None, None],
-                                  pos // self.P]  # (slots, n, T)
-        flat = (page * self.P + pos % self.P).view(len(steps), -1)
+        slots = torch.tensor(steps, device=self.device)[:, None, None]
+        flat = self._flat("core", self._rows, slots, pos).view(len(steps), -1)  # (slots, n * T)
         at = {step: i for i, step in enumerate(steps)}
         by_layer: dict[int, tuple[list[int], list[int]]] = {}
         for src, dst in pairs:
@@ -432,17 +432,17 @@ class RowKVCache:
         if held is not None and ((slot, first) in held if first == last else
                                  all((slot, n) in held for n in range(first, last + 1))):
             return  # the common case (a decode step inside a page it holds): no table lookup, no tensor write
-        pages = range(first, last + 1)
         table = self._table(part, slot)
         held = self.owned[part].setdefault(row, {})
-        for n in pages:
-            if (slot, n) not in held:
-                held[slot, n] = page = self._new_page(part)
-                table[row, slot, n] = page
-                self.live_pages[part] = self.live_pages.get(part, 0) + 1
-        self.peak_bytes = max(self.peak_bytes, self.bytes_in_use())
-        if part == "core":
-            self.peak_core_bytes = max(self.peak_core_bytes, self.live_pages[part] * self._page_bytes(part))
+        missing = [n for n in range(first, last + 1) if (slot, n) not in held]
+        for n in missing:
+            held[slot, n] = page = self._new_page(part)
+            table[row, slot, n] = page
+        if missing:
+            self.live_pages[part] = self.live_pages.get(part, 0) + len(missing)
+            self.peak_bytes = max(self.peak_bytes, self.bytes_in_use())
+            if part == "core":
+                self.peak_core_bytes = max(self.peak_core_bytes, self.live_pages[part] * self._page_bytes(part))
 
     def _table(self, part: str, slot: int) -> Tensor:
         table = self.table.get(part)
@@ -516,7 +516,7 @@ class RowKVCache:
     # ---------------------------------------------------------------------------------------------- sizes
     def _page_bytes(self, part: str) -> int:
         """Bytes of one page of keys and values across the part's layers."""
-        return 2 * self.n_layers[part] * self.P * self.H * self.D * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.n_layers[part] * self.P * self.H * self.D * self.dtype.itemsize
 
     def bytes_in_use(self) -> int:
         """Bytes of keys and values in the pages live rows hold."""

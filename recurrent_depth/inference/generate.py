@@ -124,10 +124,9 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
         if streamer is not None:
             streamer.end()
         return GenerateOutput(input_ids.clone(), steps, 0, {"core_kv_bytes": 0})
-    real = [input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()] for b in range(B)]
     sampling = SamplingParams(max_new_tokens, sampler.temperature if do_sample else 0.0, top_p or 1.0,
                               stop_token_ids=tuple(eos.tolist()) if eos is not None else (), top_k=top_k, min_p=min_p)
-    rows = [Row(r.tolist(), depth, sampling) for r in real]
+    rows = [Row(p, depth, sampling) for p in RowEngine.unpadded(input_ids, attention_mask)]
     max_len = max(len(r.prompt) for r in rows) + max_new_tokens
     engine = _StaticBatch(model, rows, max_len, vocab_limit, streamer, new_tokens, steps, eos, generator)
     engine.run(rows)

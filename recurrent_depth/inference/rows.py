@@ -201,18 +201,27 @@ class RowEngine:
         if num_steps > 0:
             state = self.t.core_steps(state, torch.cat([s.e for s in rows]), 0, num_steps,
                                       self._context(rows, "core", num_steps=num_steps))
-        hidden, _ = self.t.decode(state, self._context(rows, "coda"))
+            for i, s in enumerate(rows):
+                s.state = state[i:i + 1]
+        logits = self._logits(rows, all_logits)
         for s in rows:
             s.length += len(s.pending)
             s.e = s.state = s.memory = None
             s.phase = DONE
-        return head_logits(self.model, hidden, all_logits, self.vocab_limit)
+        return logits
 
     @torch.inference_mode()  # the store's tensors are inference tensors
     def truncate(self, seq: Row, length: int) -> None:
         """Forget row `seq`'s positions at and after `length` (speculative decoding rejects drafted tokens)."""
         seq.length = min(seq.length, length)
         self.store.truncate(seq.row, length)
+
+    @staticmethod
+    def unpadded(input_ids: Tensor, attention_mask: Tensor | None) -> list[list[int]]:
+        """Each row's tokens without its padding (mask 0): the prompts a left-padded batch stands for."""
+        if attention_mask is None:
+            return input_ids.tolist()
+        return [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
 
     @staticmethod
     def _done_iterating(s: Row) -> bool:
@@ -301,10 +310,11 @@ class RowEngine:
             for i, (s, flag) in enumerate(zip(members, exit_now.tolist())):
                 s.memory, s.exited = memory[i:i + 1], bool(flag)
 
-    def _logits(self, group: list[Row]) -> Tensor:
-        """Coda + head on the rows' current states: (n, V) fp32 logits of each row's last position."""
+    def _logits(self, group: list[Row], all_logits: bool = False) -> Tensor:
+        """Coda + head on the rows' current states: (n, V) fp32 logits of each row's last position ((n, T, V) with
+        all_logits)."""
         hidden, _ = self.t.decode(torch.cat([s.state for s in group]), self._context(group, "coda"))
-        return head_logits(self.model, hidden, False, self.vocab_limit)  # (n, V)
+        return head_logits(self.model, hidden, all_logits, self.vocab_limit)
 
     def _finish(self, group: list[Row]) -> None:
         todo = [s for s in group if s.logits is None]

@@ -62,8 +62,7 @@ def generate_speculative(model: Any, input_ids: Tensor, attention_mask: Tensor |
     draft_steps, lookahead = _check(draft_steps, lookahead, num_steps)
     B, T0 = input_ids.shape
     device = input_ids.device
-    prompts = [(input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]).tolist()
-               for b in range(B)]
+    prompts = RowEngine.unpadded(input_ids, attention_mask)
     max_len = max(len(p) for p in prompts) + max_new_tokens + lookahead + 1
     engine = RowEngine(model, max_rows=B, vocab_limit=vocab_limit, max_len=max_len, chunk=None, page_size=max_len)
     depth = DepthParams(num_steps, kv_sharing=kv_sharing, init_scale=init_scale)

@@ -89,7 +89,7 @@ def _teacher_forced(model, ids, mask, new, *, policy, num_steps, criterion=None,
     """Logits and steps of each row's prefill (its prompt without the padding) plus one forward per `chunk` tokens
     of `new` (B, n), fed regardless of the logits (last-position logits of each forward), on the row engine: one
     token at a time through its step cycle (per-row exits), or `chunk` tokens at a time at fixed depth."""
-    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    prompts = RowEngine.unpadded(ids, mask)
     criteria = criterion if isinstance(criterion, list) else [criterion] * len(prompts)
     rows = [Row(p, DepthParams(num_steps, c, kv_sharing=policy), SamplingParams(new.shape[1] + 1, 0.0))
             for p, c in zip(prompts, criteria)]

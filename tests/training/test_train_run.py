@@ -237,3 +237,25 @@ def test_depth_init_scale_scales_the_training_initial_state(tiny_config, tmp_pat
         assert torch.equal(s, d * scale)
     with pytest.raises(ConfigError, match="depth.init_scale"):
         train(tiny_config(**kw, depth={"init_scale": -1.0}), tmp_path / "bad")
+
+
+def test_depth_warmup_starts_training_at_one_recurrence(tiny_config, tmp_path: Path) -> None:
+    """depth.warmup_steps: the run's recorded depths follow the ramp (step t of 6 at most 1 + t * 3 // 6 recurrences,
+    mean 3), where the same run without it draws deeper; a negative value is a ConfigError naming the key."""
+    import json
+
+    from recurrent_depth.training.config import ConfigError
+
+    def depths(out: Path) -> list[int]:
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        return [r["depth"] for r in rows if "depth" in r]
+
+    kw = dict(train={"steps": 6, "batch_size": 4})
+    train(tiny_config(**kw), tmp_path / "free")
+    train(tiny_config(**kw, depth={"warmup_steps": 6}), tmp_path / "ramp")
+    ramp, free = depths(tmp_path / "ramp"), depths(tmp_path / "free")
+    assert len(ramp) == 6 and ramp[0] == 1
+    assert all(d <= 1 + t * 3 // 6 for t, d in enumerate(ramp))
+    assert ramp != free and all(r == min(f, 1 + t * 3 // 6) for t, (r, f) in enumerate(zip(ramp, free)))
+    with pytest.raises(ConfigError, match="depth.warmup_steps"):
+        train(tiny_config(**kw, depth={"warmup_steps": -1}), tmp_path / "bad")
