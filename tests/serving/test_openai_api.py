@@ -283,12 +283,16 @@ def test_several_prompts_and_choices(client: openai.OpenAI) -> None:
 
 
 def test_shallow_request_is_not_held_to_a_deep_ones_pace(served) -> None:
+    """The deep request's first token needs DEEP engine steps; the shallow one, joining once the deep one runs, ends
+    well before. DEEP leaves room for the engine steps that pass while the shallow request is sent (400 was too few
+    once the fused op read the pages in place: 464 steps had passed in one CI run)."""
+    DEEP = 2000  # noqa: N806
     app = create_app(_NoEOS(served.model, served.tokenizer, MODEL_ID),
-                     Limits(max_tokens=64, max_num_steps=400), max_batch=2)
+                     Limits(max_tokens=64, max_num_steps=DEEP), max_batch=2)
     with serve_in_thread(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         deep = client.completions.create(model=MODEL_ID, prompt="deep", max_tokens=64, stream=True,
-                                         extra_body={"num_steps": 400})  # 400 engine steps before its first token
+                                         extra_body={"num_steps": DEEP})  # DEEP engine steps before its first token
         while _health(url)["running"] == 0:
             time.sleep(0.01)
         shallow = client.completions.create(model=MODEL_ID, prompt="shallow", max_tokens=4, temperature=0,
@@ -296,7 +300,7 @@ def test_shallow_request_is_not_held_to_a_deep_ones_pace(served) -> None:
         state = _health(url)
         assert shallow.choices[0].recurrence_steps == [1, 1, 1, 1]
         assert state["running"] == 1 and state["peak_running"] == 2  # they were batched together
-        assert state["engine_steps"] < 400  # done before the deep request finished its first token
+        assert state["engine_steps"] < DEEP  # done before the deep request finished its first token
         deep.close()
 
 
