@@ -60,6 +60,7 @@ class Scale:
     # the recurrent and fixed-depth arms' core_attention_window (0: global attention, Huginn's); the run-once
     # baselines and the chain-of-thought arm keep global attention, the standard transformer
     core_window: int = 0
+    outer_window: int = 0  # the looped arms' outer_attention_window (prelude and coda; 0: global, Huginn's)
     looped_lr: float | None = None  # the recurrent and fixed-depth arms' learning rate (None: `lr`)
     curriculum: float = 0.0  # data.curriculum of every task-trained arm (the first fraction of steps ramps the level)
     steps: int = 1200
@@ -81,11 +82,14 @@ class Scale:
 
 
 # The full run: the looped arms' core attends to the last 3 positions (core_attention_window; experiments/README.md,
-# the window probes: with global attention the hard split saturates by r = 4), every arm trains 3000 steps, the first
-# 30% of them on a curriculum over chain length (experiments/README.md, the curriculum probe: without it one seed in
-# four found the repeatable step), four seeds per arm; the looped arms at lr 3e-3 (results/reproduce/no-curriculum
-# has the run without the curriculum, two seeds, and its `--looped-lr 1.5e-3` variant)
-FULL = Scale(core_window=3, steps=3000, curriculum=0.3, seeds=(0, 1, 2, 3))
+# the window probes: with global attention the hard split saturates by r = 4), and so do their prelude and coda
+# (outer_attention_window, session 11: the model is then translation invariant along the row, so longer chains meet
+# only local contexts it was trained on; experiments/README.md, the outer-window probe), every arm trains 3000 steps,
+# the first 30% of them on a curriculum over chain length (experiments/README.md, the curriculum probe: without it
+# one seed in four found the repeatable step), four seeds per arm; the looped arms at lr 3e-3
+# (results/reproduce/no-curriculum has the run without the curriculum, two seeds, and its `--looped-lr 1.5e-3`
+# variant)
+FULL = Scale(core_window=3, outer_window=3, steps=3000, curriculum=0.3, seeds=(0, 1, 2, 3))
 QUICK = Scale(n_embd=32, n_heads=2, intermediate_size=64, mean_recurrence=3, backprop_depth=2, steps=20,
               batch_size=16, lr_factors=(1.0,), sweep_fraction=1.0, seeds=(0,), n_train=1000, n_eval=32,
               multipliers=(1, 2),
@@ -95,11 +99,11 @@ EVAL_SEED = 1000  # evaluation rows: seeds 1000 (test) and 1001 (ood); training 
 
 
 # ----------------------------------------------------------------------------------------------- training
-def model_fields(scale: Scale, n_core: int = 2, window: int = 0) -> dict[str, Any]:
+def model_fields(scale: Scale, n_core: int = 2, window: int = 0, outer: int = 0) -> dict[str, Any]:
     return dict(n_embd=scale.n_embd, n_heads=scale.n_heads, intermediate_size=scale.intermediate_size,
                 n_layers_in_prelude=1, n_layers_in_recurrent_block=n_core, n_layers_in_coda=1,
                 mean_recurrence=scale.mean_recurrence, mean_backprop_depth=scale.backprop_depth, block_size=256,
-                core_attention_window=window)
+                core_attention_window=window, outer_attention_window=outer)
 
 
 def _params(scale: Scale, n_core: int, vocab: int) -> int:
@@ -448,7 +452,7 @@ def plan(scale: Scale, out: Path, task: Any) -> tuple[dict[str, dict[str, Any]],
     huginn = {"sampler": "poisson-lognormal-filling"}
     plain = {"sampler": "non-recurrent"}
     jobs: dict[str, dict[str, Any]] = {}
-    looped = model_fields(scale, window=scale.core_window)
+    looped = model_fields(scale, window=scale.core_window, outer=scale.outer_window)
     for s in scale.seeds:
         jobs[f"recurrent-s{s}"] = train_tree(scale, looped, huginn, data, scale.steps, seq_len, lr=scale.looped_lr,
                                              seed=s)

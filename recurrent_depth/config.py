@@ -102,6 +102,7 @@ class RecurrentDepthConfig(PretrainedConfig):
         test_time_noise: float = 0,
         test_time_noise_type: str = "fixed",
         core_attention_window: int = 0,
+        outer_attention_window: int = 0,
         **kwargs: Any,
     ) -> None:
         for derived in _DERIVED:
@@ -133,8 +134,13 @@ class RecurrentDepthConfig(PretrainedConfig):
         # Not Huginn's: 0 (the default, exact Huginn parity) lets the core attend to every earlier position; w > 0
         # limits the core blocks to the last w positions (the query's own included), so information moves at most
         # w - 1 positions per core layer and a longer chain needs more iterations (a looped model's receptive
-        # field). The prelude and coda keep full attention.
+        # field). The prelude and coda keep full attention unless `outer_attention_window` says otherwise.
         self.core_attention_window = core_attention_window
+        # Not Huginn's either: 0 (the default) keeps full attention in the prelude and coda; w > 0 limits them to the
+        # last w positions too, so that no layer depends on how far a position lies from the start or how many
+        # positions precede it: with both windows set the whole model is translation invariant along the sequence
+        # and a row longer than any in training meets only the local contexts it was trained on.
+        self.outer_attention_window = outer_attention_window
         for k, v in choices.items():
             setattr(self, k, v)
         self.validate_fields()
@@ -180,7 +186,7 @@ class RecurrentDepthConfig(PretrainedConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config field `{name}` must be a positive integer, got {value!r}")
         for name in ("n_layers_in_prelude", "n_layers_in_coda", "mean_recurrence", "mean_backprop_depth",
-                     "core_attention_window"):
+                     "core_attention_window", "outer_attention_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"config field `{name}` must be a non-negative integer, got {value!r}")

@@ -80,11 +80,11 @@ class RecurrentDepthModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.prelude = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers_in_prelude))
+        self.prelude = nn.ModuleList(_block(cfg, cfg.outer_attention_window) for _ in range(cfg.n_layers_in_prelude))
         self.adapter = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
         self.core_block = nn.ModuleList(_block(cfg, cfg.core_attention_window)
                                         for _ in range(cfg.n_layers_in_recurrent_block))
-        self.coda = nn.ModuleList(_block(cfg) for _ in range(cfg.n_layers_in_coda))
+        self.coda = nn.ModuleList(_block(cfg, cfg.outer_attention_window) for _ in range(cfg.n_layers_in_coda))
         self.ln_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.emb_scale = math.sqrt(cfg.n_embd)
         # RoPE cos/sin (1, block_size, 1, D/2, 2), fp32 on every device and under every cast (see `_apply`).

@@ -15,7 +15,7 @@ from recurrent_depth.cli.reproduce import load_experiment
 reproduce = load_experiment()
 MICRO = replace(reproduce.QUICK, steps=4, n_train=200, n_eval=8, text_steps=3, text_max_chars=30_000,
                 multipliers=(1, 2), seeds=(0,), lr_factors=(1.0,), jobs=2, core_window=2,
-                looped_lr=1e-3)
+                outer_window=3, looped_lr=1e-3)
 
 
 def test_micro_run_writes_results_with_one_claim_per_target(tmp_path: Path) -> None:
@@ -31,12 +31,14 @@ def test_micro_run_writes_results_with_one_claim_per_target(tmp_path: Path) -> N
     # sweep_fraction 1: the first seed's baseline is the sweep's run itself, not trained twice
     assert arms == {"recurrent-s0", "fixed-depth-s0", "sweep-1x-lr1", "sweep-2x-lr1", "flops-1x-s0", "cot", "text"}
     assert saved["baselines"][0]["arms"] == ["baseline-1x-lr1-s0"]
-    # core_window reaches the recurrent and fixed-depth arms only; the run-once baselines keep global attention
+    # core_window and outer_window reach the recurrent and fixed-depth arms only; the run-once baselines keep global
+    # attention
     configs = {arm: [json.loads(c.read_text()) for c in (tmp_path / "arms" / arm).rglob("config.json")]
                for arm in ("recurrent-s0", "fixed-depth-s0", "sweep-1x-lr1", "cot")}
-    windows = {arm: {c.get("core_attention_window", 0) for c in found if "n_layers_in_recurrent_block" in c}
+    windows = {arm: {(c.get("core_attention_window", 0), c.get("outer_attention_window", 0))
+                     for c in found if "n_layers_in_recurrent_block" in c}
                for arm, found in configs.items()}
-    assert windows == {"recurrent-s0": {2}, "fixed-depth-s0": {2}, "sweep-1x-lr1": {0}, "cot": {0}}
+    assert windows == {"recurrent-s0": {(2, 3)}, "fixed-depth-s0": {(2, 3)}, "sweep-1x-lr1": {(0, 0)}, "cot": {(0, 0)}}
     lrs = {arm: json.loads((tmp_path / "arms" / arm / "config.json").read_text())["optim"]["lr"] for arm in configs}
     assert lrs == {"recurrent-s0": 1e-3, "fixed-depth-s0": 1e-3, "sweep-1x-lr1": MICRO.lr, "cot": MICRO.lr}
     assert saved["flops"]["steps"] > MICRO.steps  # the equal-FLOPs arm trains longer than the 1x baseline
