@@ -368,7 +368,8 @@ int64_t check_call(const at::Tensor& x, const c10::optional<at::Tensor>& e, cons
 template <typename St, typename Slot>
 at::Tensor run_stage(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e,
                      const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
-                     const std::vector<Slot>& slots, int64_t S, const at::Tensor& rope, double eps, int64_t n_heads) {
+                     const std::vector<Slot>& slots, int64_t S, const at::Tensor& rope, double eps, int64_t n_heads,
+                     int64_t window) {
   const int64_t L = static_cast<int64_t>(weights.size()) / 9;
   const int64_t B = x_arg.size(0), T = x_arg.size(1), d = x_arg.size(2), R = B * T;
   const int64_t H = n_heads, D = d / n_heads;
@@ -454,14 +455,15 @@ at::Tensor run_stage(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e
           slot.wrote(b, own);
         }
       }
-      for (int64_t b = 0; b < B; ++b) {  // causal attention: token t sees keys 0 .. own (itself always)
+      for (int64_t b = 0; b < B; ++b) {  // causal attention: token t sees keys lo .. own (itself always)
         for (int64_t t = 0; t < T; ++t) {
           const float* q = qp + (b * T + t) * 3 * d;
           const int64_t own = slot.own(b, t);
+          const int64_t lo = window > 0 ? std::max<int64_t>(0, own - window + 1) : 0;  // a window: the last w only
           for (int64_t hh = 0; hh < H; ++hh) {
             const float* qh = q + hh * D;
             float m = -INFINITY;
-            for (int64_t s = 0; s <= own; ++s) {
+            for (int64_t s = lo; s <= own; ++s) {
               if (s != own && slot.hidden(b, t, s)) {
                 scores[s] = -INFINITY;
                 continue;
@@ -476,14 +478,14 @@ at::Tensor run_stage(const at::Tensor& x_arg, const c10::optional<at::Tensor>& e
             float total = 0.f;
             float* sc = scores.data();
 #pragma omp simd reduction(+ : total)
-            for (int64_t s = 0; s <= own; ++s) {
+            for (int64_t s = lo; s <= own; ++s) {
               const float p = (sc[s] == -INFINITY) ? 0.f : exp_approx(sc[s] - m);
               sc[s] = p;
               total += p;
             }
             float* out = yp + (b * T + t) * d + hh * D;
             for (int64_t i = 0; i < D; ++i) out[i] = 0.f;
-            for (int64_t s = 0; s <= own; ++s) {
+            for (int64_t s = lo; s <= own; ++s) {
               const float p = sc[s] / total;
               if (p == 0.f) continue;
               const St* vr = vc + slot.at(b, hh, s);
@@ -516,7 +518,7 @@ template <typename St>
 at::Tensor blocks_impl(const at::Tensor& x, const c10::optional<at::Tensor>& e,
                        const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
                        at::TensorList kslots, at::TensorList vslots, int64_t pos, at::TensorList masks,
-                       const at::Tensor& rope, double eps, int64_t n_heads) {
+                       const at::Tensor& rope, double eps, int64_t n_heads, int64_t window) {
   const at::ScalarType st = c10::CppTypeToScalarType<St>::value;
   check_call(x, e, adapter, n_steps, weights, rope, n_heads, st, kslots.size());
   TORCH_CHECK(vslots.size() == kslots.size() && masks.size() == kslots.size(),
@@ -542,7 +544,7 @@ at::Tensor blocks_impl(const at::Tensor& x, const c10::optional<at::Tensor>& e,
     slots.push_back({ks.data_ptr<St>(), vs.data_ptr<St>(), ks.stride(0), ks.stride(1), ks.stride(2), pos, T, S,
                      mask.numel() > 0 ? mask.data_ptr<bool>() : nullptr, mask.numel() > 0 && mask.dim() == 3});
   }
-  return run_stage<St>(x, e, adapter, n_steps, weights, slots, S, rope, eps, n_heads);
+  return run_stage<St>(x, e, adapter, n_steps, weights, slots, S, rope, eps, n_heads, window);
 }
 
 // The paged form: kpools / vpools one (pages, P, H, D) pool per block (the same pools at every step), tables one
@@ -552,7 +554,8 @@ template <typename St>
 at::Tensor paged_impl(const at::Tensor& x, const c10::optional<at::Tensor>& e,
                       const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
                       at::TensorList kpools, at::TensorList vpools, at::TensorList tables, const at::Tensor& starts,
-                      const at::Tensor& valid, const at::Tensor& rope, double eps, int64_t n_heads) {
+                      const at::Tensor& valid, const at::Tensor& rope, double eps, int64_t n_heads,
+                      int64_t window) {
   const at::ScalarType st = c10::CppTypeToScalarType<St>::value;
   const int64_t L = check_call(x, e, adapter, n_steps, weights, rope, n_heads, st, tables.size());
   const int64_t B = x.size(0), T = x.size(1), H = n_heads, D = x.size(2) / n_heads;
@@ -595,33 +598,38 @@ at::Tensor paged_impl(const at::Tensor& x, const c10::optional<at::Tensor>& e,
     slots.push_back({kpools[l].data_ptr<St>(), vpools[l].data_ptr<St>(), tp, table.size(1), P, H, D, sp,
                      valid.data_ptr<bool>()});
   }
-  return run_stage<St>(x, e, adapter, n_steps, weights, slots, S, rope, eps, n_heads);
+  return run_stage<St>(x, e, adapter, n_steps, weights, slots, S, rope, eps, n_heads, window);
 }
 
 // The storage type is the weight matrices' dtype: fp32 or bf16.
 at::Tensor blocks(const at::Tensor& x, const c10::optional<at::Tensor>& e, const c10::optional<at::Tensor>& adapter,
                   int64_t n_steps, at::TensorList weights, at::TensorList kslots, at::TensorList vslots, int64_t pos,
-                  at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads) {
+                  at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads, int64_t window) {
   TORCH_CHECK(weights.size() >= 2, "rdepth.blocks: expected 9 weights per block");
+  TORCH_CHECK(window >= 0, "rdepth.blocks: window must be >= 0");
   const at::ScalarType st = weights[1].scalar_type();
   if (st == at::kBFloat16)
     return blocks_impl<at::BFloat16>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps,
-                                     n_heads);
+                                     n_heads, window);
   TORCH_CHECK(st == at::kFloat, "rdepth.blocks: the weight matrices must be fp32 or bf16, not ", st);
-  return blocks_impl<float>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps, n_heads);
+  return blocks_impl<float>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps, n_heads,
+                            window);
 }
 
 at::Tensor blocks_paged(const at::Tensor& x, const c10::optional<at::Tensor>& e,
                         const c10::optional<at::Tensor>& adapter, int64_t n_steps, at::TensorList weights,
                         at::TensorList kpools, at::TensorList vpools, at::TensorList tables, const at::Tensor& starts,
-                        const at::Tensor& valid, const at::Tensor& rope, double eps, int64_t n_heads) {
+                        const at::Tensor& valid, const at::Tensor& rope, double eps, int64_t n_heads,
+                        int64_t window) {
   TORCH_CHECK(weights.size() >= 2 && !kpools.empty(), "rdepth.blocks_paged: expected 9 weights and a pool per block");
+  TORCH_CHECK(window >= 0, "rdepth.blocks_paged: window must be >= 0");
   const at::ScalarType st = weights[1].scalar_type();
   if (st == at::kBFloat16)
     return paged_impl<at::BFloat16>(x, e, adapter, n_steps, weights, kpools, vpools, tables, starts, valid, rope, eps,
-                                    n_heads);
+                                    n_heads, window);
   TORCH_CHECK(st == at::kFloat, "rdepth.blocks_paged: the weight matrices must be fp32 or bf16, not ", st);
-  return paged_impl<float>(x, e, adapter, n_steps, weights, kpools, vpools, tables, starts, valid, rope, eps, n_heads);
+  return paged_impl<float>(x, e, adapter, n_steps, weights, kpools, vpools, tables, starts, valid, rope, eps, n_heads,
+                           window);
 }
 
 // fp32 x (B, K) @ W^T, W fp32 or bf16, through the same matrix-vector path the blocks use (tests and benchmarks)
@@ -655,10 +663,10 @@ TORCH_LIBRARY(rdepth, m) {
   m.def("linear(Tensor x, Tensor W) -> Tensor");
   m.def("vector_isa() -> str", &vector_isa);
   m.def("blocks(Tensor x, Tensor? e, Tensor? adapter, int n_steps, Tensor[] weights, Tensor[] kslots, "
-        "Tensor[] vslots, int pos, Tensor[] masks, Tensor rope, float eps, int n_heads) -> Tensor");
+        "Tensor[] vslots, int pos, Tensor[] masks, Tensor rope, float eps, int n_heads, int window=0) -> Tensor");
   m.def("blocks_paged(Tensor x, Tensor? e, Tensor? adapter, int n_steps, Tensor[] weights, Tensor[] kpools, "
-        "Tensor[] vpools, Tensor[] tables, Tensor starts, Tensor valid, Tensor rope, float eps, int n_heads) "
-        "-> Tensor");
+        "Tensor[] vpools, Tensor[] tables, Tensor starts, Tensor valid, Tensor rope, float eps, int n_heads, "
+        "int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rdepth, CPU, m) {

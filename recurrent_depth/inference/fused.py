@@ -14,10 +14,12 @@ above), the norms, RoPE, KV write, attention and gating are plain loops. It appl
     (`torch.ops.rdepth.blocks_paged`), for one or several recurrences a call; or a dense `KVCache`
     (`model(ids, use_cache=True)`, HF `generate` with our cache: `torch.ops.rdepth.blocks`).
 
-Anything else runs the eager network. The library is built on first use with the system C++ compiler
-(`torch.utils.cpp_extension`, cached under ~/.cache/torch_extensions); without a compiler, or with
-RDEPTH_FUSED=0 in the environment, decoding stays eager. Results match the eager network to float rounding
-(different summation order), not bit for bit; `model.transformer.fused_decode = False` turns the path off per model.
+Attention windows (`core_attention_window`, `outer_attention_window`: each token sees the last w positions) are the
+op's `window` argument, the eager network's band mask. Anything else runs the eager network. The library is built on
+first use with the system C++ compiler (`torch.utils.cpp_extension`, cached under ~/.cache/torch_extensions); without
+a compiler, or with RDEPTH_FUSED=0 in the environment, decoding stays eager. Results match the eager network to
+float rounding (different summation order), not bit for bit; `model.transformer.fused_decode = False` turns the
+path off per model.
 
 bf16 models: the op reads the weight matrices and the KV cache as bf16 (widened to fp32 in registers, so they stream
 half the bytes of fp32) and computes everything else in fp32: activations, accumulation, norms, RoPE, softmax, and the
@@ -62,7 +64,7 @@ MAX_TOKENS = 64  # longer forwards (long prompts) run eagerly: their attention i
 def applicable(x: Tensor, ctx: AttentionContext, blocks: Any) -> bool:
     """Whether `run_blocks` may take this call (see the module docstring). Blocks with forward hooks (or global
     module hooks) run eagerly, so that hooks keep firing; an empty stage has nothing to fuse."""
-    return (len(blocks) > 0 and not blocks[0].attn.window and x.shape[1] <= MAX_TOKENS and x.dtype in _DTYPES
+    return (len(blocks) > 0 and x.shape[1] <= MAX_TOKENS and x.dtype in _DTYPES
             and x.device.type == "cpu"
             and blocks[0].attn.Wqkv.weight.dtype == x.dtype and not torch.is_grad_enabled()
             and _store_fits(ctx) and not _hooked(blocks) and available()
@@ -98,7 +100,8 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
     x = x.contiguous()
     e = None if e is None else e.contiguous()
     if isinstance(ctx.cache, RowKVCache):
-        return _run_paged(ctx.cache, blocks, part, x, e, adapter, weights, rope, step, n_heads, eps, num_steps)
+        return _run_paged(ctx.cache, blocks, part, x, e, adapter, weights, rope, step, n_heads, eps, num_steps,
+                          blocks[0].attn.window)
     cache: KVCache = ctx.cache  # type: ignore[assignment]
     start = cache.seq_len
     S = start + T
@@ -116,17 +119,18 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
                 valid = pad if valid is None else valid[:, None, :] & pad
             masks.append(_EMPTY if valid is None else valid.contiguous())
     return torch.ops.rdepth.blocks(x, e, adapter, num_steps, weights, kslots, vslots, start, masks, rope, eps,
-                                   n_heads)
+                                   n_heads, blocks[0].attn.window)
 
 
 def _run_paged(cache: RowKVCache, blocks: Any, part: str, x: Tensor, e: Tensor | None, adapter: Tensor | None,
-               weights: list[Tensor], rope: Tensor, step: int, n_heads: int, eps: float, num_steps: int) -> Tensor:
+               weights: list[Tensor], rope: Tensor, step: int, n_heads: int, eps: float, num_steps: int,
+               window: int = 0) -> Tensor:
     """The op over the rows bound in a paged store, reading and writing their pages in place through page tables
     (`RowKVCache.paged`): each row at its own position, recurrence steps and slots as the store bound them; `step` is
     the first bound recurrence this call runs (an offset into the bind, not a row's own step)."""
     kpools, vpools, tables, starts, valid = cache.paged(part, x.shape[0], x.shape[1], step, num_steps)
     return torch.ops.rdepth.blocks_paged(x, e, adapter, num_steps, weights, kpools, vpools, tables, starts, valid,
-                                         rope, eps, n_heads)
+                                         rope, eps, n_heads, window)
 
 
 def head(model: Any, hidden: Tensor) -> Tensor | None:

@@ -107,15 +107,21 @@ def _teacher_forced(model, ids, mask, new, *, policy, num_steps, criterion=None,
     return torch.stack(logits, 1), torch.full((len(rows), len(logits)), num_steps)
 
 
+def _eager_and_fused(model, ids, mask, new, **kw) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`_teacher_forced` logits on the eager network and on the fused path, and the fused calls taken."""
+    with torch.inference_mode(), _fused(model, False):
+        eager, _ = _teacher_forced(model, ids, mask, new, **kw)
+    calls: list[str] = []
+    with torch.inference_mode(), _fused(model, True, calls):
+        fast, _ = _teacher_forced(model, ids, mask, new, **kw)
+    return eager, fast, calls
+
+
 @pytest.mark.parametrize("policy", ["full", "latest", 2, 1])
 def test_fused_decode_matches_eager_with_padding(debug_model, policy) -> None:
     ids, mask = _padded(0)
     new = torch.randint(4, 256, (3, 5), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode(), _fused(debug_model, False):
-        eager, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=5)
-    calls: list[int] = []
-    with torch.inference_mode(), _fused(debug_model, True, calls):
-        fast, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=5)
+    eager, fast, calls = _eager_and_fused(debug_model, ids, mask, new, policy=policy, num_steps=5)
     # the prefill per prompt length, then each token: prelude, 5 core steps in one call, coda
     assert sorted(calls) == sorted(_prefill_calls(mask) + ["prelude", "core", "coda"] * 5)
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
@@ -158,6 +164,36 @@ def test_fused_generate_with_eos_and_exit_gives_eager_tokens() -> None:
     assert "core[rows]" in calls
     assert fast.sequences.tolist() == eager.sequences.tolist()
     assert fast.steps.tolist() == eager.steps.tolist()
+
+
+@pytest.mark.parametrize("outer", [0, 3])
+@pytest.mark.parametrize("policy", ["full", "latest"])
+def test_fused_decode_of_a_windowed_model_matches_eager(policy, outer: int) -> None:
+    """`core_attention_window` / `outer_attention_window`: the op's `window` (each token attends to the last w
+    positions) on the row engine's pages, through padding, as the eager network's band mask; and on a dense cache."""
+    from recurrent_depth.inference.cache import KVCache
+    from tests.inference.conftest import make_debug_model
+
+    model = make_debug_model(3, core_attention_window=3, outer_attention_window=outer)
+    ids, mask = _padded(5, length=9)  # prompts of 4-9 tokens, longer than the windows
+    new = torch.randint(4, 256, (3, 6), generator=torch.Generator().manual_seed(6))
+    eager, fast, calls = _eager_and_fused(model, ids, mask, new, policy=policy, num_steps=4)
+    assert sorted(calls) == sorted(_prefill_calls(mask) + ["prelude", "core", "coda"] * 6)
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
+    global_attention = make_debug_model(3)  # the same weights without the windows: other logits (the test can fail)
+    with torch.inference_mode():
+        other, _ = _teacher_forced(global_attention, ids, mask, new, policy=policy, num_steps=4)
+    assert (other - eager).abs().max() > 1e-2
+    seq = torch.cat([ids[:1], new[:1]], 1)  # the dense KVCache (model(ids, use_cache=True)): prefill, then a token
+    out = {}
+    for on in (False, True):
+        dense: list[str] = []
+        with torch.inference_mode(), _fused(model, on, dense):
+            cache = KVCache(policy, max_length=seq.shape[1])
+            model(seq[:, :-1], num_steps=4, use_cache=True, cache=cache, init_scale=0.0)
+            out[on] = model(seq[:, -1:], num_steps=4, use_cache=True, cache=cache, init_scale=0.0).logits
+        assert bool(dense) == on
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
 
 
 def test_fused_generate_gives_eager_tokens(debug_model) -> None:

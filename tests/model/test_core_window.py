@@ -1,8 +1,8 @@
 """`core_attention_window`: the core's attention cut to the last w positions, and `outer_attention_window`: the
 prelude's and coda's (neither is Huginn's; 0 keeps exact parity). They must mean the same thing in every path: the
 uncached forward, cached decoding (prefill and one token at a time, padded rows), the server's row engine,
-speculative decoding; the fused decode op and the compiled training step, which attend to every earlier position,
-must not take such a model."""
+speculative decoding and the fused decode op (its `window` argument); the compiled training step, whose core
+attends to every earlier position, must not take a windowed core."""
 
 from __future__ import annotations
 
@@ -95,18 +95,17 @@ def test_cached_decoding_equals_the_uncached_forward_with_padding(kv_sharing: st
         assert out.sequences[row, -6:].tolist() == seq[-6:], row
 
 
-def test_fused_paths_refuse_a_windowed_core() -> None:
+def test_the_compiled_training_step_refuses_a_windowed_core_and_the_fused_decode_takes_one() -> None:
     from recurrent_depth.inference import fused
+    from recurrent_depth.inference.cache import KVCache
     from recurrent_depth.model.layers import AttentionContext
     from recurrent_depth.training.fused import install_fused_recurrence
 
     model = _model(3)
     x = torch.zeros(1, 1, model.config.n_embd)
-    ctx = AttentionContext(rope=model.transformer.rope[:, :1])
-    with torch.no_grad():
-        assert not fused.applicable(x, ctx, model.transformer.core_block)
-        outer = _model(0, outer=3).transformer
-        assert not fused.applicable(x, ctx, outer.prelude) and not fused.applicable(x, ctx, outer.coda)
+    ctx = AttentionContext(rope=model.transformer.rope[:, :1], cache=KVCache("full"))
+    with torch.no_grad():  # the decode op's `window` argument (tests/inference/test_fused_decode.py: parity)
+        assert fused.applicable(x, ctx, model.transformer.core_block) == fused.available()
     with pytest.raises(ValueError, match="core_attention_window"):
         install_fused_recurrence(model, compile=False)
 
