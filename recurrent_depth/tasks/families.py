@@ -18,7 +18,8 @@ its difficulty level (so more recurrence can help on harder instances):
   program order, each binding written value first: a digit or an earlier variable, then the new variable; the answer
   is the last variable's value, k hops from its digit. Each hop is a content-addressed lookup (the earlier
   occurrence of the same letter). Level: k. Dense labels (`trace`): each variable's value under both of its
-  characters. CoT: the variables visited, then the value. `name_first=True` writes "a3,b7,ca,..." instead.
+  characters. CoT: the variables visited, then the value. `name_first=True` writes "a3,b7,ca,..." instead;
+  `reach=r` keeps every lookup within the last r bindings (a local, translation-invariant lookup).
 - `edge_chase`: pointer chasing over edges written one token each: "ĐŁđ...;c?" -> "b". Each node (a letter) has
   one outgoing edge, written as a single character that names both ends (`edge_char`: source s and target t are
   U+0100 + 16 s + t), roots point to themselves, the edges come in random order, and the answer is the root reached
@@ -360,8 +361,17 @@ class BindingChain(Task):
     # the new variable before its value: its value is then unknown at its own character (a causal model sees the value
     # next), so each hop needs a lookup keyed on the previous character (an induction head), not on the same letter
     name_first: bool = False
+    # 0: a chain's next binding (and a filler's earlier filler) may come anywhere later in the row; r > 0: within the
+    # next r bindings, so every lookup searches the last r bindings only (a few candidate keys, found by a model
+    # whose attention reaches 3r characters back, at any position of a longer row). The row then ends with the
+    # query's chain: the other chains may stop short of `hops` + 1 variables, and fillers not placed are dropped.
+    reach: int = 0
 
     def _validate(self) -> None:
+        if not isinstance(self.reach, int) or isinstance(self.reach, bool) or not 0 <= self.reach <= 25 \
+                or 0 < self.reach < self.chains:
+            raise ValueError(f"difficulty knob `reach` must be 0 or an integer in [chains = {self.chains}, 25], got "
+                             f"{self.reach!r}")
         if not isinstance(self.p_digit, int | float) or isinstance(self.p_digit, bool) or not 0 < self.p_digit <= 1:
             raise ValueError(f"difficulty knob `p_digit` must be a number in (0, 1], got {self.p_digit!r}")
         if not isinstance(self.name_first, bool):
@@ -375,6 +385,29 @@ class BindingChain(Task):
                 raise ValueError(f"difficulty knob `{n_vars}` max ({v[1]}) must be at least `chains` x (`{hops}` max "
                                  f"+ 1) = {self.chains * (h[1] + 1)} so the chains fit")
 
+    def _slots(self, rng: random.Random, size: int, n_fillers: int) -> tuple[list[int], int]:
+        """The order of the bindings (a chain's index, -1 for a filler) and the queried chain, the last binding's."""
+        if not self.reach:
+            query = rng.randrange(self.chains)
+            slots = [c for c in range(self.chains) for _ in range(size - (c == query))] + [-1] * n_fillers
+            rng.shuffle(slots)
+            return slots + [query], query
+        query = rng.randrange(self.chains)
+        left = [size] * self.chains + [n_fillers]  # bindings still to place per chain, then the fillers
+        last = [-1] * self.chains  # each chain's latest binding (-1: not started)
+        slots: list[int] = []
+        while left[query]:
+            i = len(slots)
+            due = [c for c in range(self.chains) if left[c] and last[c] >= 0 and i - last[c] == self.reach]
+            # at most one chain is due (their latest bindings sit at different positions); otherwise draw a
+            # binding to place, chains and fillers in proportion to what is left of each
+            c = due[0] if due else rng.choices(range(self.chains + 1), weights=left)[0]
+            left[c] -= 1
+            slots.append(-1 if c == self.chains else c)
+            if c < self.chains:
+                last[c] = i
+        return slots, query
+
     def _sample(self, rng: random.Random, ood: bool) -> Instance:
         hops = rng.randint(*(self.ood_hops if ood else self.hops))
         lo, hi = self.ood_n_vars if ood else self.n_vars
@@ -384,24 +417,24 @@ class BindingChain(Task):
         size = hops + 1
         chains = [names[c * size:(c + 1) * size] for c in range(self.chains)]
         fillers = iter(names[self.chains * size:])
-        query = rng.randrange(self.chains)
-        slots = [c for c in range(self.chains) for _ in range(size - (c == query))]
-        slots += [-1] * (len(names) - len(slots) - 1)
-        rng.shuffle(slots)
+        slots, query = self._slots(rng, size, len(names) - self.chains * size)
         at = [0] * self.chains
         value: dict[str, str] = {}
         filler_depth: dict[str, int] = {}  # hops from a digit
+        placed: list[str] = []  # the variables in binding order
         bindings = []
-        for c in slots + [query]:
+        for c in slots:
             if c >= 0:
                 name = chains[c][at[c]]
                 target = roots[c] if at[c] == 0 else chains[c][at[c] - 1]
                 at[c] += 1
             else:
                 name = next(fillers)
-                earlier = [v for v, d in filler_depth.items() if d < hops]
+                near = set(placed[-self.reach:]) if self.reach else filler_depth
+                earlier = [v for v, d in filler_depth.items() if d < hops and v in near]
                 target = rng.choice(others) if not earlier or rng.random() < self.p_digit else rng.choice(earlier)
                 filler_depth[name] = 0 if target in DIGITS else filler_depth[target] + 1
+            placed.append(name)
             value[name] = target if target in DIGITS else value[target]
             bindings.append(name + target if self.name_first else target + name)
         chain = chains[query]

@@ -289,6 +289,8 @@ def test_alphabet_union() -> None:
     ("binding_chain", {"chains": 0}, "chains"),
     ("binding_chain", {"p_digit": 0}, "p_digit"),
     ("binding_chain", {"name_first": 1}, "name_first"),
+    ("binding_chain", {"reach": 1}, "reach"),
+    ("binding_chain", {"reach": -1}, "reach"),
     ("addition", {"hops": 3}, "knobs are \\[.digits.,"),
     ("nope", {}, "unknown task"),
 ])
@@ -345,6 +347,32 @@ def test_binding_chain_docstring_example_and_no_digit_count_shortcut(name_first:
                           for r in rows)
         first = sum(next(c for c in r["prompt"] if c.isdigit()) == r["answer"] for r in rows)
         assert most_common < 250 and first < 600  # guessing among the two chains' digits scores 1/2
+
+
+@pytest.mark.parametrize("reach", [2, 3])
+def test_binding_chain_reach_keeps_every_lookup_within_the_last_bindings(reach: int) -> None:
+    task = get_task("binding_chain", reach=reach)
+    for split, levels in (("train", range(1, 5)), ("ood", range(5, 9))):
+        rows = task.generate(1000, split, seed=4, targets=True)
+        assert {r["level"] for r in rows} == set(levels)
+        for row in rows:
+            answer, level, values = _bind_chain(row["prompt"])
+            assert (answer, level) == (row["answer"], row["level"]) and row["targets"][1::3] == "".join(values)
+            bindings = row["prompt"].rstrip("?").split(",")
+            for k, (target, _) in enumerate(bindings):
+                assert target.isdigit() or target in [b[1] for b in bindings[max(0, k - reach):k]], row["prompt"]
+        # neither the first digit nor the most common one gives the answer (guessing between the chains: 1/2)
+        first = sum(next(c for c in r["prompt"] if c.isdigit()) == r["answer"] for r in rows)
+        most_common = sum(max(set(d := [c for c in r["prompt"] if c.isdigit()]), key=d.count) == r["answer"]
+                          for r in rows)
+        assert first < 500 and most_common < 500
+    # reach 0 (the default) keeps the unconstrained generator: some lookup reaches further back than 3 bindings
+    far = 0
+    for row in get_task("binding_chain").generate(200, "train", seed=4):
+        bindings = row["prompt"].rstrip("?").split(",")
+        far += any(t.isalpha() and t not in [b[1] for b in bindings[max(0, k - 3):k]]
+                   for k, (t, _) in enumerate(bindings))
+    assert far > 50
 
 
 @pytest.mark.parametrize("name", ["binding_chain", "cups", "modular_chain"])
