@@ -62,13 +62,13 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, captured.out, captured.err
 
 
-PROMPT = "5+5*5-6+6*2-4="  # the README's example on the bundled modular_chain model (r = 1 answers 8)
+PROMPT = "5+5*5-6+6*2-4="  # ((5 + 5) * 5 - 6 + 6) * 2 - 4 = 96: the bundled modular_chain model answers 6
 
 
 def test_the_readme_generate_example_answers_right_on_the_bundled_model(capsys) -> None:
     command = re.search(r"`(rdepth generate --prompt [^`]+)`", (REPO / "README.md").read_text()).group(1)
     rc, out, _ = _run(capsys, *shlex.split(command)[1:])
-    assert rc == 0 and out.splitlines()[0] == "6<eos>", out  # ((5 + 5) * 5 - 6 + 6) * 2 - 4 = 96, mod 10
+    assert rc == 0 and out.splitlines()[0] == "8<eos>", out  # (((9 - 4) * 3 + 8 - 7) * 2 + 6) mod 10, left to right
 
 
 @pytest.mark.parametrize("max_new", ["1", "8"])
