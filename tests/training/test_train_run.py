@@ -167,8 +167,9 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path, corpus: Path, m
     torch.testing.assert_close(final["val_loss@2"], single.final_eval["val_loss@2"], rtol=1e-5, atol=1e-6)
     a = RecurrentDepthForCausalLM.from_pretrained(out / "checkpoints" / "step_00000004").state_dict()
     b = RecurrentDepthForCausalLM.from_pretrained(tmp_path / "single" / "checkpoints" / "step_00000004").state_dict()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5, msg=name)
+    for name in a:  # Adam's normalised step turns summation-order differences in the near-zero qk_bias gradients
+        # into parameter differences of up to 2.2e-5 after 4 steps (FSDP, AMD EPYC); an lr-sized step is 1e-2
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
     if mode == "fsdp":
         assert (out / "checkpoints" / "step_00000004" / "dcp" / ".metadata").is_file()
 
