@@ -326,11 +326,12 @@ struct PagedSlot {
 // the number of blocks L.
 int64_t check_call(const at::Tensor& x, const c10::optional<at::Tensor>& e, const c10::optional<at::Tensor>& adapter,
                    int64_t n_steps, at::TensorList weights, const at::Tensor& rope, int64_t n_heads,
-                   at::ScalarType st, size_t n_slots) {
+                   at::ScalarType st, size_t n_slots, int64_t window) {
   check(x, st, "x");
   check(rope, at::kFloat, "rope");
   TORCH_CHECK(x.dim() == 3, "rdepth.blocks: x must be (B, T, d)");
   TORCH_CHECK(n_steps >= 1, "rdepth.blocks: n_steps must be at least 1");
+  TORCH_CHECK(window >= 0, "rdepth.blocks: window must be >= 0");
   const int64_t L = static_cast<int64_t>(weights.size()) / 9;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 9 * L && L >= 1, "rdepth.blocks: expected 9 weights per block");
   TORCH_CHECK(static_cast<int64_t>(n_slots) == n_steps * L,
@@ -520,7 +521,7 @@ at::Tensor blocks_impl(const at::Tensor& x, const c10::optional<at::Tensor>& e,
                        at::TensorList kslots, at::TensorList vslots, int64_t pos, at::TensorList masks,
                        const at::Tensor& rope, double eps, int64_t n_heads, int64_t window) {
   const at::ScalarType st = c10::CppTypeToScalarType<St>::value;
-  check_call(x, e, adapter, n_steps, weights, rope, n_heads, st, kslots.size());
+  check_call(x, e, adapter, n_steps, weights, rope, n_heads, st, kslots.size(), window);
   TORCH_CHECK(vslots.size() == kslots.size() && masks.size() == kslots.size(),
               "rdepth.blocks: expected one k slot, one v slot and one mask per step and block");
   TORCH_CHECK(pos >= 0, "rdepth.blocks: pos must be >= 0");
@@ -557,7 +558,7 @@ at::Tensor paged_impl(const at::Tensor& x, const c10::optional<at::Tensor>& e,
                       const at::Tensor& valid, const at::Tensor& rope, double eps, int64_t n_heads,
                       int64_t window) {
   const at::ScalarType st = c10::CppTypeToScalarType<St>::value;
-  const int64_t L = check_call(x, e, adapter, n_steps, weights, rope, n_heads, st, tables.size());
+  const int64_t L = check_call(x, e, adapter, n_steps, weights, rope, n_heads, st, tables.size(), window);
   const int64_t B = x.size(0), T = x.size(1), H = n_heads, D = x.size(2) / n_heads;
   TORCH_CHECK(static_cast<int64_t>(kpools.size()) == L && static_cast<int64_t>(vpools.size()) == L,
               "rdepth.blocks_paged: expected one k pool and one v pool per block");
@@ -606,7 +607,6 @@ at::Tensor blocks(const at::Tensor& x, const c10::optional<at::Tensor>& e, const
                   int64_t n_steps, at::TensorList weights, at::TensorList kslots, at::TensorList vslots, int64_t pos,
                   at::TensorList masks, const at::Tensor& rope, double eps, int64_t n_heads, int64_t window) {
   TORCH_CHECK(weights.size() >= 2, "rdepth.blocks: expected 9 weights per block");
-  TORCH_CHECK(window >= 0, "rdepth.blocks: window must be >= 0");
   const at::ScalarType st = weights[1].scalar_type();
   if (st == at::kBFloat16)
     return blocks_impl<at::BFloat16>(x, e, adapter, n_steps, weights, kslots, vslots, pos, masks, rope, eps,
@@ -622,7 +622,6 @@ at::Tensor blocks_paged(const at::Tensor& x, const c10::optional<at::Tensor>& e,
                         const at::Tensor& valid, const at::Tensor& rope, double eps, int64_t n_heads,
                         int64_t window) {
   TORCH_CHECK(weights.size() >= 2 && !kpools.empty(), "rdepth.blocks_paged: expected 9 weights and a pool per block");
-  TORCH_CHECK(window >= 0, "rdepth.blocks_paged: window must be >= 0");
   const at::ScalarType st = weights[1].scalar_type();
   if (st == at::kBFloat16)
     return paged_impl<at::BFloat16>(x, e, adapter, n_steps, weights, kpools, vpools, tables, starts, valid, rope, eps,

@@ -124,7 +124,7 @@ def run_blocks(blocks: Any, part: str, x: Tensor, ctx: AttentionContext, step: i
 
 def _run_paged(cache: RowKVCache, blocks: Any, part: str, x: Tensor, e: Tensor | None, adapter: Tensor | None,
                weights: list[Tensor], rope: Tensor, step: int, n_heads: int, eps: float, num_steps: int,
-               window: int = 0) -> Tensor:
+               window: int) -> Tensor:
     """The op over the rows bound in a paged store, reading and writing their pages in place through page tables
     (`RowKVCache.paged`): each row at its own position, recurrence steps and slots as the store bound them; `step` is
     the first bound recurrence this call runs (an offset into the bind, not a row's own step)."""

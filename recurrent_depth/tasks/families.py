@@ -387,12 +387,11 @@ class BindingChain(Task):
 
     def _slots(self, rng: random.Random, size: int, n_fillers: int) -> tuple[list[int], int]:
         """The order of the bindings (a chain's index, -1 for a filler) and the queried chain, the last binding's."""
+        query = rng.randrange(self.chains)
         if not self.reach:
-            query = rng.randrange(self.chains)
             slots = [c for c in range(self.chains) for _ in range(size - (c == query))] + [-1] * n_fillers
             rng.shuffle(slots)
             return slots + [query], query
-        query = rng.randrange(self.chains)
         left = [size] * self.chains + [n_fillers]  # bindings still to place per chain, then the fillers
         last = [-1] * self.chains  # each chain's latest binding (-1: not started)
         slots: list[int] = []
@@ -430,8 +429,8 @@ class BindingChain(Task):
                 at[c] += 1
             else:
                 name = next(fillers)
-                near = set(placed[-self.reach:]) if self.reach else filler_depth
-                earlier = [v for v, d in filler_depth.items() if d < hops and v in near]
+                earlier = [v for v, d in filler_depth.items() if d < hops and (not self.reach
+                                                                                 or v in placed[-self.reach:])]
                 target = rng.choice(others) if not earlier or rng.random() < self.p_digit else rng.choice(earlier)
                 filler_depth[name] = 0 if target in DIGITS else filler_depth[target] + 1
             placed.append(name)

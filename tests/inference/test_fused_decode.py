@@ -236,11 +236,7 @@ def test_fused_multi_token_forwards_match_eager(debug_model, policy) -> None:
     """Several new tokens per forward after a cached past (causal within the chunk, padding, holes-free)."""
     ids, mask = _padded(5)
     new = torch.randint(4, 256, (3, 9), generator=torch.Generator().manual_seed(6))
-    with torch.inference_mode(), _fused(debug_model, False):
-        eager, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=4, chunk=3)
-    calls: list[int] = []
-    with torch.inference_mode(), _fused(debug_model, True, calls):
-        fast, _ = _teacher_forced(debug_model, ids, mask, new, policy=policy, num_steps=4, chunk=3)
+    eager, fast, calls = _eager_and_fused(debug_model, ids, mask, new, policy=policy, num_steps=4, chunk=3)
     assert sorted(calls) == sorted(_prefill_calls(mask) + ["prelude", "core", "coda"] * 3)
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4)
 
@@ -259,9 +255,10 @@ def test_fused_op_rejects_bad_arguments(debug_model) -> None:
     slot = torch.zeros(1, H, 4, d // H)
     rope = torch.zeros(1, 1, d // H // 2, 2)
     args = dict(x=torch.zeros(1, 1, d), e=None, adapter=None, n_steps=1, weights=weights, kslots=[slot],
-                vslots=[slot], pos=0, masks=[fused._EMPTY], rope=rope, eps=1e-6, n_heads=H)
+                vslots=[slot], pos=0, masks=[fused._EMPTY], rope=rope, eps=1e-6, n_heads=H, window=0)
     torch.ops.rdepth.blocks(*args.values())  # well-formed: runs
     for change, message in [(dict(x=torch.zeros(1, d)), "x must be"),
+                            (dict(window=-1), "window must be >= 0"),
                             (dict(x=torch.zeros(1, 1, d, dtype=torch.float64)), "x must be a contiguous fp32"),
                             (dict(weights=weights[:8]), "9 weights per block"),
                             (dict(kslots=[slot, slot]), "one k slot"),
@@ -640,10 +637,11 @@ def test_paged_op_rejects_bad_arguments(debug_model) -> None:
     rope = torch.zeros(1, 1, D // 2, 2)
     args = dict(x=torch.zeros(1, 1, d), e=None, adapter=None, n_steps=1, weights=weights, kpools=[pool],
                 vpools=[pool], tables=[torch.tensor([[0, 1]])], starts=torch.tensor([5]),
-                valid=torch.zeros(12, dtype=torch.bool), rope=rope, eps=1e-6, n_heads=H)
+                valid=torch.zeros(12, dtype=torch.bool), rope=rope, eps=1e-6, n_heads=H, window=0)
     torch.ops.rdepth.blocks_paged(*args.values())  # well-formed: runs, and marks position 5 (page 1, slot 1) valid
     assert args["valid"].nonzero().flatten().tolist() == [4 + 1]
     for change, message in [(dict(tables=[torch.tensor([[0, -1]])]), "has no page"),
+                            (dict(window=-1), "window must be >= 0"),
                             (dict(tables=[torch.tensor([[0]])]), "covering every position"),
                             (dict(tables=[]), "one k slot"),
                             (dict(starts=torch.tensor([-1])), "starts must be >= 0"),
