@@ -14,7 +14,9 @@ the same number of steps and sequences:
      (first seed);
   4. `fixed-depth-s{seed}`: the recurrent architecture trained at one fixed depth (why random depth matters);
   5. `cot`: a 1x transformer that writes its intermediate steps as tokens (chain of thought);
-  6. `text`: the recurrent model on a real offline text corpus (the interpreter's docs), for perplexity vs depth.
+  6. `text`: the recurrent model on a real offline text corpus (the interpreter's docs), for perplexity vs depth;
+  7. `lookup-s{seed}`: the recurrent model (Huginn's sampler) on the multi-hop lookup family (`lookup_task`, its own
+     windows, steps and seeds), judged on its own harder split (more hops).
 Then every arm is evaluated on in-distribution (`test`) and harder (`ood`: longer chains) rows and `results.json`
 (with a `claims` list judged on the targets of issue 16), `results.md` and plots are written.
 
@@ -70,6 +72,15 @@ class Scale:
     sweep_fraction: float = 1 / 3  # the sweep's runs train this fraction of `steps` (first seed), then the chosen lr
     #                              trains the full `steps` with every seed (1.0: the sweep's run is the first seed's)
     seeds: tuple[int, ...] = (0, 1)
+    baseline_seeds: tuple[int, ...] | None = None  # the baselines' full runs after the lr sweep (None: `seeds`)
+    # The multi-hop lookup family (issue 16's second task family): the recurrent arm alone (Huginn's sampler, the
+    # model shape above) on its own task and attention windows, judged on its own harder split; "" leaves it out
+    lookup_task: str = ""
+    lookup_difficulty: dict[str, Any] = field(default_factory=dict)
+    lookup_window: int = 7
+    lookup_outer_window: int = 3
+    lookup_steps: int = 2000
+    lookup_seeds: tuple[int, ...] = (0, 1)
     n_train: int = 40000
     n_eval: int = 400
     multipliers: tuple[int, ...] = (1, 2, 4, 8)
@@ -88,11 +99,15 @@ class Scale:
 # the first 30% of them on a curriculum over chain length (experiments/README.md, the curriculum probe: without it
 # one seed in four found the repeatable step), four seeds per arm; the looped arms at lr 3e-3
 # (results/reproduce/no-curriculum has the run without the curriculum, two seeds, and its `--looped-lr 1.5e-3`
-# variant)
-FULL = Scale(core_window=3, outer_window=3, steps=3000, curriculum=0.3, seeds=(0, 1, 2, 3))
+# variant); the baselines' full runs at two seeds (the issue's minimum; the session-12 run trained four, and its 8x
+# arms alone took 55 minutes of one core); the multi-hop lookup family: binding_chain with every lookup among the
+# last two bindings (results/binding_chain, the reach-2 probe), core window 7, prelude and coda window 3
+FULL = Scale(core_window=3, outer_window=3, steps=3000, curriculum=0.3, seeds=(0, 1, 2, 3), baseline_seeds=(0, 1),
+             lookup_task="binding_chain", lookup_difficulty={"reach": 2})
 QUICK = Scale(n_embd=32, n_heads=2, intermediate_size=64, mean_recurrence=3, backprop_depth=2, steps=20,
               batch_size=16, lr_factors=(1.0,), sweep_fraction=1.0, seeds=(0,), n_train=1000, n_eval=32,
-              multipliers=(1, 2),
+              multipliers=(1, 2), lookup_task="binding_chain", lookup_difficulty={"reach": 2}, lookup_steps=20,
+              lookup_seeds=(0,),
               table=(1, 5), text_steps=10, text_max_chars=50_000, exit_thresholds=(1e-2, 1e-3))
 LEARNED = 0.05  # below this accuracy an arm learned nothing, and no claim about it can hold
 EVAL_SEED = 1000  # evaluation rows: seeds 1000 (test) and 1001 (ood); training validation rows use seed 1
@@ -114,6 +129,18 @@ def baseline_core_layers(scale: Scale, multiplier: int, vocab: int) -> int:
     """Core layers of a run-once transformer whose parameter count is closest to `multiplier` x the recurrent one."""
     target = multiplier * _params(scale, 2, vocab)
     return min(range(1, 64 * multiplier + 1), key=lambda n: abs(_params(scale, n, vocab) - target))
+
+
+def lookup_scale(scale: Scale) -> Scale:
+    """The scale of the multi-hop lookup family's arms: the run's model and budget on the lookup task, windows,
+    steps and seeds."""
+    return replace(scale, task=scale.lookup_task, difficulty=dict(scale.lookup_difficulty),
+                   core_window=scale.lookup_window, outer_window=scale.lookup_outer_window, steps=scale.lookup_steps,
+                   seeds=scale.lookup_seeds, lookup_task="")
+
+
+def baseline_seeds(scale: Scale) -> tuple[int, ...]:
+    return scale.baseline_seeds or scale.seeds
 
 
 def train_flops_per_token(fields: dict[str, Any], depth: dict[str, Any]) -> float:
@@ -410,14 +437,61 @@ def judge_claims(res: dict[str, Any], scale: Scale) -> list[dict[str, Any]]:
                    "measured": f"perplexity {ppl[1]:.1f} at r=1 -> {ppl[mean]:.1f} at r={mean} -> "
                                f"{ppl[4 * mean]:.1f} at r={4 * mean} ({100 * rise4:+.1f}%)",
                    "held": falls and rise4 <= 0.02})
+    if "lookup" in res:
+        claims += judge_lookup_claims(res["lookup"], scale)
     return claims
 
 
+def judge_lookup_claims(lk: dict[str, Any], scale: Scale) -> list[dict[str, Any]]:
+    """The multi-hop lookup family's claims (means over its seeds): it learns in-distribution, its harder split
+    (more hops) gains >= 30 points from r = 1 to 10x and does not fall after (it may saturate before 10x: a hop
+    level needs a fixed number of iterations, so no strict rise past saturation is asked), and every held-out hop
+    level up to 2x the trained maximum reaches >= 80% at some r <= 4x the training mean."""
+    name = f"Multi-hop lookup ({scale.lookup_task})"
+    hard, test = lk["depth"]["ood"], lk["depth"]["test"]
+    above = lk["floor"]["ood"] + LEARNED
+    best_test = max(x["accuracy"] for x in test)
+    claims = [{"claim": f"{name}: the recurrent model learns the task in-distribution",
+               "target": ">= 95% exact match on the in-distribution test rows at some depth",
+               "measured": f"best {100 * best_test:.1f}% (r = {max(test, key=lambda x: x['accuracy'])['num_steps']})",
+               "held": best_test >= 0.95}]
+    t = [_acc(hard, r) for r in scale.table]
+    gain = t[min(2, len(t) - 1)] - t[0]
+    steady = all(b >= a - 0.01 for a, b in zip(t, t[1:]))
+    claims.append({"claim": f"{name}: on the harder split (more hops), accuracy rises with test-time iterations",
+                   "target": ">= +30 points from 1x to 10x, no fall (1 point of tolerance) from 1x to 5x to 10x to "
+                             "50x",
+                   "measured": ", ".join(f"r={r}: {100 * a:.1f}%" for r, a in zip(scale.table, t))
+                   + f" ({100 * gain:+.1f} points 1x -> 10x)",
+                   "held": gain >= 0.30 and steady and max(t) >= above})
+    cap = 4 * scale.mean_recurrence
+    trained_max = max(lk["trained_levels"])
+    levels = [lvl for lvl in lk["ood_levels"] if lvl <= 2 * trained_max]
+    reached = {lvl: max((a for r in lk["depths"] if r <= cap for a in [_level_acc(hard, r, lvl)] if a is not None),
+                        default=None) for lvl in levels}
+    seen = {k: v for k, v in reached.items() if v is not None}
+    claims.append({"claim": f"{name}: more hops are solved by thinking longer",
+                   "target": f"every held-out level up to 2x the trained maximum ({2 * trained_max}) reaches >= 80% "
+                             f"at some r <= 4x the training mean (r <= {cap})",
+                   "measured": ", ".join(f"level {k}: {100 * v:.0f}% (r = 1: "
+                                         f"{100 * (_level_acc(hard, 1, k) or 0):.0f}%)" for k, v in seen.items())
+                   or "no such level",
+                   "held": bool(seen) and len(seen) == len(levels) and min(seen.values()) >= 0.80})
+    return claims
+
+
+def _level_knob(difficulty: dict[str, Any], ood: bool) -> tuple[int, int]:
+    """The training (or ood) difficulty levels: the task's first range knob as (min, max)."""
+    value = difficulty[next(k for k in difficulty if k.startswith("ood_") == ood)]
+    return (int(value[0]), int(value[1])) if isinstance(value, list | tuple) else (int(value), int(value))
+
+
 def _max_level(difficulty: dict[str, Any], ood: bool) -> int:
-    """The largest difficulty level of the training (or ood) knobs: the max of the task's first range knob."""
-    key = next(k for k in difficulty if k.startswith("ood_") == ood)
-    value = difficulty[key]
-    return int(value[1] if isinstance(value, list | tuple) else value)
+    return _level_knob(difficulty, ood)[1]
+
+
+def _min_level(difficulty: dict[str, Any], ood: bool) -> int:
+    return _level_knob(difficulty, ood)[0]
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -445,7 +519,7 @@ def task_seq_len(scale: Scale, task: Any = None) -> int:
 def plan(scale: Scale, out: Path, task: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Every arm's training config except the baselines' second seeds (chosen after the lr sweep)."""
     from recurrent_depth.evaluation.corpus import export_corpus
-    from recurrent_depth.tasks import write_jsonl
+    from recurrent_depth.tasks import get_task, write_jsonl
 
     seq_len, data, mean = task_seq_len(scale, task), task_data(scale), scale.mean_recurrence
     vocab = len(task.alphabet) + 4
@@ -458,6 +532,13 @@ def plan(scale: Scale, out: Path, task: Any) -> tuple[dict[str, dict[str, Any]],
                                              seed=s)
         jobs[f"fixed-depth-s{s}"] = train_tree(scale, looped, {"sampler": "fixed", "depth": mean}, data,
                                                scale.steps, seq_len, lr=scale.looped_lr, seed=s)
+    if scale.lookup_task:
+        ls = lookup_scale(scale)
+        lt = get_task(ls.task, **ls.difficulty)
+        fields = model_fields(ls, window=ls.core_window, outer=ls.outer_window)
+        for s in ls.seeds:
+            jobs[f"lookup-s{s}"] = train_tree(ls, fields, huginn, task_data(ls), ls.steps, task_seq_len(ls, lt),
+                                              lr=scale.looped_lr, seed=s)
     cores = {m: baseline_core_layers(scale, m, vocab) for m in scale.multipliers}
     sweep_steps = max(1, round(scale.steps * scale.sweep_fraction))
     for m, n_core in cores.items():
@@ -493,7 +574,7 @@ def second_round(scale: Scale, first: dict[str, dict[str, Any]], meta: dict[str,
         scores = {f: first[f"sweep-{m}x-lr{f:g}"]["val_accuracy"] or 0.0 for f in scale.lr_factors}
         chosen[m] = max(sorted(scores), key=lambda f: scores[f])
         swept = f"sweep-{m}x-lr{chosen[m]:g}"
-        for s in scale.seeds:
+        for s in baseline_seeds(scale):
             name = f"baseline-{m}x-lr{chosen[m]:g}-s{s}"
             if scale.sweep_fraction == 1.0 and s == scale.seeds[0]:
                 aliases[name] = swept
@@ -556,11 +637,31 @@ def run(out_dir: str | Path, quick: bool = False, scale: Scale | None = None, lo
     val_texts = corpus_texts("validation", max_chars=scale.text_max_chars // 10)
     text_depths = sorted({1, 2, scale.mean_recurrence, 2 * scale.mean_recurrence, 4 * scale.mean_recurrence})
     res["text"] = {**arms["text"], "perplexity": eval_text(arms["text"], val_texts, text_depths)}
+    if scale.lookup_task:
+        res["lookup"] = eval_lookup(scale, arms, depths)
     res["claims"] = judge_claims(res, scale)
     res["seconds"] = round(time.perf_counter() - started, 1)
     write_outputs(res, out)
     log(f"[reproduce] done in {res['seconds']:.0f} s: {out / 'results.md'}")
     return res
+
+
+def eval_lookup(scale: Scale, arms: dict[str, dict[str, Any]], depths: list[int]) -> dict[str, Any]:
+    """The multi-hop lookup family's depth sweeps (the run's depths and r = 3: a hop or two per iteration saturates
+    early), averaged over its seeds, with the split's answer floor and the levels trained and held out."""
+    from recurrent_depth.tasks import get_task
+
+    ls = lookup_scale(scale)
+    splits = eval_rows(ls)
+    depths = sorted({*depths, 3})
+    per_seed = {s: eval_depths(arms[f"lookup-s{s}"], splits, depths) for s in ls.seeds}
+    knobs = get_task(ls.task, **ls.difficulty).difficulty  # every knob, defaults included
+    return {"task": repr(get_task(ls.task, **ls.difficulty)), "depths": depths,
+            "floor": {s: answer_floor(rows) for s, rows in splits.items()},
+            "trained_levels": list(range(_min_level(knobs, ood=False), _max_level(knobs, ood=False) + 1)),
+            "ood_levels": list(range(_min_level(knobs, ood=True), _max_level(knobs, ood=True) + 1)),
+            "arms": [arms[f"lookup-s{s}"] for s in ls.seeds], "per_seed": per_seed,
+            "depth": {sp: mean_curve([per_seed[s][sp] for s in ls.seeds]) for sp in splits}}
 
 
 def _ood_test(rec: dict[str, Any], splits: dict[str, list[dict]]) -> dict[str, float]:
@@ -570,7 +671,7 @@ def _ood_test(rec: dict[str, Any], splits: dict[str, list[dict]]) -> dict[str, f
 
 def _baseline_record(arms: dict[str, dict[str, Any]], m: int, n_core: int, f: float, scale: Scale,
                      splits: dict[str, list[dict]]) -> dict[str, Any]:
-    names = [f"baseline-{m}x-lr{f:g}-s{s}" for s in scale.seeds]
+    names = [f"baseline-{m}x-lr{f:g}-s{s}" for s in baseline_seeds(scale)]
     accs = [_ood_test(arms[n], splits) for n in names]
     return {"multiplier": m, "core_layers": n_core, "params": arms[names[0]]["params"], "lr": scale.lr * f,
             "arms": names, "ood": summarize([a["ood"] for a in accs]), "test": summarize([a["test"] for a in accs]),
@@ -641,6 +742,8 @@ def results_markdown(res: dict[str, Any]) -> str:
     for name, v in res["baseline_sweep"].items():
         val = "n/a" if v["val_accuracy"] is None else f"{_pct(v['val_accuracy'])}%"
         lines.append(f"| {name} | {v['lr']:g} | {val} |")
+    if "lookup" in res:
+        lines += lookup_markdown(res["lookup"], sc)
     lines += ["", f"## Adaptive exit (KL criterion, harder split, cap r = {res['exit_cap']})", "",
               "| threshold | accuracy | mean steps | steps saved |", "|---|---|---|---|"]
     for x in res["recurrent"]["exit"]:
@@ -653,17 +756,47 @@ def results_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def lookup_markdown(lk: dict[str, Any], sc: dict[str, Any]) -> list[str]:
+    """The multi-hop lookup family's depth table (mean over its seeds, min-max in brackets) and its levels."""
+    hard = lk["depth"]["ood"]
+    levels = lk["ood_levels"]
+    lines = ["", f"## The multi-hop lookup family: `{sc['lookup_task']}` ({lk['task']})", "",
+             f"The recurrent arm alone: the model above, core window {sc['lookup_window']}, prelude and coda window "
+             f"{sc['lookup_outer_window']}, {sc['lookup_steps']} steps, seeds {sc['lookup_seeds']}; levels "
+             f"{lk['trained_levels']} in training, {levels} on the harder split. Answer floor: "
+             f"{_pct(lk['floor']['test'])}% / {_pct(lk['floor']['ood'])}%. Plot: `lookup-levels.png`.", "",
+             "| iterations | in-distribution | harder split (ood) | " + " | ".join(f"level {x}" for x in levels) + " |",
+             "|---|---|---|" + "---|" * len(levels)]
+    for r in lk["depths"]:
+        o = next(x for x in hard if x["num_steps"] == r)
+        cells = [f"{_pct(_level_acc(hard, r, x) or 0.0)}%" for x in levels]
+        lines.append(f"| r = {r} | {_pct(_acc(lk['depth']['test'], r))}% | {_pct(o['accuracy'])}% "
+                     f"({_pct(o['accuracy_min'])}-{_pct(o['accuracy_max'])}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _level_plot(depth: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Level x depth heat map over both splits of one arm's mean curves."""
+    from recurrent_depth.evaluation.plots import plot_level_heatmap
+
+    both = [{"num_steps": t["num_steps"], "accuracy_by_level": {**t["accuracy_by_level"], **o["accuracy_by_level"]}}
+            for t, o in zip(depth["test"], depth["ood"])]
+    plot_level_heatmap(both, path, title=title)
+
+
 def write_outputs(res: dict[str, Any], out: Path) -> None:
-    from recurrent_depth.evaluation.plots import plot_depth_sweep, plot_exit_sweep, plot_level_heatmap, plot_series
+    from recurrent_depth.evaluation.plots import plot_depth_sweep, plot_exit_sweep, plot_series
 
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     (out / "results.md").write_text(results_markdown(res))
     series = {f"{arm}, {split}": res[arm]["depth"][split] for arm in ("recurrent", "fixed-depth")
               for split in ("test", "ood")}
     plot_depth_sweep(series, out / "depth.png", title="accuracy against test-time depth (mean over seeds)")
-    both = [{"num_steps": t["num_steps"], "accuracy_by_level": {**t["accuracy_by_level"], **o["accuracy_by_level"]}}
-            for t, o in zip(res["recurrent"]["depth"]["test"], res["recurrent"]["depth"]["ood"])]
-    plot_level_heatmap(both, out / "levels.png", title="recurrent model: accuracy by difficulty level and depth")
+    _level_plot(res["recurrent"]["depth"], out / "levels.png",
+                "recurrent model: accuracy by difficulty level and depth")
+    if "lookup" in res:
+        _level_plot(res["lookup"]["depth"], out / "lookup-levels.png",
+                    f"{res['scale']['lookup_task']}: accuracy by hop count and depth")
     plot_exit_sweep({"ood": res["recurrent"]["exit"], "test": res["recurrent"]["exit_test"]}, out / "exit.png")
     plot_depth_sweep(res["text"]["perplexity"], out / "perplexity.png", metric="perplexity",
                      title="validation perplexity against depth (text)")
@@ -731,7 +864,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, plots, arms/)")
     p.add_argument("--quick", action="store_true", help="a smoke run in under 2 minutes (too small for the claims)")
-    p.add_argument("--train-steps", type=int, default=None, help="optimizer steps per arm (not recurrences)")
+    p.add_argument("--train-steps", type=int, default=None, help="optimizer steps per arm, the lookup "
+                   "family's included (not recurrences)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per arm")
     p.add_argument("--jobs", type=int, default=None, help="arms trained at once")
     p.add_argument("--looped-lr", type=float, default=None, help="the recurrent and fixed-depth arms' learning rate "
@@ -750,7 +884,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.looped_lr is not None and not a.looped_lr > 0:
         p.error(f"--looped-lr must be > 0, got {a.looped_lr}")
     scale = QUICK if a.quick else FULL
-    overrides = {"steps": a.train_steps, "threads": a.threads, "jobs": a.jobs, "looped_lr": a.looped_lr}
+    overrides = {"steps": a.train_steps, "lookup_steps": a.train_steps, "threads": a.threads, "jobs": a.jobs,
+                 "looped_lr": a.looped_lr}
     run(a.out, quick=a.quick, scale=replace(scale, **{k: v for k, v in overrides.items() if v is not None}),
         reuse=a.reuse)
     return 0

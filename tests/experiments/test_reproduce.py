@@ -15,36 +15,49 @@ from recurrent_depth.cli.reproduce import load_experiment
 reproduce = load_experiment()
 MICRO = replace(reproduce.QUICK, steps=4, n_train=200, n_eval=8, text_steps=3, text_max_chars=30_000,
                 multipliers=(1, 2), seeds=(0,), lr_factors=(1.0,), jobs=2, core_window=2,
-                outer_window=3, looped_lr=1e-3)
+                outer_window=3, looped_lr=1e-3, lookup_steps=4)
 
 
 def test_micro_run_writes_results_with_one_claim_per_target(tmp_path: Path) -> None:
     res = reproduce.run(tmp_path, quick=True, scale=MICRO, log=lambda _: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [c["claim"] for c in saved["claims"]] == [c["claim"] for c in res["claims"]]
-    assert len(saved["claims"]) == 9
+    assert len(saved["claims"]) == 12  # nine on the main task, three on the multi-hop lookup family
+    assert all(c["claim"].startswith("Multi-hop lookup (binding_chain)") for c in saved["claims"][9:])
     for claim in saved["claims"]:
         assert set(claim) == {"claim", "target", "measured", "held"} and isinstance(claim["held"], bool)
     assert [b["multiplier"] for b in saved["baselines"]] == [1, 2]
     assert saved["baselines"][1]["params"] > 1.5 * saved["baselines"][0]["params"]
     arms = {p.name for p in (tmp_path / "arms").iterdir() if p.is_dir()}
     # sweep_fraction 1: the first seed's baseline is the sweep's run itself, not trained twice
-    assert arms == {"recurrent-s0", "fixed-depth-s0", "sweep-1x-lr1", "sweep-2x-lr1", "flops-1x-s0", "cot", "text"}
+    assert arms == {"recurrent-s0", "fixed-depth-s0", "sweep-1x-lr1", "sweep-2x-lr1", "flops-1x-s0", "cot", "text",
+                    "lookup-s0"}
     assert saved["baselines"][0]["arms"] == ["baseline-1x-lr1-s0"]
     # core_window and outer_window reach the recurrent and fixed-depth arms only; the run-once baselines keep global
     # attention
     configs = {arm: [json.loads(c.read_text()) for c in (tmp_path / "arms" / arm).rglob("config.json")]
-               for arm in ("recurrent-s0", "fixed-depth-s0", "sweep-1x-lr1", "cot")}
+               for arm in ("recurrent-s0", "fixed-depth-s0", "sweep-1x-lr1", "cot", "lookup-s0")}
     windows = {arm: {(c.get("core_attention_window", 0), c.get("outer_attention_window", 0))
                      for c in found if "n_layers_in_recurrent_block" in c}
                for arm, found in configs.items()}
-    assert windows == {"recurrent-s0": {(2, 3)}, "fixed-depth-s0": {(2, 3)}, "sweep-1x-lr1": {(0, 0)}, "cot": {(0, 0)}}
-    lrs = {arm: json.loads((tmp_path / "arms" / arm / "config.json").read_text())["optim"]["lr"] for arm in configs}
-    assert lrs == {"recurrent-s0": 1e-3, "fixed-depth-s0": 1e-3, "sweep-1x-lr1": MICRO.lr, "cot": MICRO.lr}
+    assert windows == {"recurrent-s0": {(2, 3)}, "fixed-depth-s0": {(2, 3)}, "sweep-1x-lr1": {(0, 0)}, "cot": {(0, 0)},
+                       "lookup-s0": {(7, 3)}}
+    trees = {arm: json.loads((tmp_path / "arms" / arm / "config.json").read_text()) for arm in configs}
+    lrs = {arm: tree["optim"]["lr"] for arm, tree in trees.items()}
+    assert lrs == {"recurrent-s0": 1e-3, "fixed-depth-s0": 1e-3, "sweep-1x-lr1": MICRO.lr, "cot": MICRO.lr,
+                   "lookup-s0": 1e-3}
+    # the lookup arm trains on its own task with Huginn's sampler
+    assert trees["lookup-s0"]["data"]["task"]["name"] == "binding_chain"
+    assert trees["lookup-s0"]["data"]["task"]["difficulty"] == {"reach": 2}
+    assert trees["lookup-s0"]["depth"]["sampler"] == trees["recurrent-s0"]["depth"]["sampler"]
+    lookup = saved["lookup"]
+    assert lookup["trained_levels"] == [1, 2, 3, 4] and lookup["ood_levels"] == [5, 6, 7, 8]
+    assert 3 in lookup["depths"] and len(lookup["depth"]["ood"]) == len(lookup["depths"])
     assert saved["flops"]["steps"] > MICRO.steps  # the equal-FLOPs arm trains longer than the 1x baseline
     md = (tmp_path / "results.md").read_text()
     assert "QUICK smoke run" in md and "| r = 1 |" in md
-    for plot in ("depth.png", "levels.png", "exit.png", "perplexity.png", "baselines.png"):
+    assert "## The multi-hop lookup family" in md
+    for plot in ("depth.png", "levels.png", "exit.png", "perplexity.png", "baselines.png", "lookup-levels.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     assert reproduce.rejudge(tmp_path)["claims"] == saved["claims"]
 
@@ -77,6 +90,9 @@ def test_second_round_keeps_each_size_best_lr_and_trains_it_at_every_seed(fracti
     flops = more["flops-1x-s0"]
     assert flops["train"]["steps"] == 100 and flops["optim"]["lr"] == scale.lr * 1.0
     assert flops["model"] == jobs["sweep-1x-lr1"]["model"]  # the 1x transformer, trained longer
+    # baseline_seeds: the baselines' full runs at those seeds only (the looped arms keep `seeds`)
+    fewer, _, aliases = reproduce.second_round(replace(scale, baseline_seeds=(0, 1)), first, meta, jobs)
+    assert sorted(fewer) == [n for n in full if not n.endswith("-s2")] + ["flops-1x-s0"]
 
 
 def _curve(accs: dict[int, float], levels: dict[int, dict[int, float]] | None = None) -> list[dict]:
@@ -124,6 +140,40 @@ def test_judge_claims_holds_and_fails_on_constructed_numbers() -> None:
     nothing = reproduce.judge_claims(_results({r: 0.0 for r in GOOD}, {1: 0.0, 8: 0.0}, test_best=0.0, flops=0.0,
                                               fixed=0.0, cot=(0.0, 6.0), level_acc=0.0), scale)
     assert not any(c["held"] for c in nothing[:8])  # comparisons between arms that learned nothing never hold
+
+
+def _lookup(ood: dict[int, float], test_best: float = 1.0, levels: dict[int, dict[int, float]] | None = None,
+            floor: float = 0.1) -> dict:
+    depths = sorted(ood)
+    levels = levels or {r: {lvl: (0.95 if r >= 5 else 0.1) for lvl in range(5, 9)} for r in depths}
+    return {"depths": depths, "floor": {"test": 0.1, "ood": floor}, "trained_levels": [1, 2, 3, 4],
+            "ood_levels": [5, 6, 7, 8],
+            "depth": {"ood": _curve(ood, levels), "test": _curve({r: test_best for r in depths})}}
+
+
+def test_lookup_claims_hold_and_fail_on_constructed_numbers() -> None:
+    scale = replace(reproduce.FULL, mean_recurrence=6)
+    saturated = {1: 0.1, 3: 0.6, 5: 1.0, 10: 1.0, 24: 1.0, 50: 0.995}  # saturates at 5x: no strict rise asked
+    res = _results(GOOD, {1: 0.2, 8: 0.55})
+    res["lookup"] = _lookup(saturated)
+    claims = reproduce.judge_claims(res, scale)
+    assert len(claims) == 12 and [c["held"] for c in claims[9:]] == [True] * 3
+    assert reproduce.judge_claims(_results(GOOD, {1: 0.2, 8: 0.55}), scale)[9:] == []  # no lookup: no such claims
+    # one missed target at a time: in-distribution 90%; a 2-point fall from 10x to 50x; a gain of 25 points; level 8
+    # never above 70% within r <= 24 (it reaches 100% at r = 50 only)
+    assert [c["held"] for c in reproduce.judge_lookup_claims(_lookup(saturated, test_best=0.9), scale)] == [
+        False, True, True]
+    fall = reproduce.judge_lookup_claims(_lookup({**saturated, 50: 0.98}), scale)
+    assert [c["held"] for c in fall] == [True, False, True]
+    small = reproduce.judge_lookup_claims(_lookup({1: 0.7, 3: 0.8, 5: 0.95, 10: 0.95, 24: 0.95, 50: 0.95}), scale)
+    assert [c["held"] for c in small] == [True, False, True]
+    late = {r: {lvl: (0.7 if lvl == 8 and r < 50 else 0.95 if r >= 5 else 0.1) for lvl in range(5, 9)}
+            for r in saturated}
+    late[50][8] = 1.0
+    slow = reproduce.judge_lookup_claims(_lookup(saturated, levels=late), scale)
+    assert [c["held"] for c in slow] == [True, True, False] and "level 8: 70%" in slow[2]["measured"]
+    # at the answer floor nothing is claimed
+    assert reproduce.judge_lookup_claims(_lookup(saturated, floor=0.97), scale)[1]["held"] is False
 
 
 def test_arms_tied_at_the_answer_floor_hold_no_comparison() -> None:
