@@ -377,11 +377,9 @@ def judge_claims(res: dict[str, Any], scale: Scale) -> list[dict[str, Any]]:
                    "measured": f"{shown} ({100 * gain:+.1f} points 1x -> 10x)",
                    "held": rises and gain >= 0.30 and holds and max(t) >= above})
     cap = 4 * mean
-    trained_max = _max_level(scale.difficulty, ood=False)
+    trained_max = _level_knob(scale.difficulty, ood=False)[1]
     levels = [lvl for lvl in range(trained_max + 1, 2 * trained_max + 1)]
-    reached = {lvl: max((a for r in res["depths"] if r <= cap
-                         for a in [_level_acc(hard, r, lvl)] if a is not None), default=None) for lvl in levels}
-    seen = {k: v for k, v in reached.items() if v is not None}
+    seen = _levels_reached(hard, res["depths"], levels, cap)
     claims.append({"claim": "Harder instances are solved by thinking longer",
                    "target": f"every level up to 2x the trained maximum ({2 * trained_max}) reaches >= 80% at some "
                              f"r <= 4x the training mean (r <= {cap})",
@@ -467,9 +465,7 @@ def judge_lookup_claims(lk: dict[str, Any], scale: Scale) -> list[dict[str, Any]
     cap = 4 * scale.mean_recurrence
     trained_max = max(lk["trained_levels"])
     levels = [lvl for lvl in lk["ood_levels"] if lvl <= 2 * trained_max]
-    reached = {lvl: max((a for r in lk["depths"] if r <= cap for a in [_level_acc(hard, r, lvl)] if a is not None),
-                        default=None) for lvl in levels}
-    seen = {k: v for k, v in reached.items() if v is not None}
+    seen = _levels_reached(hard, lk["depths"], levels, cap)
     claims.append({"claim": f"{name}: more hops are solved by thinking longer",
                    "target": f"every held-out level up to 2x the trained maximum ({2 * trained_max}) reaches >= 80% "
                              f"at some r <= 4x the training mean (r <= {cap})",
@@ -480,18 +476,18 @@ def judge_lookup_claims(lk: dict[str, Any], scale: Scale) -> list[dict[str, Any]
     return claims
 
 
+def _levels_reached(hard: list[dict], depths: list[int], levels: list[int], cap: int) -> dict[int, float]:
+    """Each level's best accuracy over the depths r <= cap (levels never evaluated are left out)."""
+    reached = {lvl: max((a for r in depths if r <= cap for a in [_level_acc(hard, r, lvl)] if a is not None),
+                        default=None) for lvl in levels}
+    return {k: v for k, v in reached.items() if v is not None}
+
+
 def _level_knob(difficulty: dict[str, Any], ood: bool) -> tuple[int, int]:
     """The training (or ood) difficulty levels: the task's first range knob as (min, max)."""
     value = difficulty[next(k for k in difficulty if k.startswith("ood_") == ood)]
     return (int(value[0]), int(value[1])) if isinstance(value, list | tuple) else (int(value), int(value))
 
-
-def _max_level(difficulty: dict[str, Any], ood: bool) -> int:
-    return _level_knob(difficulty, ood)[1]
-
-
-def _min_level(difficulty: dict[str, Any], ood: bool) -> int:
-    return _level_knob(difficulty, ood)[0]
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -652,14 +648,14 @@ def eval_lookup(scale: Scale, arms: dict[str, dict[str, Any]], depths: list[int]
     from recurrent_depth.tasks import get_task
 
     ls = lookup_scale(scale)
-    splits = eval_rows(ls)
+    task = get_task(ls.task, **ls.difficulty)
+    splits = eval_rows(ls, task)
     depths = sorted({*depths, 3})
     per_seed = {s: eval_depths(arms[f"lookup-s{s}"], splits, depths) for s in ls.seeds}
-    knobs = get_task(ls.task, **ls.difficulty).difficulty  # every knob, defaults included
-    return {"task": repr(get_task(ls.task, **ls.difficulty)), "depths": depths,
+    (lo, hi), (ood_lo, ood_hi) = (_level_knob(task.difficulty, ood=o) for o in (False, True))  # defaults included
+    return {"task": repr(task), "depths": depths,
             "floor": {s: answer_floor(rows) for s, rows in splits.items()},
-            "trained_levels": list(range(_min_level(knobs, ood=False), _max_level(knobs, ood=False) + 1)),
-            "ood_levels": list(range(_min_level(knobs, ood=True), _max_level(knobs, ood=True) + 1)),
+            "trained_levels": list(range(lo, hi + 1)), "ood_levels": list(range(ood_lo, ood_hi + 1)),
             "arms": [arms[f"lookup-s{s}"] for s in ls.seeds], "per_seed": per_seed,
             "depth": {sp: mean_curve([per_seed[s][sp] for s in ls.seeds]) for sp in splits}}
 

@@ -91,7 +91,7 @@ def test_second_round_keeps_each_size_best_lr_and_trains_it_at_every_seed(fracti
     assert flops["train"]["steps"] == 100 and flops["optim"]["lr"] == scale.lr * 1.0
     assert flops["model"] == jobs["sweep-1x-lr1"]["model"]  # the 1x transformer, trained longer
     # baseline_seeds: the baselines' full runs at those seeds only (the looped arms keep `seeds`)
-    fewer, _, aliases = reproduce.second_round(replace(scale, baseline_seeds=(0, 1)), first, meta, jobs)
+    fewer, _, _ = reproduce.second_round(replace(scale, baseline_seeds=(0, 1)), first, meta, jobs)
     assert sorted(fewer) == [n for n in full if not n.endswith("-s2")] + ["flops-1x-s0"]
 
 
